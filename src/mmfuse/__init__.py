@@ -1,0 +1,32 @@
+"""mmfuse: multi-task, multi-modal learning (image + text encoders, fusion, multi-task heads, a CLI).
+
+Heavy submodules are imported on first use, so `import mmfuse` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_model": "mmfuse.builders",
+    "load_config": "mmfuse.config",
+    "MultiTaskModel": "mmfuse.model",
+    "ModelOutput": "mmfuse.model",
+    "EncoderOutput": "mmfuse.encoders.base",
+    "FusionOutput": "mmfuse.fusion.base",
+    "ENCODERS": "mmfuse.encoders",
+    "FUSIONS": "mmfuse.fusion",
+    "TASK_KINDS": "mmfuse.tasks",
+    "build_task": "mmfuse.tasks",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mmfuse' has no attribute {name!r}")

@@ -1,0 +1,215 @@
+"""`mmfuse` command line: train, evaluate, predict, list, cache. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+EPILOG_TRAIN = """examples:
+  mmfuse train                                   # built-in easy-VQA run, packaged encoders, CPU
+  mmfuse train configs/easy_vqa_film.yaml --out runs/film
+  mmfuse train my.yaml --set train.max_epochs=3 --set model.fusion.name=gated
+  mmfuse train --out runs/film --resume          # continue an interrupted run
+  mmfuse train my.yaml --set train.devices=2 --set train.strategy=ddp   # 2 processes (GPUs, or CPU with gloo)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="mmfuse", description="Multi-task, multi-modal (image + text) learning.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config", epilog=EPILOG_TRAIN, formatter_class=fmt,
+                       description="Train a model; writes checkpoints, metrics.json and report.md to the run directory.")
+    t.add_argument("config", nargs="?", help="YAML run config (default: the built-in easy-VQA config)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_epochs=3 (repeatable; values parsed as YAML)")
+    t.add_argument("--out", help="run directory (default: runs/<name>-<date>-<time>); with --resume, the run to resume")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.ckpt")
+    t.add_argument("--skip-bad", action="store_true",
+                   help="skip bad records (missing/unreadable image, empty text, unknown label), list them in the report")
+
+    e = sub.add_parser("evaluate", help="per-task metrics of a finished run", formatter_class=fmt,
+                       epilog="examples:\n  mmfuse evaluate runs/easy_vqa\n  mmfuse evaluate runs/easy_vqa --split val --json")
+    e.add_argument("run", help="run directory (holds config.yaml and model.safetensors)")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split (default: test)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override data keys, e.g. --set data.test=other.jsonl")
+    e.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    pr = sub.add_parser("predict", help="predict with a finished run", formatter_class=fmt,
+                        epilog="examples:\n  mmfuse predict runs/easy_vqa --image shape.png --text 'what color is the shape?'\n"
+                        "  mmfuse predict runs/easy_vqa --input records.jsonl --output preds.jsonl\n"
+                        "  mmfuse predict runs/easy_vqa --text 'is there a circle?'    # text only")
+    pr.add_argument("run", help="run directory")
+    pr.add_argument("--image", help="one image file")
+    pr.add_argument("--text", help="one text")
+    pr.add_argument("--input", help="records file (.jsonl or .csv) with image and/or text fields")
+    pr.add_argument("--image-root", help="directory that image paths in --input are relative to (default: its folder)")
+    pr.add_argument("--output", help="write predictions as JSONL here instead of printing them")
+    pr.add_argument("--batch-size", type=int, default=64, help="records per forward pass (default 64)")
+    pr.add_argument("--top", type=int, default=3, help="classes shown per task in the terminal (default 3)")
+
+    sub.add_parser("list", help="registered encoders, fusions, task kinds, weightings and balancers",
+                   epilog="example:\n  mmfuse list", formatter_class=fmt)
+
+    c = sub.add_parser("cache", help="the frozen-encoder feature cache", formatter_class=fmt,
+                       epilog="examples:\n  mmfuse cache info\n  mmfuse cache clear\n  MMFUSE_CACHE_DIR=/scratch/c mmfuse cache info")
+    c.add_argument("action", choices=["info", "clear"], help="info: where it is and its size; clear: delete it")
+    c.add_argument("--dir", help="cache directory (default: $MMFUSE_CACHE_DIR or ~/.cache/mmfuse/features)")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmfuse.config import load_config
+    from mmfuse.train.run import train
+
+    overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
+    if args.resume:
+        if not args.out:
+            raise _usage("--resume needs --out RUN_DIR")
+        cfg = load_config(Path(args.out) / "config.yaml", overrides)
+    else:
+        cfg = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = train(cfg, out, resume=args.resume)
+    if summary.get("world_size", 1) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
+        return 0
+    print(f"\nrun directory: {out}")
+    for split in ("test", "val"):
+        if split in summary["metrics"]:
+            print(f"\n{split} metrics (best checkpoint):")
+            print(_table(summary["metrics"][split]))
+            break
+    print("\ntime (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()))
+    if summary["bad_records"]:
+        print(f"skipped {summary['bad_records']} bad records: see {out / 'bad_records.txt'}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mmfuse.train.run import evaluate
+
+    overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
+    table = evaluate(args.run, args.split, overrides)
+    print(json.dumps(table, indent=2) if args.json else _table(table))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mmfuse.data.records import Record, read_records
+    from mmfuse.predict import Predictor
+
+    if args.input and (args.image or args.text):
+        raise _usage("give either --input or --image/--text, not both")
+    if not (args.input or args.image or args.text):
+        raise _usage("give --image and/or --text, or --input FILE")
+    predictor = Predictor(args.run)
+    if args.input:
+        records = read_records(args.input, label_fields=[], image_root=args.image_root, required=())
+    else:
+        records = [Record(image=os.path.abspath(args.image) if args.image else None, text=args.text, labels={},
+                          source="command line")]
+    results = predictor.predict(records, args.batch_size)
+    if args.output:
+        with open(args.output, "w") as f:
+            for rec, res in zip(records, results):
+                f.write(json.dumps({"source": rec.source, **res}) + "\n")
+        print(f"wrote {len(results)} predictions to {args.output}")
+        return 0
+    for rec, res in zip(records, results):
+        if len(records) > 1:
+            print(f"{rec.source}:")
+        for task, r in res.items():
+            if "value" in r:
+                print(f"  {task}: {r['value']:.4f}")
+                continue
+            top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[: args.top]
+            shown = ", ".join(f"{c} {p:.3f}" for c, p in top)
+            label = r.get("label", r.get("labels"))
+            print(f"  {task}: {label}   ({shown})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mmfuse.balance import BALANCERS
+    from mmfuse.encoders import ENCODERS
+    from mmfuse.fusion import FUSIONS
+    from mmfuse.mtl import WEIGHTINGS
+    from mmfuse.registry import describe
+    from mmfuse.tasks import TASK_KINDS
+
+    for title, reg in (("encoders", ENCODERS), ("fusions", FUSIONS), ("task kinds", TASK_KINDS),
+                       ("weightings (train.weighting)", WEIGHTINGS), ("balancers (train.balance)", BALANCERS)):
+        print(f"{title}:")
+        for name, obj in reg.items():
+            print(f"  {name:<18} {describe(obj)}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from mmfuse.data.cache import cache_size, clear_cache, default_cache_dir
+
+    root = Path(args.dir) if args.dir else default_cache_dir()
+    if args.action == "clear":
+        freed = clear_cache(root)
+        print(f"cleared {root} ({freed / 1e6:.1f} MB)")
+    else:
+        n, size = cache_size(root)
+        print(f"feature cache: {root}\n  {n} files, {size / 1e6:.1f} MB")
+    return 0
+
+
+def _table(per_task: dict[str, dict[str, float]]) -> str:
+    metrics = sorted({m for v in per_task.values() for m in v})
+    width = max([len(t) for t in per_task] + [4])
+    lines = [f"{'task':<{width}}  " + "  ".join(f"{m:>9}" for m in metrics)]
+    for task, vals in per_task.items():
+        lines.append(f"{task:<{width}}  " + "  ".join(f"{vals[m]:>9.4f}" if m in vals else " " * 9 for m in metrics))
+    return "\n".join(lines)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(msg: str) -> _UsageError:
+    return _UsageError(msg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from mmfuse.config import ConfigError
+    from mmfuse.data.records import DataError
+
+    handlers: dict[str, Any] = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                                "list": cmd_list, "cache": cmd_cache}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, _UsageError, FileNotFoundError) as err:
+        print(f"mmfuse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Typed run configuration and the builders that turn it into objects (the only reader of config).
+
+A run is one YAML file with the sections `model`, `tasks`, `data`, `train` (see configs/). Every
+key is validated: an unknown key or a wrong type is one `ConfigError` line naming the key.
+Components are chosen by registry name (`fusion: {name: film, ...}`); their other keys are checked
+against the registered class's signature, so a config can never run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from mmfuse.registry import Registry
+
+
+class ConfigError(ValueError):
+    """A config problem, as one line that names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component(BaseModel):
+    """`{name: registry_name, **options}`; options are checked against the registered class."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class HeadConfig(_Strict):
+    hidden_dims: list[int] = Field(default_factory=list)
+    dropout: float = 0.0
+
+
+class ModelConfig(_Strict):
+    encoders: dict[str, Component]
+    fusion: Component
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+
+class TaskConfig(_Strict):
+    kind: Literal["binary", "multiclass", "multilabel", "regression"]
+    classes: list[str] | None = None
+    weight: float = 1.0
+    loss: Literal["mse", "l1"] | None = None
+    field: str | None = None  # record field holding the label; default: the task's name
+
+
+class DataConfig(_Strict):
+    source: Literal["easy_vqa", "records"] = "easy_vqa"
+    path: str | None = None
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    image_root: str | None = None
+    image_field: str = "image"
+    text_field: str = "text"
+    split_field: str = "split"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    num_workers: int | None = Field(None, ge=0)
+    skip_bad: bool = False
+    bucket_by_length: bool = True
+
+
+class TrainConfig(_Strict):
+    max_epochs: int = Field(10, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    encoder_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = 1.0
+    deterministic: bool = True
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = Field(1, gt=0)
+    monitor: str | None = None
+    weighting: Component = Field(default_factory=lambda: Component(name="equal"))
+    balance: Component | None = None
+    cache: bool = True
+    cache_dir: str | None = None
+    compile: bool = False
+    log_every_n_steps: int = Field(20, gt=0)
+    progress_bar: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig
+    tasks: dict[str, TaskConfig]
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _first_error(err: ValidationError, prefix: str = "") -> ConfigError:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+    if e["type"] == "extra_forbidden":
+        return ConfigError(f"{key}: unknown key")
+    shown = repr(e.get("input"))[:80]
+    return ConfigError(f"{key}: {e['msg']} (got {shown})")
+
+
+def _unknown_key_error(err: ConfigError, model: type[BaseModel], data: Mapping[str, Any]) -> ConfigError:
+    """Add the allowed keys to an 'unknown key' error."""
+    msg = str(err)
+    if not msg.endswith("unknown key"):
+        return err
+    node: Any = model
+    for part in msg.split(":")[0].split(".")[:-1]:
+        field = getattr(node, "model_fields", {}).get(part)
+        ann = field.annotation if field else None
+        if ann is not None and typing.get_origin(ann) is dict:
+            ann = typing.get_args(ann)[1]  # a dict of sections: skip the user's key
+            node = ann
+            continue
+        node = ann
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return ConfigError(f"{msg}; allowed: {', '.join(node.model_fields)}")
+    return err
+
+
+def parse_config(data: Mapping[str, Any]) -> RunConfig:
+    """Validate a plain dict (from YAML) into a RunConfig, and check every component's options."""
+    try:
+        cfg = RunConfig.model_validate(dict(data))
+    except ValidationError as err:
+        raise _unknown_key_error(_first_error(err), RunConfig, data) from None
+    _check_components(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- component options
+# Arguments that builders derive from other objects, never written in a config.
+_DERIVED = {"self", "input_dims", "tasks", "modalities", "input_dim", "args", "kwargs"}
+
+
+def component_options(registry: Registry[Any], comp: Component, key: str) -> dict[str, Any]:
+    """Validate `comp`'s options against the registered class's `__init__` and return them typed."""
+    try:
+        cls = registry.get(comp.name)
+    except KeyError:
+        raise ConfigError(f"{key}.name: unknown {registry.kind} {comp.name!r}; choose one of: {', '.join(registry.names())}")
+    sig = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__)
+    fields: dict[str, Any] = {}
+    for p in sig.parameters.values():
+        if p.name in _DERIVED or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[p.name] = (hints.get(p.name, Any), default)
+    model = create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
+    try:
+        opts = model.model_validate(comp.options)
+    except ValidationError as err:
+        e = err.errors()[0]
+        if e["type"] == "extra_forbidden":
+            raise ConfigError(
+                f"{key}.{e['loc'][0]}: unknown option for {registry.kind} {comp.name!r}; allowed: {', '.join(fields)}"
+            ) from None
+        raise _first_error(err, key) from None
+    return {k: getattr(opts, k) for k in comp.options}
+
+
+def _check_components(cfg: RunConfig) -> None:
+    from mmfuse.balance import BALANCERS
+    from mmfuse.encoders import ENCODERS
+    from mmfuse.fusion import FUSIONS
+    from mmfuse.mtl import WEIGHTINGS
+
+    for modality, enc in cfg.model.encoders.items():
+        component_options(ENCODERS, enc, f"model.encoders.{modality}")
+    component_options(FUSIONS, cfg.model.fusion, "model.fusion")
+    component_options(WEIGHTINGS, cfg.train.weighting, "train.weighting")
+    if cfg.train.balance is not None:
+        component_options(BALANCERS, cfg.train.balance, "train.balance")
+
+
+# ---------------------------------------------------------------- loading and overrides
+def default_config_path() -> Path:
+    return Path(str(resources.files("mmfuse") / "configs" / "easy_vqa.yaml"))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_epochs=3")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (the built-in easy-VQA one when `path` is None) and validate it."""
+    path = Path(path) if path is not None else default_config_path()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections (model, tasks, data, train)")
+    return parse_config(apply_overrides(data, overrides or []))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=False), sort_keys=False)

@@ -1,0 +1,166 @@
+"""Any Hugging Face `AutoModel` as a text encoder; by default the packaged MiniLM (6-layer BERT, 384-d).
+
+Shapes: B batch, T tokens (padded to the longest text in the batch), H hidden size.
+Everything loads from local files: there is no network, so hub names are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmfuse.assets import dir_sha256, minilm_dir, module_sha256
+from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
+
+logger = logging.getLogger(__name__)
+
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"minilm": minilm_dir}
+POOLINGS = ("cls", "mean", "pooler")
+_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def resolve_model_dir(name: str, what: str = "model") -> Path:
+    """A packaged short name ("minilm") or a local directory -> the directory.
+
+    Raises:
+        FileNotFoundError: for anything else (a hub id cannot be downloaded here).
+    """
+    if name in PACKAGED_MODELS:
+        return PACKAGED_MODELS[name]()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(
+        f"hf_text {what} {name!r} is neither a local directory nor a packaged model ({', '.join(PACKAGED_MODELS)}). "
+        f"Downloads from the Hugging Face Hub are impossible here (no network): download it on a machine with "
+        f"internet (e.g. `huggingface-cli download {name} --local-dir ./{path.name}`), copy the directory here "
+        f"and pass `{what}: /path/to/that/directory`."
+    )
+
+
+def _build_model(model: str, config: dict[str, Any] | None) -> torch.nn.Module:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel
+
+    if config is None:
+        return AutoModel.from_pretrained(resolve_model_dir(model), local_files_only=True)
+    kwargs = dict(config)
+    if "model_type" not in kwargs:
+        raise ValueError("hf_text config needs a `model_type` key, e.g. {'model_type': 'bert', 'hidden_size': 32}")
+    return AutoModel.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
+
+
+def _build_tokenizer(directory: Path) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, use_fast=True, local_files_only=True)
+    if not tokenizer.is_fast:
+        logger.warning("no fast tokenizer in %s; using the slow one", directory)
+    return tokenizer
+
+
+@ENCODERS.register("hf_text")
+class HFTextEncoder(Encoder):
+    """A Hugging Face text model: `last_hidden_state` as tokens plus a CLS, mean or pooler vector.
+
+    Args:
+        model: a local model directory or a packaged short name ("minilm").
+        config: instead of pretrained weights, build a randomly initialised model from these config
+            kwargs (with `model_type`, e.g. a 2-layer 32-d BERT for tests).
+        tokenizer: a local tokenizer directory or short name; defaults to `model`'s.
+        pooling: "cls" (first token), "mean" (over real tokens only) or "pooler" (the model's pooler_output).
+        max_length: texts are truncated to this many tokens.
+        freeze: no gradients and always eval mode.
+    """
+
+    modality = "text"
+
+    def __init__(
+        self,
+        model: str = "minilm",
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        pooling: str = "mean",
+        max_length: int = 128,
+        freeze: bool = False,
+    ) -> None:
+        super().__init__(freeze)
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.model_name, self.config, self.pooling, self.max_length = model, config, pooling, max_length
+        self.model = _build_model(model, config)
+        self._tokenizer_dir = resolve_model_dir(tokenizer or model, "tokenizer")
+        self.tokenizer = _build_tokenizer(self._tokenizer_dir)
+        self.output_dim = int(self.model.config.hidden_size)
+        self._input_keys = [k for k in _INPUT_KEYS if k in inspect.signature(self.model.forward).parameters]
+        self._weights_id: str | None = None
+        self._check_fit()
+        self.model.train(self.training)  # from_pretrained returns eval mode; follow nn.Module's default
+        self.finish_init()
+
+    def _check_fit(self) -> None:
+        if len(self.tokenizer) > self.model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer in {self._tokenizer_dir} has {len(self.tokenizer)} tokens but the model's vocab_size is "
+                f"{self.model.config.vocab_size}; set vocab_size >= {len(self.tokenizer)} or use a matching tokenizer"
+            )
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and self.max_length > limit:
+            raise ValueError(f"max_length {self.max_length} exceeds the model's max_position_embeddings {limit}")
+        if self.pooling == "pooler":
+            with torch.no_grad():
+                out = self.model.eval()(**{k: self.collate(["probe"])[k] for k in self._input_keys})
+            if getattr(out, "pooler_output", None) is None:
+                raise ValueError(f"pooling='pooler': {type(self.model).__name__} has no pooler_output; use cls or mean")
+
+    def preprocess(self, raw: Any) -> str:
+        """One text -> the stripped string."""
+        if not isinstance(raw, str):
+            raise TypeError(f"hf_text expects a string, got {type(raw).__name__}")
+        return raw.strip()
+
+    def collate(self, items: list[str]) -> dict[str, torch.Tensor]:
+        """Texts -> input_ids, attention_mask (and token_type_ids), each (B, T), padded to the longest text."""
+        batch = self.tokenizer(
+            list(items), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return dict(batch)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
+        """Tokenised batch -> pooled (B, H), tokens (B, T, H), mask (B, T) True for real tokens."""
+        out = self.model(**{k: inputs[k] for k in self._input_keys if k in inputs})
+        tokens = out.last_hidden_state  # (B, T, H)
+        mask = inputs["attention_mask"].bool()  # (B, T)
+        if self.pooling == "cls":
+            pooled = tokens[:, 0]
+        elif self.pooling == "mean":
+            weights = mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
+            pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        else:
+            pooled = out.pooler_output
+        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)
+
+    def _weights_identity(self) -> str:
+        if self._weights_id is None:
+            if self.config is None:
+                self._weights_id = "sha256:" + dir_sha256(resolve_model_dir(self.model_name))
+            else:
+                self._weights_id = "random:" + module_sha256(self.model)
+        return self._weights_id
+
+    def cache_key(self) -> str:
+        """Class, model, weights identity (content hashes), tokenizer files, pooling and max_length.
+
+        The key describes the weights as built; cache only frozen encoders' features.
+        """
+        return (
+            f"{type(self).__name__}:model={self.model_name}:weights={self._weights_identity()}:"
+            f"tokenizer=sha256:{dir_sha256(self._tokenizer_dir)}:pooling={self.pooling}:max_length={self.max_length}"
+        )

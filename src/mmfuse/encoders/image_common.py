@@ -1,0 +1,85 @@
+"""Image preprocessing and token helpers shared by the image encoders.
+
+Shapes: B batch, C channels, H/W image or feature-map size, T = h*w spatial tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Milder than the ImageNet default (0.08, 1): small datasets and small objects survive the crop.
+AUGMENT_SCALE = (0.5, 1.0)
+
+
+def to_rgb_image(raw: Any) -> Image.Image:
+    """A PIL image, an image file path or an (H, W[, C]) uint8 array, as an RGB PIL image."""
+    if isinstance(raw, (str, Path)):
+        with Image.open(raw) as img:
+            return img.convert("RGB")
+    if isinstance(raw, np.ndarray):
+        raw = Image.fromarray(raw)
+    if not isinstance(raw, Image.Image):
+        raise TypeError(f"expected a PIL image, an image path or a uint8 array, got {type(raw).__name__}")
+    return raw.convert("RGB")
+
+
+class ImagePreprocessor:
+    """PIL image -> normalised (3, S, S) float tensor, with optional train-time augmentation.
+
+    Evaluation: resize the shorter side to `image_size`, centre-crop a square (only the longer side
+    is cropped), scale to [0, 1], normalise. Training with `augment`: random resized crop
+    (scale `AUGMENT_SCALE`) and horizontal flip instead of resize + crop.
+
+    Args:
+        image_size: side S of the square output.
+        mean: per-channel mean for normalisation.
+        std: per-channel standard deviation for normalisation.
+        interpolation: resize interpolation ("bilinear", "bicubic", ...).
+        augment: use the augmentation pipeline when called with `train=True`.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = "bilinear",
+        augment: bool = False,
+    ) -> None:
+        self.image_size, self.augment = image_size, augment
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.interpolation = v2.InterpolationMode(interpolation)
+        finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        resize = [v2.Resize(image_size, interpolation=self.interpolation), v2.CenterCrop(image_size)]
+        self.eval_transform = v2.Compose([v2.ToImage(), *resize, *finish])
+        crop = v2.RandomResizedCrop(image_size, scale=AUGMENT_SCALE, interpolation=self.interpolation)
+        self.train_transform = v2.Compose([v2.ToImage(), crop, v2.RandomHorizontalFlip(), *finish])
+
+    def __call__(self, raw: Any, train: bool = False) -> torch.Tensor:
+        transform = self.train_transform if (train and self.augment) else self.eval_transform
+        return transform(to_rgb_image(raw))  # (3, S, S)
+
+    def describe(self) -> str:
+        """Everything that decides the evaluation output, for cache keys."""
+        return f"size={self.image_size}:interp={self.interpolation.value}:mean={self.mean}:std={self.std}"
+
+
+def stack_images(items: list[torch.Tensor]) -> torch.Tensor:
+    """Preprocessed (3, S, S) images -> (B, 3, S, S)."""
+    return torch.stack(items)
+
+
+def flatten_feature_map(fmap: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) feature map -> (B, h*w, C) spatial tokens; (B, T, C) token sequences pass through."""
+    if fmap.ndim == 3:
+        return fmap
+    return fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)

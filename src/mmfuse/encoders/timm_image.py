@@ -1,0 +1,164 @@
+"""Any timm model as an image encoder (built with `num_classes=0`), and the packaged EfficientNet-Lite0.
+
+Shapes: B batch, S image side, D feature size (1280 for EfficientNet-Lite0), T tokens.
+
+The packaged EfficientNet-Lite0 file uses the key layout of the `efficientnet_pytorch` package;
+`convert_efficientnet_pytorch` maps it onto timm's `tf_efficientnet_lite0` (an exact, strict fit,
+classifier included: `_fc` -> `classifier`). Both use TF "same" padding and BatchNorm eps 1e-3, and the
+weights expect inputs normalised with mean = std = 0.5, which is timm's pretrained config for this model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+
+from mmfuse.assets import efficientnet_lite0_file, file_sha256, load_state_dict_file, module_sha256
+from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
+from mmfuse.encoders.image_common import ImagePreprocessor, flatten_feature_map, stack_images
+
+logger = logging.getLogger(__name__)
+
+PACKAGED_MODEL = "tf_efficientnet_lite0"
+# efficientnet_pytorch block layer -> timm layer, for blocks with an expansion conv (InvertedResidual)
+_EXPANDED = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+# ... and for the first block, which has none (DepthwiseSeparableConv)
+_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def convert_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename an `efficientnet_pytorch` state dict (`_blocks.N.*`) to a timm EfficientNet's keys.
+
+    Flat block N is the N-th block of timm's `blocks.<stage>.<index>`, in order.
+    """
+    blocks = [(s, b, hasattr(block, "conv_pwl")) for s, stage in enumerate(model.blocks) for b, block in enumerate(stage)]
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            stage, index, expanded = blocks[int(parts[1])]
+            layer = (_EXPANDED if expanded else _SEPARABLE)[parts[2]]
+            out[".".join(["blocks", str(stage), str(index), layer, *parts[3:]])] = value
+        else:
+            out[".".join([_TOP[parts[0]], *parts[1:]])] = value
+    return out
+
+
+def read_weights(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """A local state dict for a timm model, converted from `efficientnet_pytorch` keys when it uses them."""
+    state = load_state_dict_file(path)
+    if any(key.startswith("_blocks.") for key in state):
+        state = convert_efficientnet_pytorch(state, model)
+    return state
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a local state dict into a headless timm model; classifier keys are dropped, anything else must fit."""
+    head = model.pretrained_cfg.get("classifier") or "classifier"
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    state = {k: v for k, v in read_weights(model, path).items() if not k.startswith(tuple(h + "." for h in heads))}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"weights file {path} does not fit {type(model).__name__}: {err}") from err
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"weights file {path} does not fit {type(model).__name__}: "
+            f"missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}"
+        )
+    logger.info("loaded %s weights from %s", type(model).__name__, path)
+
+
+def _resolve_weights(model: str, weights: str | None) -> str | None:
+    if weights != "packaged":
+        return weights
+    if model != PACKAGED_MODEL:
+        raise ValueError(f"weights 'packaged' exist only for model {PACKAGED_MODEL!r}, not {model!r}")
+    return str(efficientnet_lite0_file())
+
+
+@ENCODERS.register("timm")
+class TimmImageEncoder(Encoder):
+    """Any timm model as an image encoder; by default the packaged ImageNet EfficientNet-Lite0 (1280-d).
+
+    Args:
+        model: timm model name.
+        weights: "packaged" (the EfficientNet-Lite0 file, only for tf_efficientnet_lite0), None for random
+            initialisation, or a local .pth/.pt/.safetensors state dict (classifier keys are ignored).
+        freeze: no gradients and always eval mode.
+        image_size: side of the square input; None takes the model's pretrained config (224 for Lite0).
+        tokens: also return tokens: the flattened `forward_features` map (B, h*w, D).
+        augment: random resized crop + horizontal flip in `preprocess(raw, train=True)`.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        model: str = PACKAGED_MODEL,
+        weights: str | None = "packaged",
+        freeze: bool = False,
+        image_size: int | None = None,
+        tokens: bool = False,
+        augment: bool = False,
+    ) -> None:
+        super().__init__(freeze)
+        self.model_name, self.tokens = model, tokens
+        self.weights = _resolve_weights(model, weights)
+        self.net = timm.create_model(model, pretrained=False, num_classes=0)
+        if self.weights is not None:
+            load_weights(self.net, self.weights)
+        # pooled size; timm's MobileNetV3 has a conv after pooling, so head_hidden_size != num_features
+        self.output_dim = int(getattr(self.net, "head_hidden_size", None) or self.net.num_features)
+        if tokens and self.net.num_features != self.output_dim:
+            raise ValueError(f"tokens=True: {model}'s feature map size differs from its pooled size")
+        cfg = resolve_model_data_config(self.net)
+        size = image_size or cfg["input_size"][-1]
+        self.processor = ImagePreprocessor(size, cfg["mean"], cfg["std"], cfg["interpolation"], augment)
+        self._weights_id: str | None = None
+        self.finish_init()
+
+    def preprocess(self, raw: Any, train: bool = False) -> torch.Tensor:
+        """One PIL image (or path, or uint8 array) -> (3, S, S)."""
+        return self.processor(raw, train=train)
+
+    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """(3, S, S) images -> (B, 3, S, S)."""
+        return stack_images(items)
+
+    def forward(self, inputs: torch.Tensor) -> EncoderOutput:
+        """(B, 3, S, S) normalised images -> pooled (B, D) and, with `tokens`, (B, T, D)."""
+        features = self.net.forward_features(inputs)  # (B, D, h, w), or (B, T, D) for transformers
+        pooled = self.net.forward_head(features, pre_logits=True)  # (B, D)
+        return EncoderOutput(pooled=pooled, tokens=flatten_feature_map(features) if self.tokens else None)
+
+    def _weights_identity(self) -> str:
+        if self._weights_id is None:
+            if self.weights is None:
+                self._weights_id = "random:" + module_sha256(self.net)
+            else:
+                self._weights_id = "sha256:" + file_sha256(self.weights)
+        return self._weights_id
+
+    def cache_key(self) -> str:
+        """Class, model, weights identity (file content hash), preprocessing and the tokens flag.
+
+        The key describes the weights as built; cache only frozen encoders' features.
+        """
+        return (
+            f"{type(self).__name__}:model={self.model_name}:weights={self._weights_identity()}:"
+            f"{self.processor.describe()}:tokens={self.tokens}"
+        )

@@ -1,0 +1,179 @@
+"""Any torchvision classification model as an image encoder, its classifier replaced by `nn.Identity`.
+
+Shapes: B batch, S image side, D feature size (e.g. 2048 for ResNet-50), T = h*w spatial tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from mmfuse.assets import file_sha256, load_state_dict_file, looks_like_path, module_sha256
+from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
+from mmfuse.encoders.image_common import ImagePreprocessor, flatten_feature_map, stack_images
+
+logger = logging.getLogger(__name__)
+
+_HEAD_ATTRS = ("fc", "head", "heads", "classifier")
+
+
+def replace_classifier(net: nn.Module) -> tuple[str, int]:
+    """Replace the last `nn.Linear` of the classifier (`fc`, `head`, `heads` or `classifier`) by `nn.Identity`.
+
+    Returns:
+        The replaced layer's state-dict prefix (e.g. "fc", "classifier.1", "heads.head") and its in_features.
+    """
+    for attr in _HEAD_ATTRS:
+        head = getattr(net, attr, None)
+        if head is None:
+            continue
+        linears = [(name, m) for name, m in head.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            continue
+        name, linear = linears[-1]
+        prefix = f"{attr}.{name}" if name else attr
+        parent = net.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else net
+        setattr(parent, prefix.rpartition(".")[2], nn.Identity())
+        return prefix, linear.in_features
+    raise ValueError(f"{type(net).__name__} has no linear classifier in any of {_HEAD_ATTRS}; it cannot be an encoder")
+
+
+def _build_pretrained(model: str, weights: str) -> tuple[nn.Module, str]:
+    """Build `model` with torchvision's named weights (from the local torch hub cache or a download)."""
+    enum = torchvision.models.get_model_weights(model)
+    if weights not in enum.__members__:
+        raise ValueError(
+            f"unknown torchvision weights {weights!r} for {model}: choose one of {list(enum.__members__)}, "
+            f"or pass a local file, e.g. `weights: /path/to/{model}.pth`"
+        )
+    resolved = enum[weights]
+    try:
+        return torchvision.models.get_model(model, weights=resolved), str(resolved)
+    except OSError as err:  # urllib's URLError is an OSError
+        raise OSError(
+            f"torchvision weights {resolved} for {model} are not in the local cache "
+            f"({torch.hub.get_dir()}/checkpoints) and cannot be downloaded: no network is available here. "
+            f"Download {resolved.url} on a machine with internet and pass the local file instead, "
+            f"e.g. `weights: /path/to/{model}.pth` (a torch.save state dict or a .safetensors file)."
+        ) from err
+
+
+def load_weights_file(net: nn.Module, path: str, head_prefix: str) -> None:
+    """Load a local state dict into `net`; classifier keys (`head_prefix.*`) are dropped, anything else must fit."""
+    state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(head_prefix + ".")}
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"weights file {path} does not fit {type(net).__name__}: {err}") from err
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"weights file {path} does not fit {type(net).__name__}: "
+            f"missing keys {result.missing_keys[:5]}{'...' if len(result.missing_keys) > 5 else ''}, "
+            f"unexpected keys {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
+        )
+    logger.info("loaded %s weights from %s", type(net).__name__, path)
+
+
+@ENCODERS.register("torchvision")
+class TorchvisionImageEncoder(Encoder):
+    """Any torchvision classification model (ResNet, EfficientNet, ConvNeXt, ViT, ...) as an image encoder.
+
+    Args:
+        model: torchvision model name, e.g. "resnet50", "resnet18", "efficientnet_b0".
+        weights: None for random initialisation; a local .pth/.pt/.safetensors state dict (classifier
+            keys are ignored); or a torchvision weights name ("DEFAULT", "IMAGENET1K_V2"), which needs the
+            file in the torch hub cache or a network.
+        freeze: no gradients and always eval mode.
+        image_size: side of the square input image.
+        tokens: also return spatial tokens, the flattened last feature map (the input of `avgpool`).
+        augment: random resized crop + horizontal flip in `preprocess(raw, train=True)`.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        model: str = "resnet50",
+        weights: str | None = None,
+        freeze: bool = False,
+        image_size: int = 224,
+        tokens: bool = False,
+        augment: bool = False,
+    ) -> None:
+        super().__init__(freeze)
+        self.model_name, self.weights, self.tokens = model, weights, tokens
+        if model not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"unknown torchvision classification model {model!r}")
+        self._weights_id: str | None = None
+        if weights is not None and not looks_like_path(weights):
+            self.net, self._weights_id = _build_pretrained(model, weights)
+            head_prefix, self.output_dim = replace_classifier(self.net)
+        else:
+            self.net = torchvision.models.get_model(model, weights=None)
+            head_prefix, self.output_dim = replace_classifier(self.net)
+            if weights is not None:
+                load_weights_file(self.net, weights, head_prefix)
+        self.processor = ImagePreprocessor(image_size, augment=augment)
+        self._fmap: torch.Tensor | None = None
+        if tokens:
+            self._attach_token_hook()
+        self.finish_init()
+
+    def _attach_token_hook(self) -> None:
+        pool = getattr(self.net, "avgpool", None)
+        if not isinstance(pool, nn.Module):
+            raise ValueError(f"tokens=True needs a model with an `avgpool` layer; {self.model_name} has none")
+        pool.register_forward_pre_hook(self._capture)
+        was_training = self.net.training
+        with torch.no_grad():
+            size = self.processor.image_size
+            channels = self.eval()(torch.zeros(1, 3, size, size)).tokens.shape[-1]
+        self.net.train(was_training)
+        if channels != self.output_dim:
+            raise ValueError(
+                f"tokens=True: {self.model_name}'s last feature map has {channels} channels but its pooled "
+                f"features have {self.output_dim}; use a model whose classifier is a single linear layer"
+            )
+
+    def _capture(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._fmap = args[0]  # (B, C, h, w)
+
+    def preprocess(self, raw: Any, train: bool = False) -> torch.Tensor:
+        """One PIL image (or path, or uint8 array) -> (3, S, S)."""
+        return self.processor(raw, train=train)
+
+    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """(3, S, S) images -> (B, 3, S, S)."""
+        return stack_images(items)
+
+    def forward(self, inputs: torch.Tensor) -> EncoderOutput:
+        """(B, 3, S, S) normalised images -> pooled (B, D) and, with `tokens`, (B, h*w, D)."""
+        pooled = self.net(inputs)
+        if not isinstance(pooled, torch.Tensor):  # Inception/GoogLeNet auxiliary outputs in train mode
+            pooled = pooled[0]
+        if not self.tokens:
+            return EncoderOutput(pooled=pooled)
+        fmap, self._fmap = self._fmap, None
+        return EncoderOutput(pooled=pooled, tokens=flatten_feature_map(fmap))
+
+    def _weights_identity(self) -> str:
+        if self._weights_id is None:
+            if self.weights is None:
+                self._weights_id = "random:" + module_sha256(self.net)
+            else:
+                self._weights_id = "sha256:" + file_sha256(self.weights)
+        return self._weights_id
+
+    def cache_key(self) -> str:
+        """Class, model, weights identity (file content hash), preprocessing and the tokens flag.
+
+        The key describes the weights as built; cache only frozen encoders' features.
+        """
+        return (
+            f"{type(self).__name__}:model={self.model_name}:weights={self._weights_identity()}:"
+            f"{self.processor.describe()}:tokens={self.tokens}"
+        )

@@ -1,0 +1,122 @@
+"""Cross-attention fusion: one modality's queries attend over the other modality's tokens.
+
+Shapes: B batch, Q queries, T key tokens, H heads, D_h = D_out / H head size, D_q / D_k query / key side
+feature sizes, D_out fused size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfuse.encoders.base import EncoderOutput
+from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
+
+
+@FUSIONS.register("cross_attention")
+class CrossAttentionFusion(Fusion):
+    """Multi-head attention from a query modality over the other modality's tokens, pooled over queries.
+
+    `fused = masked_mean_q(out_proj(attention(q_proj(query), k_proj(keys), v_proj(keys)))) + q_res(query_pooled)`
+    (the residual term only when `residual`). Padded key tokens (`mask` False) and every key token of a sample
+    whose key modality is absent (`present` False) are masked out; their values cannot change the output. A
+    sample with no real key token gets zeros as its attended values (no NaN). Exactly two modalities.
+
+    `extras["attended"]` holds the per-query attended values before `out_proj` (B, Q, D_out); when weights are
+    requested, `extras["attention"]` holds them (B, H, Q, T), 0 on masked tokens.
+
+    Args:
+        input_dims: {modality: D_m}, two modalities.
+        output_dim: D_out, divisible by `num_heads`.
+        direction: "<query>_to_<key>", e.g. "image_to_text" (image queries over text tokens) or "text_to_image".
+        query: "pooled" (the query side's pooled vector, Q = 1) or "tokens" (its tokens, with their mask).
+        num_heads: H.
+        return_weights: compute attention explicitly and return its weights (else `scaled_dot_product_attention`).
+        residual: add a linear projection of the query side's pooled vector.
+    """
+
+    needs_tokens = True
+
+    def __init__(
+        self,
+        input_dims: dict[str, int],
+        output_dim: int,
+        direction: str = "image_to_text",
+        query: str = "pooled",
+        num_heads: int = 4,
+        return_weights: bool = False,
+        residual: bool = True,
+    ) -> None:
+        super().__init__(input_dims, output_dim)
+        q_side, _, k_side = direction.partition("_to_")
+        if len(self.modalities) != 2 or q_side == k_side or {q_side, k_side} != set(self.modalities):
+            raise ValueError(
+                f"cross_attention fuses exactly two modalities with direction '<query>_to_<key>'; "
+                f"got modalities {self.modalities} and direction={direction!r}"
+            )
+        if query not in ("pooled", "tokens"):
+            raise ValueError(f"cross_attention query must be 'pooled' or 'tokens', got {query!r}")
+        if num_heads < 1 or output_dim % num_heads:
+            raise ValueError(f"cross_attention output_dim ({output_dim}) must be divisible by num_heads ({num_heads})")
+        self.q_side, self.k_side, self.query = q_side, k_side, query
+        self.num_heads, self.return_weights = num_heads, return_weights
+        d_q, d_k = self.input_dims[q_side], self.input_dims[k_side]
+        self.q_proj = nn.Linear(d_q, output_dim)
+        self.k_proj = nn.Linear(d_k, output_dim)
+        self.v_proj = nn.Linear(d_k, output_dim)
+        self.out_proj = nn.Linear(output_dim, output_dim)
+        self.q_res = nn.Linear(d_q, output_dim) if residual else None
+
+    def forward(self, features: dict[str, EncoderOutput], return_weights: bool | None = None) -> FusionOutput:
+        """Fuse; `return_weights` overrides the init option for this call."""
+        query_side = features[self.q_side]
+        if self.query == "pooled":
+            queries = query_side.pooled.unsqueeze(1)  # (B, 1, D_q)
+            q_mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)  # (B, 1)
+        else:
+            queries, q_mask = self._real_tokens(query_side, self.q_side)  # (B, Q, D_q), (B, Q)
+        keys, k_mask = self._real_tokens(features[self.k_side], self.k_side)  # (B, T, D_k), (B, T)
+        q = self._split_heads(self.q_proj(queries))  # (B, H, Q, D_h)
+        k = self._split_heads(self.k_proj(keys))  # (B, H, T, D_h)
+        v = self._split_heads(self.v_proj(keys))  # (B, H, T, D_h)
+        want = self.return_weights if return_weights is None else return_weights
+        out, weights = self._attend(q, k, v, k_mask, want)  # (B, H, Q, D_h), (B, H, Q, T) or None
+        extras = {} if weights is None else {"attention": weights}
+        attended = out.transpose(1, 2).flatten(2)  # (B, Q, H * D_h) = (B, Q, D_out)
+        extras["attended"] = attended
+        weight = q_mask.unsqueeze(-1).to(attended.dtype)  # (B, Q, 1)
+        fused = (self.out_proj(attended) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)  # (B, D_out)
+        if self.q_res is not None:
+            fused = fused + self.q_res(query_side.pooled)
+        return FusionOutput(fused=fused, extras=extras)
+
+    @staticmethod
+    def _attend(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mask: torch.Tensor, want_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Masked attention; a sample without any real key gets zero output (and zero weights), not NaN."""
+        has_key = k_mask.any(dim=1).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        # Such a sample attends uniformly here (finite), then its result is zeroed.
+        attn_mask = k_mask[:, None, None, :] | ~has_key  # (B, 1, 1, T)
+        keep = has_key.to(q.dtype)
+        if not want_weights:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask) * keep, None
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, Q, T)
+        weights = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1) * keep
+        return weights @ v, weights
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, N, D_out) -> (B, H, N, D_h)
+
+    @staticmethod
+    def _real_tokens(side: EncoderOutput, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens with padded or absent positions zeroed (B, N, D), and the mask of real tokens (B, N)."""
+        if side.tokens is None:
+            raise ValueError(f"cross_attention needs {name} tokens, but the {name} features have tokens=None")
+        tokens = side.tokens
+        ones = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        mask = ones if side.mask is None else side.mask.bool()
+        if side.present is not None:
+            mask = mask & side.present.unsqueeze(1)
+        return tokens.masked_fill(~mask.unsqueeze(-1), 0.0), mask

@@ -1,0 +1,100 @@
+"""The human report of a run: `report.md` with the per-task table, timings, skipped records and plots."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from mmfuse.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def metrics_table(metrics: dict[str, dict[str, dict[str, float]]], split: str) -> list[str]:
+    """Markdown rows of one split's {task: {metric: value}}."""
+    per_task = metrics.get(split, {})
+    if not per_task:
+        return []
+    names = sorted({m for t in per_task.values() for m in t})
+    rows = [f"| task | {' | '.join(names)} |", f"|---|{'---|' * len(names)}"]
+    for task, vals in per_task.items():
+        rows.append(f"| {task} | " + " | ".join(f"{vals[m]:.4f}" if m in vals else "" for m in names) + " |")
+    return rows
+
+
+def read_epoch_log(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(epoch, value), ...]} from the CSV log (epoch-level rows only)."""
+    path = run_dir / "logs" / "metrics.csv"
+    series: dict[str, list[tuple[int, float]]] = {}
+    if not path.exists():
+        return series
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if value and (key.startswith("val/") or key.startswith("balance/")) and row.get("epoch"):
+                    series.setdefault(key, []).append((int(float(row["epoch"])), float(value)))
+    return series
+
+
+def plot_curves(run_dir: Path, series: dict[str, list[tuple[int, float]]]) -> str | None:
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(k for k in series if not k.endswith("/loss"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for k in keys:
+        xs, ys = zip(*series[k])
+        axes[0].plot(xs, ys, marker="o", label=k)
+    if "val/loss" in series:
+        xs, ys = zip(*series["val/loss"])
+        axes[1].plot(xs, ys, marker="o", label="val/loss")
+    axes[0].set(title="validation metrics", xlabel="epoch")
+    axes[1].set(title="validation loss", xlabel="epoch")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = "curves.png"
+    fig.savefig(run_dir / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def write_report(run_dir: Path, cfg: RunConfig, summary: dict[str, Any], bad: list[tuple[str, str]]) -> None:
+    lines = [f"# mmfuse run: {cfg.name}", ""]
+    enc = ", ".join(f"{m}: {c.name} {c.options.get('model', '')}" for m, c in cfg.model.encoders.items())
+    lines += [f"- encoders: {enc}", f"- fusion: {cfg.model.fusion.name}", f"- weighting: {cfg.train.weighting.name}"]
+    if cfg.train.balance:
+        lines.append(f"- balance: {cfg.train.balance.name}")
+    lines += [
+        f"- records: {summary['records']}, skipped as bad: {summary['bad_records']}",
+        f"- epochs: {summary['epochs']}, best checkpoint by `{summary['monitor']}`: {summary['best_checkpoint']}",
+        f"- device: {summary['device']} x {summary['world_size']}",
+        "- time (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()),
+        "",
+    ]
+    for split in ("test", "val"):
+        rows = metrics_table(summary["metrics"], split)
+        if rows:
+            lines += [f"## {split} metrics (best checkpoint)", "", *rows, ""]
+    try:
+        plot = plot_curves(run_dir, read_epoch_log(run_dir))
+    except Exception as err:  # a report without a plot beats no report
+        log.warning("could not draw the curves: %s", err)
+        plot = None
+    if plot:
+        lines += ["## curves", "", f"![curves]({plot})", ""]
+    if bad:
+        lines += [f"## skipped records ({len(bad)})", "", *[f"- {s}: {r}" for s, r in bad[:200]], ""]
+        if len(bad) > 200:
+            lines.append(f"- ... {len(bad) - 200} more in bad_records.txt")
+    tmp = run_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, run_dir / "report.md")

@@ -1,0 +1,236 @@
+"""`train` and `evaluate`: a whole run, from config to run directory.
+
+A run directory holds `config.yaml` (resolved: the classes of every task included),
+`checkpoints/{best,last}.ckpt`, `model.safetensors` (the best weights), `logs/` (CSV and
+TensorBoard), `metrics.json`, `report.md` with plots, and `bad_records.txt` when records were skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from mmfuse.builders import build_balancer, build_model_from, build_tasks, build_weighting
+from mmfuse.config import ConfigError, RunConfig, dump_config, load_config
+from mmfuse.model import MultiTaskModel
+from mmfuse.train.data import Features, build_features, cached_modalities, check_records, load_splits, make_loader
+from mmfuse.train.data import resolve_classes
+from mmfuse.train.module import MMFuseModule
+from mmfuse.train.report import write_report
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def monitor_of(cfg: RunConfig, model: MultiTaskModel) -> tuple[str, str]:
+    """The metric that picks the best checkpoint, and whether higher is better ("max"/"min")."""
+    name = cfg.train.monitor
+    if name is None:
+        task_name, task = next(iter(model.tasks.items()))
+        name = f"val/{task_name}/{task.default_metric}"
+    parts = name.split("/")
+    if len(parts) == 2 and parts[1] == "loss":
+        return name, "min"
+    if len(parts) != 3 or parts[1] not in model.tasks:
+        raise ConfigError(f"train.monitor: {name!r} is not 'val/<task>/<metric>' or 'val/loss'")
+    metrics = model.tasks[parts[1]].metrics()
+    if parts[2] not in metrics:
+        raise ConfigError(f"train.monitor: task {parts[1]!r} has metrics {', '.join(metrics)}, not {parts[2]!r}")
+    return name, "max" if metrics[parts[2]].higher_is_better else "min"
+
+
+def build_trainer(cfg: RunConfig, run_dir: Path, monitor: str | None, mode: str) -> L.Trainer:
+    t = cfg.train
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True,
+        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+    )
+    callbacks: list[Any] = [ckpt]
+    if t.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="logs", version="")]
+    return L.Trainer(
+        max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        num_nodes=t.num_nodes, precision=t.precision, deterministic=t.deterministic, callbacks=callbacks,
+        logger=loggers, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.progress_bar,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=run_dir,
+    )
+
+
+class Run:
+    """Everything a run needs, built from a resolved config."""
+
+    def __init__(self, cfg: RunConfig, model: MultiTaskModel | None = None):
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.splits = load_splits(cfg)
+        self.cfg = resolve_classes(cfg, self.splits)
+        self.timings["load_records"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.model = model if model is not None else build_model_from(self.cfg.model, build_tasks(self.cfg.tasks))
+        self.timings["build_model"] = time.perf_counter() - t0
+        self.bad: list[tuple[str, str]] = []
+
+    def prepare(self) -> Features:
+        t0 = time.perf_counter()
+        self.splits, self.bad = check_records(self.cfg, self.model, self.splits)
+        self.timings["validate_records"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        feats = build_features(self.cfg, self.model, self.splits, cached_modalities(self.cfg, self.model))
+        self.timings["features"] = time.perf_counter() - t0
+        return feats
+
+    def module(self) -> MMFuseModule:
+        t = self.cfg.train
+        return MMFuseModule(
+            self.model, build_weighting(t.weighting, list(self.model.tasks)), build_balancer(t.balance, self.model),
+            lr=t.lr, encoder_lr=t.encoder_lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
+            warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, seed=self.cfg.seed,
+        )
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    ckpts = run_dir / "checkpoints"
+    if resume:
+        if not (ckpts / "last.ckpt").exists():
+            raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
+    elif ckpts.exists() and any(ckpts.iterdir()):
+        raise ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train, keep the best and last checkpoints, evaluate the best on the test split, write the report."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run = Run(cfg)
+    write_atomic(run_dir / "config.yaml", dump_config(run.cfg))
+    feats = run.prepare()
+    if run.bad:
+        write_atomic(run_dir / "bad_records.txt", "".join(f"{s}: {r}\n" for s, r in run.bad))
+    if "train" not in run.splits or not run.splits["train"]:
+        raise ConfigError("data: no training records")
+    monitor, mode = monitor_of(run.cfg, run.model) if run.splits.get("val") else (None, "min")
+    trainer = build_trainer(run.cfg, run_dir, monitor, mode)
+    distributed = trainer.world_size > 1
+    loaders = {s: make_loader(run.cfg, run.model, recs, s, feats, distributed) for s, recs in run.splits.items() if recs}
+    module = run.module()
+    if run.cfg.train.compile:
+        run.model.fusion.compile()
+        for head in run.model.heads.values():
+            head.compile()
+    t0 = time.perf_counter()
+    trainer.fit(module, loaders["train"], loaders.get("val"), ckpt_path=str(run_dir / "checkpoints/last.ckpt") if resume else None)
+    run.timings["fit"] = time.perf_counter() - t0
+    best = trainer.checkpoint_callback.best_model_path or str(run_dir / "checkpoints/last.ckpt")
+    module.load_state_dict(_load_state(best, module), strict=True)
+    export_weights(module.model, run_dir / "model.safetensors")
+    results: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for split in ("val", "test"):
+        if split in loaders:
+            results[split] = evaluate_module(trainer, module, loaders[split], split)
+    run.timings["evaluate"] = time.perf_counter() - t0
+    run.timings["total"] = time.perf_counter() - start
+    summary = {
+        "run_dir": str(run_dir), "best_checkpoint": best, "monitor": monitor, "epochs": trainer.current_epoch,
+        "records": {s: len(r) for s, r in run.splits.items()}, "bad_records": len(run.bad),
+        "metrics": results, "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
+        "device": str(trainer.strategy.root_device), "world_size": trainer.world_size,
+    }
+    if trainer.is_global_zero:
+        write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2))
+        write_report(run_dir, run.cfg, summary, run.bad)
+    return summary
+
+
+def _load_state(path: str, module: MMFuseModule) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    module.on_load_checkpoint(ckpt)
+    return ckpt["state_dict"]
+
+
+def evaluate_module(trainer: L.Trainer, module: MMFuseModule, loader: Any, split: str) -> dict[str, dict[str, float]]:
+    """Per-task metrics of `module` on one loader: {task: {metric: value}}."""
+    out = trainer.test(module, loader, verbose=False)[0] if split == "test" else trainer.validate(module, loader, verbose=False)[0]
+    table: dict[str, dict[str, float]] = {}
+    for key, value in out.items():
+        parts = key.split("/")
+        if len(parts) == 3:
+            table.setdefault(parts[1], {})[parts[2]] = float(value)
+    return table
+
+
+def export_weights(model: MultiTaskModel, path: Path) -> None:
+    """The model's weights as safetensors, frozen encoders left out (they are named in the config)."""
+    from safetensors.torch import save_file
+
+    frozen = tuple(f"encoders.{m}." for m, e in model.encoders.items() if e.frozen)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(frozen)}
+    meta = {f"frozen.{m}": e.cache_key() for m, e in model.encoders.items() if e.frozen}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_run(run_dir: str | Path) -> MultiTaskModel:
+    """Rebuild a trained model from a run directory (config.yaml + model.safetensors) alone."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise ConfigError(f"{run_dir}: pass the run directory (it holds config.yaml and model.safetensors)")
+    for name in ("config.yaml", "model.safetensors"):
+        if not (run_dir / name).exists():
+            raise ConfigError(f"{run_dir}: not a finished run directory ({name} is missing)")
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_model_from(cfg.model, build_tasks(cfg.tasks))
+    with safe_open(str(run_dir / "model.safetensors"), "pt") as f:
+        meta = f.metadata() or {}
+    for m, enc in model.encoders.items():
+        if enc.frozen and meta.get(f"frozen.{m}") != enc.cache_key():
+            raise ConfigError(f"{run_dir}/model.safetensors: trained with a different frozen {m} encoder than the config builds")
+    state = load_file(str(run_dir / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = tuple(f"encoders.{m}." for m, e in model.encoders.items() if e.frozen)
+    missing = [k for k in missing if not k.startswith(frozen)]
+    if missing or unexpected:
+        raise ConfigError(
+            f"{run_dir}/model.safetensors does not match config.yaml (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.eval()
+
+
+def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics of a finished run on one split of its own data (or of `--set data.*` overrides)."""
+    run_dir = Path(run_dir)
+    model = load_run(run_dir)
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    run = Run(cfg, model)
+    if split not in run.splits or not run.splits[split]:
+        raise ConfigError(f"{run_dir}: the data has no {split!r} split (splits: {', '.join(run.splits)})")
+    run.splits = {split: run.splits[split]}
+    feats = run.prepare()
+    loader = make_loader(run.cfg, model, run.splits[split], split, feats)
+    trainer = L.Trainer(accelerator=cfg.train.accelerator, devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    module = run.module()
+    return evaluate_module(trainer, module, loader, split if split == "test" else "val")

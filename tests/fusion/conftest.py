@@ -1,0 +1,99 @@
+"""Fusion test fixtures: tiny features with unequal modality sizes and padded text tokens.
+
+Shapes: B = 3, image 12-d with 4 spatial tokens (no padding), text 10-d with 5 tokens of which
+[5, 3, 1] are real, fused size 8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from mmfuse.encoders.base import EncoderOutput
+
+B = 3
+DIMS = {"image": 12, "text": 10}
+OUT = 8
+NUM_TOKENS = {"image": 4, "text": 5, "audio": 2}
+TEXT_LENGTHS = [5, 3, 1]
+
+
+def fixed(*shape: int, start: int = 0) -> torch.Tensor:
+    """Deterministic, arange-based values in [-0.3, 0.3]: `((arange(n) + start) % 13 - 6) * 0.05`.
+
+    The period 13 shares no factor with the test sizes, so no two rows of a small matrix are equal.
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    return ((torch.arange(n, dtype=torch.float32) + start) % 13 - 6).reshape(shape) * 0.05
+
+
+def fixed_init_(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Set every parameter of `module` to `fixed` values, each parameter with its own start (so two
+    parameters of the same shape differ), and return them by name for a by-hand reference."""
+    values = {}
+    with torch.no_grad():
+        for i, (name, p) in enumerate(module.named_parameters()):
+            values[name] = fixed(*p.shape, start=5 * i)
+            p.copy_(values[name])
+    return values
+
+
+def make_features(
+    dims: dict[str, int] | None = None, text_lengths: list[int] | None = None
+) -> dict[str, EncoderOutput]:
+    """Random features for `dims`; text tokens are padded to `text_lengths`, padded positions hold random values too."""
+    out = {}
+    for m, d in (dims or DIMS).items():
+        tokens = torch.randn(B, NUM_TOKENS[m], d)
+        mask = None
+        if m == "text":
+            lengths = torch.tensor(text_lengths or TEXT_LENGTHS)
+            mask = torch.arange(NUM_TOKENS[m]).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+        out[m] = EncoderOutput(pooled=torch.randn(B, d), tokens=tokens, mask=mask)
+    return out
+
+
+def with_new_padding(features: dict[str, EncoderOutput]) -> dict[str, EncoderOutput]:
+    """The same features with fresh random (large) values in every padded token position."""
+    out = {}
+    for m, f in features.items():
+        tokens = f.tokens
+        if tokens is not None and f.mask is not None:
+            tokens = torch.where(f.mask.unsqueeze(-1), tokens, 100 * torch.randn_like(tokens))
+        out[m] = EncoderOutput(f.pooled, tokens, f.mask, f.present)
+    return out
+
+
+@pytest.fixture
+def features(seed: int) -> dict[str, EncoderOutput]:
+    return make_features()
+
+
+@pytest.fixture
+def dims() -> dict[str, int]:
+    return dict(DIMS)
+
+
+@pytest.fixture
+def out_dim() -> int:
+    return OUT
+
+
+@pytest.fixture
+def fixed_init() -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    return fixed_init_
+
+
+@pytest.fixture
+def new_padding() -> Callable[[dict[str, EncoderOutput]], dict[str, EncoderOutput]]:
+    return with_new_padding
+
+
+@pytest.fixture
+def feature_factory(seed: int) -> Callable[..., dict[str, EncoderOutput]]:
+    return make_features

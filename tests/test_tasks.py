@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from mmfuse.tasks import TASK_KINDS, LabelError, MLPHead, build_task
+
+
+def make(kind: str):
+    classes = {"binary": None, "multiclass": ["a", "b", "c"], "multilabel": ["x", "y", "z"], "regression": None}[kind]
+    return build_task("t", kind, classes=classes)
+
+
+def sample_target(task, n: int) -> torch.Tensor:
+    if task.kind == "multiclass":
+        return torch.randint(0, task.out_dim, (n,))
+    if task.kind == "multilabel":
+        return torch.randint(0, 2, (n, task.out_dim)).float()
+    if task.kind == "binary":
+        return torch.randint(0, 2, (n,)).float()
+    return torch.randn(n)
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS.names())
+def test_masked_label_changes_nothing(kind: str, seed: int) -> None:
+    """A sample without a label adds nothing: any value (even NaN) there leaves loss and gradients unchanged."""
+    task = make(kind)
+    head = MLPHead(5, task.out_dim)
+    x = torch.randn(6, 5)
+    target = sample_target(task, 6)
+    mask = torch.tensor([True, False, True, True, False, True])
+
+    def loss_and_grad(t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        head.zero_grad()
+        loss = task.masked_loss(head(x), t, mask)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in head.parameters()]
+
+    ref_loss, ref_grads = loss_and_grad(target)
+    changed = target.clone()
+    changed[~mask] = float("nan") if changed.is_floating_point() else 1
+    loss, grads = loss_and_grad(changed)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    # and it equals the loss over the labelled rows alone
+    assert torch.allclose(ref_loss, task.loss(head(x)[mask], target[mask]))
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS.names())
+def test_no_label_gives_zero_loss_with_graph(kind: str) -> None:
+    task = make(kind)
+    logits = torch.randn(3, task.out_dim, requires_grad=True)
+    loss = task.masked_loss(logits, sample_target(task, 3), torch.zeros(3, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_label_encoding_and_errors() -> None:
+    mc = build_task("answer", "multiclass", classes=["yes", "no", "red"])
+    assert mc.encode("red") == 2
+    with pytest.raises(LabelError, match="'blue' is not one of the classes"):
+        mc.encode("blue")
+    b = build_task("spam", "binary")
+    assert [b.encode(v) for v in (1, "0", "true", False)] == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(LabelError):
+        b.encode("maybe")
+    ml = build_task("tags", "multilabel", classes=["x", "y", "z"])
+    assert ml.encode("x|z") == [1.0, 0.0, 1.0] and ml.encode(["y"]) == [0.0, 1.0, 0.0]
+    r = build_task("price", "regression")
+    assert r.encode("2.5") == 2.5
+    for bad in ("nan", float("nan"), "inf", "abc"):
+        with pytest.raises(LabelError):
+            r.encode(bad)
+
+
+def test_losses_match_torch_formulas() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    mc = make("multiclass")
+    expected = -(logits.log_softmax(-1)[[0, 1], [0, 2]]).mean()
+    assert torch.allclose(mc.loss(logits, torch.tensor([0, 2])), expected)
+    reg = build_task("r", "regression", loss="l1")
+    assert math.isclose(reg.loss(torch.tensor([[1.0], [3.0]]), torch.tensor([2.0, 2.0])).item(), 1.0)
+
+
+def test_metrics_per_kind() -> None:
+    mc = make("multiclass")
+    m = mc.metrics()
+    m.update(*mc.metric_input(torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 3.0, 0]]), torch.tensor([0, 1, 2])))
+    out = m.compute()
+    assert math.isclose(float(out["accuracy"]), 2 / 3, rel_tol=1e-6)
+    assert set(make("binary").metrics()) == {"accuracy", "f1", "auroc"}
+    assert set(make("regression").metrics()) == {"mae", "rmse"}
+
+
+def test_head_shapes() -> None:
+    assert MLPHead(7, 3)(torch.randn(2, 7)).shape == (2, 3)
+    mlp = MLPHead(7, 3, hidden_dims=[16, 8], dropout=0.1)
+    assert mlp(torch.randn(2, 7)).shape == (2, 3) and len([m for m in mlp.net if isinstance(m, torch.nn.Linear)]) == 3
