@@ -96,7 +96,7 @@ class FeatureCache:
         if index_file.exists():
             self.index = json.loads(index_file.read_text())
 
-    def build(self, raws: Sequence[str], batch_size: int = 64) -> tuple[FeatureTable, torch.Tensor]:
+    def build(self, raws: Sequence[str], batch_size: int = 32) -> tuple[FeatureTable, torch.Tensor]:
         """Encode what is missing, then return the table of distinct inputs and each raw's row (N,)."""
         hash_of = {r: content_hash(self.modality, r) for r in dict.fromkeys(raws)}  # each distinct input once
         hashes = [hash_of[r] for r in raws]
@@ -169,7 +169,6 @@ class FeatureCache:
         if not self.keep_tokens:
             return FeatureTable(torch.stack(pooled), None, None)
         return FeatureTable(torch.stack(pooled), torch.cat(toks), torch.tensor([0, *lengths]).cumsum(0))
-
 
 
 def cache_size(root: str | Path | None = None) -> tuple[int, int]:

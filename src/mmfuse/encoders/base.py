@@ -57,7 +57,7 @@ class EncoderOutput:
 class Encoder(nn.Module):
     """Base class of every encoder: a plain module that also owns its preprocessing.
 
-    Subclasses set `output_dim` from the built network, implement `forward(inputs) -> EncoderOutput`,
+    Subclasses set `output_dim` from the built network (tokens, when given, have that size too), implement `forward(inputs) -> EncoderOutput`,
     `preprocess(raw)` for one sample (a PIL image, a string) and `collate(items)` for a list of
     preprocessed samples. `modality` is "image" or "text".
     """
@@ -79,7 +79,8 @@ class Encoder(nn.Module):
         # A frozen encoder stays in eval mode so BatchNorm statistics and dropout do not move.
         return super().train(mode and not self.frozen)
 
-    def preprocess(self, raw: Any) -> Any:
+    def preprocess(self, raw: Any, train: bool = False) -> Any:
+        """One raw sample (PIL image, string) -> what `collate` takes; `train` enables augmentation."""
         raise NotImplementedError
 
     def collate(self, items: list[Any]) -> Any:

@@ -44,12 +44,12 @@ def resolve_model_dir(name: str, what: str = "model") -> Path:
     )
 
 
-def _build_model(model: str, config: dict[str, Any] | None) -> torch.nn.Module:
+def _build_model(directory: Path | None, config: dict[str, Any] | None) -> torch.nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel
 
     if config is None:
-        return AutoModel.from_pretrained(resolve_model_dir(model), local_files_only=True)
+        return AutoModel.from_pretrained(directory, local_files_only=True)
     kwargs = dict(config)
     if "model_type" not in kwargs:
         raise ValueError("hf_text config needs a `model_type` key, e.g. {'model_type': 'bert', 'hidden_size': 32}")
@@ -94,9 +94,11 @@ class HFTextEncoder(Encoder):
         super().__init__(freeze)
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
-        self.model_name, self.config, self.pooling, self.max_length = model, config, pooling, max_length
-        self.model = _build_model(model, config)
-        self._tokenizer_dir = resolve_model_dir(tokenizer or model, "tokenizer")
+        self.model_name, self.model_config, self.pooling, self.max_length = model, config, pooling, max_length
+        # resolve both directories before building anything, so a bad name fails fast
+        self._model_dir = resolve_model_dir(model) if config is None else None
+        self._tokenizer_dir = resolve_model_dir(tokenizer or model, "tokenizer" if tokenizer else "model")
+        self.model = _build_model(self._model_dir, config)
         self.tokenizer = _build_tokenizer(self._tokenizer_dir)
         self.output_dim = int(self.model.config.hidden_size)
         self._input_keys = [k for k in _INPUT_KEYS if k in inspect.signature(self.model.forward).parameters]
@@ -116,12 +118,13 @@ class HFTextEncoder(Encoder):
             raise ValueError(f"max_length {self.max_length} exceeds the model's max_position_embeddings {limit}")
         if self.pooling == "pooler":
             with torch.no_grad():
-                out = self.model.eval()(**{k: self.collate(["probe"])[k] for k in self._input_keys})
+                probe = self.collate(["probe"])
+                out = self.model.eval()(**{k: probe[k] for k in self._input_keys if k in probe})
             if getattr(out, "pooler_output", None) is None:
                 raise ValueError(f"pooling='pooler': {type(self.model).__name__} has no pooler_output; use cls or mean")
 
-    def preprocess(self, raw: Any) -> str:
-        """One text -> the stripped string."""
+    def preprocess(self, raw: Any, train: bool = False) -> str:
+        """One text -> the stripped string (`train` is accepted for a uniform call and changes nothing)."""
         if not isinstance(raw, str):
             raise TypeError(f"hf_text expects a string, got {type(raw).__name__}")
         return raw.strip()
@@ -149,8 +152,8 @@ class HFTextEncoder(Encoder):
 
     def _weights_identity(self) -> str:
         if self._weights_id is None:
-            if self.config is None:
-                self._weights_id = "sha256:" + dir_sha256(resolve_model_dir(self.model_name))
+            if self._model_dir is not None:
+                self._weights_id = "sha256:" + dir_sha256(self._model_dir)
             else:
                 self._weights_id = "random:" + module_sha256(self.model)
         return self._weights_id

@@ -60,9 +60,10 @@ class ImagePreprocessor:
         self.interpolation = v2.InterpolationMode(interpolation)
         finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         resize = [v2.Resize(image_size, interpolation=self.interpolation), v2.CenterCrop(image_size)]
-        self.eval_transform = v2.Compose([v2.ToImage(), *resize, *finish])
+        # Resize and crop the PIL image before it becomes a tensor: PIL's resize is ~15x faster here.
+        self.eval_transform = v2.Compose([*resize, v2.ToImage(), *finish])
         crop = v2.RandomResizedCrop(image_size, scale=AUGMENT_SCALE, interpolation=self.interpolation)
-        self.train_transform = v2.Compose([v2.ToImage(), crop, v2.RandomHorizontalFlip(), *finish])
+        self.train_transform = v2.Compose([crop, v2.RandomHorizontalFlip(), v2.ToImage(), *finish])
 
     def __call__(self, raw: Any, train: bool = False) -> torch.Tensor:
         transform = self.train_transform if (train and self.augment) else self.eval_transform

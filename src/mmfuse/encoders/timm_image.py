@@ -18,7 +18,7 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from mmfuse.assets import efficientnet_lite0_file, file_sha256, load_state_dict_file, module_sha256
+from mmfuse.assets import efficientnet_lite0_file, file_sha256, load_state_dict_file, looks_like_path, module_sha256
 from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
 from mmfuse.encoders.image_common import ImagePreprocessor, flatten_feature_map, stack_images
 
@@ -44,7 +44,8 @@ def convert_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Modul
 
     Flat block N is the N-th block of timm's `blocks.<stage>.<index>`, in order.
     """
-    blocks = [(s, b, hasattr(block, "conv_pwl")) for s, stage in enumerate(model.blocks) for b, block in enumerate(stage)]
+    stages = enumerate(model.blocks)
+    blocks = [(s, b, hasattr(block, "conv_pwl")) for s, stage in stages for b, block in enumerate(stage)]
     out = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -83,8 +84,13 @@ def load_weights(model: nn.Module, path: str) -> None:
 
 
 def _resolve_weights(model: str, weights: str | None) -> str | None:
-    if weights != "packaged":
+    if weights is None or looks_like_path(weights):
         return weights
+    if weights != "packaged":
+        raise ValueError(
+            f"timm weights {weights!r}: use 'packaged', None (random) or a local file such as "
+            f"`weights: /path/to/{model}.pth`; downloading pretrained timm weights is impossible here (no network)"
+        )
     if model != PACKAGED_MODEL:
         raise ValueError(f"weights 'packaged' exist only for model {PACKAGED_MODEL!r}, not {model!r}")
     return str(efficientnet_lite0_file())
@@ -129,6 +135,7 @@ class TimmImageEncoder(Encoder):
         size = image_size or cfg["input_size"][-1]
         self.processor = ImagePreprocessor(size, cfg["mean"], cfg["std"], cfg["interpolation"], augment)
         self._weights_id: str | None = None
+        self.net.to(memory_format=torch.channels_last)
         self.finish_init()
 
     def preprocess(self, raw: Any, train: bool = False) -> torch.Tensor:
@@ -141,6 +148,7 @@ class TimmImageEncoder(Encoder):
 
     def forward(self, inputs: torch.Tensor) -> EncoderOutput:
         """(B, 3, S, S) normalised images -> pooled (B, D) and, with `tokens`, (B, T, D)."""
+        inputs = inputs.contiguous(memory_format=torch.channels_last)  # 2-4x faster convolutions on CPU
         features = self.net.forward_features(inputs)  # (B, D, h, w), or (B, T, D) for transformers
         pooled = self.net.forward_head(features, pre_logits=True)  # (B, D)
         return EncoderOutput(pooled=pooled, tokens=flatten_feature_map(features) if self.tokens else None)

@@ -121,6 +121,7 @@ class TorchvisionImageEncoder(Encoder):
         self._fmap: torch.Tensor | None = None
         if tokens:
             self._attach_token_hook()
+        self.net.to(memory_format=torch.channels_last)
         self.finish_init()
 
     def _attach_token_hook(self) -> None:
@@ -128,11 +129,10 @@ class TorchvisionImageEncoder(Encoder):
         if not isinstance(pool, nn.Module):
             raise ValueError(f"tokens=True needs a model with an `avgpool` layer; {self.model_name} has none")
         pool.register_forward_pre_hook(self._capture)
-        was_training = self.net.training
+        was_training, size = self.training, self.processor.image_size
         with torch.no_grad():
-            size = self.processor.image_size
-            channels = self.eval()(torch.zeros(1, 3, size, size)).tokens.shape[-1]
-        self.net.train(was_training)
+            channels = self.eval()(torch.zeros(1, 3, size, size)).tokens.shape[-1]  # (1, h*w, C)
+        self.train(was_training)
         if channels != self.output_dim:
             raise ValueError(
                 f"tokens=True: {self.model_name}'s last feature map has {channels} channels but its pooled "
@@ -152,6 +152,7 @@ class TorchvisionImageEncoder(Encoder):
 
     def forward(self, inputs: torch.Tensor) -> EncoderOutput:
         """(B, 3, S, S) normalised images -> pooled (B, D) and, with `tokens`, (B, h*w, D)."""
+        inputs = inputs.contiguous(memory_format=torch.channels_last)  # 2-4x faster convolutions on CPU
         pooled = self.net(inputs)
         if not isinstance(pooled, torch.Tensor):  # Inception/GoogLeNet auxiliary outputs in train mode
             pooled = pooled[0]

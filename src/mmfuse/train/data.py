@@ -104,7 +104,7 @@ def build_features(
             raise ConfigError(f"train.cache: some records have no {m}; set train.cache=false to train on them")
         if m == "text":
             raws = [enc.preprocess(r) for r in raws]
-        table, rows = cache.build(raws, batch_size=cfg.data.eval_batch_size)
+        table, rows = cache.build(raws)
         feats.tables[m] = table
         for s, (a, b) in bounds.items():
             feats.rows[s][m] = rows[a:b]

@@ -1,0 +1,68 @@
+"""Shared fixtures of the data tests: tiny image files, records files and one task of each kind."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from mmfuse.tasks import Task, build_task
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> Callable[..., Path]:
+    """make_image("a.png", mode="RGB", size=(12, 10)) writes a real image file under tmp_path."""
+
+    def make(name: str, mode: str = "RGB", size: tuple[int, int] = (12, 10), truncate: bool = False) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        color: Any = 128 if mode in ("L", "P") else tuple(range(40, 40 + 40 * len(mode), 40))
+        Image.new(mode, size, color).save(path)
+        if truncate:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        return path
+
+    return make
+
+
+@pytest.fixture
+def write_jsonl(tmp_path: Path) -> Callable[[str, list[Any]], Path]:
+    """write_jsonl("r.jsonl", rows): a dict row is dumped as JSON, a str row written as is."""
+
+    def write(name: str, rows: list[Any]) -> Path:
+        path = tmp_path / name
+        lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_csv(tmp_path: Path) -> Callable[[str, list[list[str]]], Path]:
+    """write_csv("r.csv", [header, *rows])."""
+
+    def write(name: str, rows: list[list[str]]) -> Path:
+        path = tmp_path / name
+        with path.open("w", newline="") as handle:
+            csv.writer(handle).writerows(rows)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tasks() -> dict[str, Task]:
+    """One task of each kind: label (multiclass), flag (binary), tags (multilabel), score (regression)."""
+    return {
+        "label": build_task("label", "multiclass", classes=["cat", "dog", "fox"]),
+        "flag": build_task("flag", "binary"),
+        "tags": build_task("tags", "multilabel", classes=["a", "b", "c", "d"]),
+        "score": build_task("score", "regression"),
+    }
