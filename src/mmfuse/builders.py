@@ -81,10 +81,19 @@ def build_model(
     return build_model_from(cfg.model, build_tasks(cfg.tasks, classes))
 
 
-def build_weighting(comp: Component, task_names: list[str]) -> Any:
+def build_weighting(comp: Component, tasks: Mapping[str, Task]) -> Any:
+    """The task weighting; per-task `weight`s from the config turn `equal` into `static`."""
     from mmfuse.mtl import WEIGHTINGS
 
     opts = component_options(WEIGHTINGS, comp, "train.weighting")
+    task_names = list(tasks)
+    weights = {n: t.weight for n, t in tasks.items() if t.weight != 1.0}
+    if weights and comp.name == "equal":
+        comp, opts = Component(name="static"), {"weights": weights}
+    elif weights and comp.name != "static":
+        raise ConfigError(f"tasks.*.weight applies to the equal/static weightings, not {comp.name!r}; remove it")
+    elif weights:
+        opts["weights"] = {**weights, **opts.get("weights", {})}
     try:
         return WEIGHTINGS.get(comp.name)(tasks=list(task_names), **opts)
     except ValueError as err:
@@ -98,6 +107,8 @@ def build_balancer(comp: Component | None, model: MultiTaskModel) -> Any:
 
     opts = component_options(BALANCERS, comp, "train.balance")
     try:
-        return BALANCERS.get(comp.name)(modalities=model.modalities, **opts)
+        balancer = BALANCERS.get(comp.name)(modalities=model.modalities, **opts)
+        balancer.setup(model)  # may add probe heads: before the optimiser and any checkpoint load
     except ValueError as err:
         raise ConfigError(f"train.balance: {err}") from None
+    return balancer

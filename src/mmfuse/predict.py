@@ -33,7 +33,7 @@ class Predictor:
 
     def batches(self, records: Sequence[Record], batch_size: int) -> Iterator[dict[str, Any]]:
         modalities = [m for m in self.model.encoders if any(getattr(r, m) is not None for r in records)]
-        validate_records(records, {}, modalities)
+        validate_records(records, {}, modalities, allow_missing=True)
         dataset = MultiModalDataset(records, {}, dict(self.model.encoders), train=False)
         yield from DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(dict(self.model.encoders), {}))
 

@@ -16,16 +16,21 @@ from mmfuse.tasks import Task, build_task
 
 @pytest.fixture
 def make_image(tmp_path: Path) -> Callable[..., Path]:
-    """make_image("a.png", mode="RGB", size=(12, 10)) writes a real image file under tmp_path."""
+    """make_image("a.png", mode="RGB", size=(12, 10)) writes a real image file under tmp_path.
+
+    With truncate=True it writes a 64x64 noise image and keeps the first 60% of its bytes: the header
+    still opens, only decoding the pixels fails (the case that `Image.open` alone would miss).
+    """
 
     def make(name: str, mode: str = "RGB", size: tuple[int, int] = (12, 10), truncate: bool = False) -> Path:
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         color: Any = 128 if mode in ("L", "P") else tuple(range(40, 40 + 40 * len(mode), 40))
-        Image.new(mode, size, color).save(path)
+        image = Image.effect_noise((64, 64), 60).convert(mode) if truncate else Image.new(mode, size, color)
+        image.save(path)
         if truncate:
             data = path.read_bytes()
-            path.write_bytes(data[: len(data) // 2])
+            path.write_bytes(data[: len(data) * 6 // 10])
         return path
 
     return make
@@ -37,6 +42,7 @@ def write_jsonl(tmp_path: Path) -> Callable[[str, list[Any]], Path]:
 
     def write(name: str, rows: list[Any]) -> Path:
         path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -50,6 +56,7 @@ def write_csv(tmp_path: Path) -> Callable[[str, list[list[str]]], Path]:
 
     def write(name: str, rows: list[list[str]]) -> Path:
         path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as handle:
             csv.writer(handle).writerows(rows)
         return path

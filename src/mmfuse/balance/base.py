@@ -139,7 +139,9 @@ class Balancer(nn.Module):
         if self.probes is None or self.probe_task is None:
             return None
         target, mask = labels[self.probe_task], masks[self.probe_task]
-        losses = [self._probe_loss(probe(out.features[m].pooled.detach()), target, mask) for m, probe in self.probes.items()]
+        losses = [
+            self._probe_loss(probe(out.features[m].pooled.detach()), target, mask) for m, probe in self.probes.items()
+        ]
         return torch.stack(losses).sum()
 
     def modulate(

@@ -65,17 +65,17 @@ def _record_problem(
     if "image" in modalities:
         if record.image is None:
             if not allow_missing:
-                return "no image"
+                return "image is empty or missing"
         elif images[record.image] is not None:
             return images[record.image]
     if "text" in modalities:
         if record.text is None:
             if not allow_missing:
-                return "no text"
+                return "text is empty or missing"
         elif not isinstance(record.text, str):
             return f"text must be a string, got {type(record.text).__name__}"
         elif not record.text.strip():
-            return "text is empty"
+            return "text is empty or missing"
     for name, task in tasks.items():
         raw = record.labels.get(name)
         if raw is not None and (problem := _encode_error(task, raw)):

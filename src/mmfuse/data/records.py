@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +67,10 @@ def _clean_label(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
 
 
-def _string_field(row: Mapping[str, Any], name: str, where: str) -> str | None:
-    """The value of a required field: absent key is an error, null/empty is None (missing modality)."""
+def _string_field(row: Mapping[str, Any], name: str, where: str, required: bool = True) -> str | None:
+    """A modality field's value: null/empty is None (missing modality); an absent key is an error if required."""
+    if name not in row and not required:
+        return None
     if name not in row:
         raise DataError(f"{where}: record has no {name!r} field (fields: {', '.join(map(str, row)) or 'none'})")
     value = row[name]
@@ -87,11 +89,12 @@ def _make_record(
     image_field: str | None,
     text_field: str | None,
     split_field: str | None,
+    required: Collection[str],
 ) -> Record:
-    image = _string_field(row, image_field, where) if image_field else None
+    image = _string_field(row, image_field, where, "image" in required) if image_field else None
     if image is not None:
         image = os.path.abspath(os.path.join(image_root, os.path.expanduser(image.strip())))
-    text = _string_field(row, text_field, where) if text_field else None
+    text = _string_field(row, text_field, where, "text" in required) if text_field else None
     split = row.get(split_field) if split_field else None
     split = None if _missing(split) else str(split).strip().lower()
     raw = {task: _clean_label(row.get(name)) for task, name in labels.items()}
@@ -150,6 +153,7 @@ def read_records(
     image_field: str | None = "image",
     text_field: str | None = "text",
     split_field: str | None = "split",
+    required: Collection[str] = ("image", "text"),
 ) -> list[Record]:
     """Read records from a `.jsonl`/`.json` (one object per line, or a JSON array) or `.csv` file.
 
@@ -160,10 +164,12 @@ def read_records(
         image_field: field holding the image path (required in every record); None: no images.
         text_field: field holding the text (required in every record); None: no text.
         split_field: optional field naming each record's split (train/val/validation/test).
+        required: the modalities ("image", "text") whose field every record must have; a record may
+            omit the others (None). Prediction inputs pass `()`.
 
     Raises:
         DataError: "FILE:ROW: ..." for a missing file, an unknown extension, bad JSON, a record that
-            is not an object or lacks the image or text field.
+            is not an object or lacks a required image or text field.
     """
     path = Path(path)
     if not path.is_file():
@@ -182,7 +188,7 @@ def read_records(
         where = f"{path}:{number}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
-        records.append(_make_record(row, where, labels, root, image_field, text_field, split_field))
+        records.append(_make_record(row, where, labels, root, image_field, text_field, split_field, required))
     logger.debug("read %d records from %s", len(records), path)
     return records
 

@@ -6,7 +6,7 @@ Example:
     >>> weights = weighting.backward(losses, shared_params, backward=manual_backward)
 """
 
-from mmfuse.mtl.base import WEIGHTINGS, GradientWeighting, Weighting, surrogate_backward, task_gradients
 from mmfuse.mtl import cagrad, dwa, equal, gradnorm, pcgrad, static, uncertainty  # noqa: F401,E402  (registration)
+from mmfuse.mtl.base import WEIGHTINGS, GradientWeighting, Weighting, surrogate_backward, task_gradients
 
 __all__ = ["WEIGHTINGS", "GradientWeighting", "Weighting", "surrogate_backward", "task_gradients"]

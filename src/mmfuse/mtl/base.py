@@ -73,7 +73,7 @@ class Weighting(nn.Module):
         return self.as_dict(weights)
 
     def on_epoch_end(self, epoch: int, losses: Mapping[str, float]) -> None:
-        """Called once per training epoch with the epoch-mean loss of each task (tasks without labels may be missing)."""
+        """Called once per training epoch with each task's epoch-mean loss (tasks without labels may be missing)."""
 
     def stack(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """{task: scalar} -> (T,) in `tasks` order; a clear error for a missing task."""
@@ -104,7 +104,9 @@ def task_gradients(losses: torch.Tensor, params: Sequence[nn.Parameter]) -> torc
             grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
         else:  # a constant loss (e.g. a task without labelled rows built without a graph)
             grads = (None,) * len(params)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+        )
     return torch.stack(rows)  # (T, P)
 
 

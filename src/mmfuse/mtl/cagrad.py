@@ -69,7 +69,9 @@ def solve_simplex(gram: torch.Tensor, scale: float, steps: int = 300, lr: float 
     return best
 
 
-def cagrad_direction(grads: torch.Tensor, c: float, rescale: bool = True, steps: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+def cagrad_direction(
+    grads: torch.Tensor, c: float, rescale: bool = True, steps: int = 300
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CAGrad's update direction (P,) from the per-task gradients (T, P), and the effective task weights (T,).
 
     The direction is `sum_t a_t g_t` with `a_t = (1/T + lambda w_t) / (1 + c^2)`; `a` is returned for logging.

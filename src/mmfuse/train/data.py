@@ -31,15 +31,13 @@ def load_splits(cfg: RunConfig) -> dict[str, list[Record]]:
         return load_easy_vqa(val_fraction=d.val_fraction, seed=cfg.seed, limit=d.limit)
     fields = {name: tc.field or name for name, tc in cfg.tasks.items()}
     splits = load_record_splits(
-        train=d.train, val=d.val, test=d.test, path=d.path, label_fields=list(fields.values()),
+        train=d.train, val=d.val, test=d.test, path=d.path, label_fields=fields,
         image_root=d.image_root, image_field=d.image_field, text_field=d.text_field, split_field=d.split_field,
         val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.seed,
     )
-    for records in splits.values():
-        for r in records:
-            r.labels = {name: r.labels.get(f) for name, f in fields.items()}
-    if d.limit:
-        splits = {k: v[: d.limit] for k, v in splits.items()}
+    if d.limit:  # a seeded sample of each split, for quick runs
+        rng = random.Random(cfg.seed)
+        splits = {k: rng.sample(v, min(d.limit, len(v))) for k, v in splits.items()}
     return splits
 
 
@@ -56,7 +54,7 @@ def resolve_classes(cfg: RunConfig, splits: Mapping[str, list[Record]]) -> RunCo
                     raise ConfigError(f"tasks.{name}: easy_vqa has no task {name!r}; it has {', '.join(EASY_VQA_TASKS)}")
                 classes = list(EASY_VQA_TASKS[name]["classes"])
             else:
-                classes = infer_classes(splits.get("train", []), name)
+                classes = infer_classes(splits.get("train", []), name, multilabel=tc.kind == "multilabel")
                 if not classes:
                     raise ConfigError(f"tasks.{name}: no labels for it in the training records; set tasks.{name}.classes")
             tc = tc.model_copy(update={"classes": classes})

@@ -67,7 +67,11 @@ class MMFuseModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         opt, sched = self.optimizers(), self.lr_schedulers()
         n = len(batch["index"])
-        absent = self.balancer.absent(n, batch["index"].device, True) if self.balancer is not None else None
+        absent = (
+            self.balancer.absent(n, batch["index"].device, True, missing=batch.get("absent"))
+            if self.balancer is not None
+            else None
+        )
         out = self(batch, absent)
         losses = self.model.losses(out.logits, batch["labels"], batch["masks"])
         extra = self.balancer.aux_loss(out, batch["labels"], batch["masks"]) if self.balancer is not None else None
@@ -82,10 +86,11 @@ class MMFuseModule(L.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=self.hp["grad_clip"], gradient_clip_algorithm="norm")
         opt.step()
         sched.step()
-        total = sum(self.model.tasks[t].weight * l for t, l in losses.items()).detach()
+        w = weights or {}
+        total = sum(w.get(t, 1.0) * l for t, l in losses.items()).detach()
         for t, l in losses.items():
             if bool(batch["masks"][t].any()):
-                self._epoch_losses[t].append(float(l))
+                self._epoch_losses[t].append(float(l.detach()))
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{t}/loss": l.detach() for t, l in losses.items()}, batch_size=n)
         self.log_dict({f"train/weight/{t}": float(w) for t, w in (weights or {}).items()}, batch_size=n)

@@ -98,7 +98,7 @@ class Run:
     def module(self) -> MMFuseModule:
         t = self.cfg.train
         return MMFuseModule(
-            self.model, build_weighting(t.weighting, list(self.model.tasks)), build_balancer(t.balance, self.model),
+            self.model, build_weighting(t.weighting, self.model.tasks), build_balancer(t.balance, self.model),
             lr=t.lr, encoder_lr=t.encoder_lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
             warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, seed=self.cfg.seed,
         )

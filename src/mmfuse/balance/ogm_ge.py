@@ -1,0 +1,159 @@
+"""OGM-GE: On-the-fly Gradient Modulation with Generalisation Enhancement (Peng et al., CVPR 2022).
+
+Per training batch, with the labelled samples of the scored task:
+
+    s_m = sum_i softmax(logits_m)_i[y_i]                                   (sigmoid for a binary task)
+    rho_m = s_m / mean_{j != m} s_j                                        (two modalities: s_a / s_b)
+    k_m = 1 - tanh(alpha * rho_m)  if rho_m > 1  else 1                    (Eq. 10 of the paper)
+
+then every gradient in `model.encoders[m]` (every parameter, not only 4-d convolution kernels as in the
+official code, so a text Transformer is modulated too) becomes `k_m * grad`, plus, with `noise` (GE),
+Gaussian noise of the modulated gradient's own standard deviation (+1e-8), as the official code does.
+
+For two modalities this is exactly the official rule, except on an exact tie (rho = 1), where the
+official code modulates the second modality and this one neither. For more modalities, each is compared
+with the mean score of the others, so only modalities ahead of the rest are slowed down.
+
+`alpha` defaults to 0.1, the official README's default setting (it recommends 0.1 for VGGSound and 0.8
+for CREMA-D). Modulation runs only while training and `start_epoch <= epoch < end_epoch` (0 and 50 in
+the official defaults). Under DDP the scores are summed over processes and the noise comes from a
+generator seeded alike on every process, so all replicas apply the same update.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mmfuse.balance.base import BALANCERS, Balancer, fusion_decomposes, linear_head, true_class_probability
+
+if TYPE_CHECKING:
+    from mmfuse.model import ModelOutput, MultiTaskModel
+
+logger = logging.getLogger(__name__)
+
+
+def ogm_coefficients(scores: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M,) scores -> (M,) coefficients k_m and (M,) discrepancy ratios rho_m (see the module docstring)."""
+    m = scores.numel()
+    if m < 2:
+        return torch.ones_like(scores), torch.ones_like(scores)
+    others = (scores.sum() - scores) / (m - 1)  # mean score of the other modalities
+    ratios = scores / others.clamp_min(1e-12)
+    coeffs = torch.where(ratios > 1, 1 - torch.tanh(alpha * ratios), torch.ones_like(ratios))
+    return coeffs, ratios
+
+
+@BALANCERS.register("ogm_ge")
+class OGMGE(Balancer):
+    """Slow down the encoders of modalities that already predict well alone (OGM), plus gradient noise (GE).
+
+    Args:
+        modalities: the model's modality names.
+        task: the binary or multiclass task whose labels score the modalities (default: the first such task).
+        alpha: modulation strength.
+        start_epoch: first epoch with modulation.
+        end_epoch: first epoch without modulation again.
+        noise: add the GE noise.
+        seed: seeds the noise generator (the same on every DDP process).
+    """
+
+    def __init__(
+        self,
+        modalities: list[str],
+        task: str | None = None,
+        alpha: float = 0.1,
+        start_epoch: int = 0,
+        end_epoch: int = 50,
+        noise: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(modalities)
+        if alpha < 0:
+            raise ValueError(f"ogm_ge: alpha must be >= 0, got {alpha}")
+        self.task, self.alpha, self.noise, self.seed = task, alpha, noise, seed
+        self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        self._generators: dict[str, torch.Generator] = {}
+        self._warned: set[str] = set()
+
+    def setup(self, model: MultiTaskModel) -> None:
+        super().setup(model)
+        scorable = [n for n, t in model.tasks.items() if t.kind in ("binary", "multiclass")]
+        if self.task is None:
+            if not scorable:
+                raise ValueError(f"ogm_ge needs a binary or multiclass task; tasks: {list(model.tasks)}")
+            self.task = scorable[0]
+        elif self.task not in scorable:
+            raise ValueError(f"ogm_ge: task {self.task!r} is not a binary/multiclass task of the model: {scorable}")
+        exact = linear_head(model.heads[self.task]) is not None and fusion_decomposes(model.fusion)
+        if not exact and self.probes is None:
+            self.build_probes(model, self.task)
+        logger.info("ogm_ge scores task %r with %s", self.task, "exact logits" if exact else "linear probes")
+
+    def modulate(
+        self,
+        model: MultiTaskModel,
+        out: ModelOutput,
+        labels: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor],
+        epoch: int,
+    ) -> dict[str, float]:
+        if not self.ready:
+            self.setup(model)
+            if self.probes is not None:  # probes made now would never reach the optimiser
+                self.probes, self.probe_task, self.ready = None, None, False
+                raise RuntimeError("ogm_ge needs linear probes here: call balancer.setup(model) before the optimiser")
+        scores, count = self.scores(model, out, labels[self.task], masks[self.task])
+        coeffs, ratios = ogm_coefficients(scores, self.alpha)
+        active = model.training and self.start_epoch <= epoch < self.end_epoch and count > 0
+        if active:
+            for i, m in enumerate(self.modalities):
+                self.modulate_encoder(m, model.encoders[m], float(coeffs[i]))
+        else:
+            coeffs = torch.ones_like(coeffs)  # log what was applied
+        logs = {f"coef/{m}": float(coeffs[i]) for i, m in enumerate(self.modalities)}
+        logs.update({f"score/{m}": float(scores[i]) for i, m in enumerate(self.modalities)})
+        logs.update({f"ratio/{m}": float(ratios[i]) for i, m in enumerate(self.modalities)})
+        return logs
+
+    @torch.no_grad()
+    def scores(
+        self, model: MultiTaskModel, out: ModelOutput, target: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """(M,) summed true-class probabilities per modality over the labelled samples, and their count."""
+        logits = self.unimodal_logits(model, out, self.task)
+        mask = mask.bool()
+        kind = model.tasks[self.task].kind
+        ref = logits[self.modalities[0]]
+        stats = torch.stack(
+            [true_class_probability(logits[m][mask], target[mask], kind).sum() for m in self.modalities]
+            + [mask.sum().to(ref.dtype)]
+        ).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        return stats[:-1], int(stats[-1])
+
+    @torch.no_grad()
+    def modulate_encoder(self, modality: str, encoder: nn.Module, coeff: float) -> None:
+        """grad <- coeff * grad (+ N(0, std(grad) + 1e-8) with `noise`) for every parameter that has a gradient."""
+        grads = [p.grad for p in encoder.parameters() if p.grad is not None]
+        if not grads and modality not in self._warned:
+            self._warned.add(modality)
+            logger.info("ogm_ge: encoder %r has no gradients (frozen or cached); only logging its score", modality)
+        for g in grads:
+            if coeff != 1.0:
+                g.mul_(coeff)
+            if self.noise:
+                std = g.std() if g.numel() > 1 else g.new_zeros(())
+                g.add_(self._randn_like(g) * (std + 1e-8))
+
+    def _randn_like(self, t: torch.Tensor) -> torch.Tensor:
+        key = str(t.device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=t.device).manual_seed(self.seed)
+        return torch.randn(t.shape, generator=self._generators[key], device=t.device, dtype=t.dtype)
