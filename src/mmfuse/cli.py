@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     lib.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
         warnings.filterwarnings("ignore")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from mmfuse.config import ConfigError

@@ -68,6 +68,8 @@ class Encoder(nn.Module):
     def __init__(self, freeze: bool = False) -> None:
         super().__init__()
         self.frozen = freeze
+        self._weights_id: str | None = None  # memo of weights_identity(); reset whenever weights are loaded
+        self.register_load_state_dict_post_hook(_forget_weights_identity)
 
     def finish_init(self) -> None:
         """Call at the end of a subclass `__init__`: applies `freeze`."""
@@ -90,5 +92,22 @@ class Encoder(nn.Module):
         """A string naming everything that decides this encoder's output for a given input."""
         raise NotImplementedError
 
+    def weights_identity(self) -> str:
+        """Names the weights: a file's content hash, or "random:<hash of the state>" for random init."""
+        raise NotImplementedError
+
+    @property
+    def rebuilt_from_config(self) -> bool:
+        """True when the config alone rebuilds these exact weights (frozen, loaded from a file), so
+        checkpoints can leave them out."""
+        return self.frozen and not self.weights_identity().startswith("random:")
+
     def forward(self, inputs: Any) -> EncoderOutput:
         raise NotImplementedError
+
+
+def _forget_weights_identity(module: nn.Module, incompatible_keys: object) -> None:
+    # Randomly initialised weights are named by a hash of their values: after a load, hash them again.
+    # (Weights named by their file keep that name: a frozen encoder's checkpoint holds the same values.)
+    if (module._weights_id or "").startswith("random:"):
+        module._weights_id = None

@@ -150,7 +150,7 @@ class HFTextEncoder(Encoder):
             pooled = out.pooler_output
         return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)
 
-    def _weights_identity(self) -> str:
+    def weights_identity(self) -> str:
         if self._weights_id is None:
             if self._model_dir is not None:
                 self._weights_id = "sha256:" + dir_sha256(self._model_dir)
@@ -164,6 +164,6 @@ class HFTextEncoder(Encoder):
         The key describes the weights as built; cache only frozen encoders' features.
         """
         return (
-            f"{type(self).__name__}:model={self.model_name}:weights={self._weights_identity()}:"
+            f"{type(self).__name__}:model={self.model_name}:weights={self.weights_identity()}:"
             f"tokenizer=sha256:{dir_sha256(self._tokenizer_dir)}:pooling={self.pooling}:max_length={self.max_length}"
         )

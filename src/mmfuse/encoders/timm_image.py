@@ -153,7 +153,7 @@ class TimmImageEncoder(Encoder):
         pooled = self.net.forward_head(features, pre_logits=True)  # (B, D)
         return EncoderOutput(pooled=pooled, tokens=flatten_feature_map(features) if self.tokens else None)
 
-    def _weights_identity(self) -> str:
+    def weights_identity(self) -> str:
         if self._weights_id is None:
             if self.weights is None:
                 self._weights_id = "random:" + module_sha256(self.net)
@@ -167,6 +167,6 @@ class TimmImageEncoder(Encoder):
         The key describes the weights as built; cache only frozen encoders' features.
         """
         return (
-            f"{type(self).__name__}:model={self.model_name}:weights={self._weights_identity()}:"
+            f"{type(self).__name__}:model={self.model_name}:weights={self.weights_identity()}:"
             f"{self.processor.describe()}:tokens={self.tokens}"
         )

@@ -161,7 +161,7 @@ class TorchvisionImageEncoder(Encoder):
         fmap, self._fmap = self._fmap, None
         return EncoderOutput(pooled=pooled, tokens=flatten_feature_map(fmap))
 
-    def _weights_identity(self) -> str:
+    def weights_identity(self) -> str:
         if self._weights_id is None:
             if self.weights is None:
                 self._weights_id = "random:" + module_sha256(self.net)
@@ -175,6 +175,6 @@ class TorchvisionImageEncoder(Encoder):
         The key describes the weights as built; cache only frozen encoders' features.
         """
         return (
-            f"{type(self).__name__}:model={self.model_name}:weights={self._weights_identity()}:"
+            f"{type(self).__name__}:model={self.model_name}:weights={self.weights_identity()}:"
             f"{self.processor.describe()}:tokens={self.tokens}"
         )

@@ -174,10 +174,10 @@ class MMFuseModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def _frozen_prefixes(self) -> dict[str, str]:
-        return {f"model.encoders.{m}.": e.cache_key() for m, e in self.model.encoders.items() if e.frozen}
+        return {f"model.encoders.{m}.": e.cache_key() for m, e in self.model.encoders.items() if e.rebuilt_from_config}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Frozen encoders are rebuilt from the config (their weights are named by cache_key); leave them out.
+        # Frozen encoders loaded from files are rebuilt from the config (cache_key names their weights): leave them out.
         prefixes = self._frozen_prefixes()
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(tuple(prefixes))]:

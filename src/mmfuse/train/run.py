@@ -182,9 +182,10 @@ def export_weights(model: MultiTaskModel, path: Path) -> None:
     """The model's weights as safetensors, frozen encoders left out (they are named in the config)."""
     from safetensors.torch import save_file
 
-    frozen = tuple(f"encoders.{m}." for m, e in model.encoders.items() if e.frozen)
+    rebuilt = {m: e for m, e in model.encoders.items() if e.rebuilt_from_config}
+    frozen = tuple(f"encoders.{m}." for m in rebuilt)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(frozen)}
-    meta = {f"frozen.{m}": e.cache_key() for m, e in model.encoders.items() if e.frozen}
+    meta = {f"frozen.{m}": e.cache_key() for m, e in rebuilt.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -205,13 +206,13 @@ def load_run(run_dir: str | Path) -> MultiTaskModel:
     model = build_model_from(cfg.model, build_tasks(cfg.tasks))
     with safe_open(str(run_dir / "model.safetensors"), "pt") as f:
         meta = f.metadata() or {}
-    for m, enc in model.encoders.items():
-        if enc.frozen and meta.get(f"frozen.{m}") != enc.cache_key():
+    rebuilt = [m for m in model.encoders if f"frozen.{m}" in meta]
+    for m in rebuilt:
+        if meta[f"frozen.{m}"] != model.encoders[m].cache_key():
             raise ConfigError(f"{run_dir}/model.safetensors: trained with a different frozen {m} encoder than the config builds")
     state = load_file(str(run_dir / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    frozen = tuple(f"encoders.{m}." for m, e in model.encoders.items() if e.frozen)
-    missing = [k for k in missing if not k.startswith(frozen)]
+    missing = [k for k in missing if not k.startswith(tuple(f"encoders.{m}." for m in rebuilt))]
     if missing or unexpected:
         raise ConfigError(
             f"{run_dir}/model.safetensors does not match config.yaml (missing {missing[:3]}, unexpected {unexpected[:3]})"
