@@ -27,29 +27,55 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train from a YAML config", epilog=EPILOG_TRAIN, formatter_class=fmt,
-                       description="Train a model; writes checkpoints, metrics.json and report.md to the run directory.")
+    t = sub.add_parser(
+        "train",
+        help="train from a YAML config",
+        epilog=EPILOG_TRAIN,
+        formatter_class=fmt,
+        description="Train a model; writes checkpoints, metrics.json and report.md to the run directory.",
+    )
     t.add_argument("config", nargs="?", help="YAML run config (default: the built-in easy-VQA config)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_epochs=3 (repeatable; values parsed as YAML)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_epochs=3 (repeatable; values parsed as YAML)",
+    )
     t.add_argument("--out", help="run directory (default: runs/<name>-<date>-<time>); with --resume, the run to resume")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.ckpt")
-    t.add_argument("--skip-bad", action="store_true",
-                   help="skip bad records (missing/unreadable image, empty text, unknown label), list them in the report")
+    t.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad records (missing/unreadable image, empty text, unknown label), list them in the report",
+    )
 
-    e = sub.add_parser("evaluate", help="per-task metrics of a finished run", formatter_class=fmt,
-                       epilog="examples:\n  mmfuse evaluate runs/easy_vqa\n  mmfuse evaluate runs/easy_vqa --split val --json")
+    e = sub.add_parser(
+        "evaluate",
+        help="per-task metrics of a finished run",
+        formatter_class=fmt,
+        epilog="examples:\n  mmfuse evaluate runs/easy_vqa\n  mmfuse evaluate runs/easy_vqa --split val --json",
+    )
     e.add_argument("run", help="run directory (holds config.yaml and model.safetensors)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split (default: test)")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override data keys, e.g. --set data.test=other.jsonl")
+    e.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override data keys, e.g. --set data.test=other.jsonl",
+    )
     e.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    pr = sub.add_parser("predict", help="predict with a finished run", formatter_class=fmt,
-                        epilog="examples:\n  mmfuse predict runs/easy_vqa --image shape.png --text 'what color is the shape?'\n"
-                        "  mmfuse predict runs/easy_vqa --input records.jsonl --output preds.jsonl\n"
-                        "  mmfuse predict runs/easy_vqa --text 'is there a circle?'    # text only")
+    pr = sub.add_parser(
+        "predict",
+        help="predict with a finished run",
+        formatter_class=fmt,
+        epilog="examples:\n  mmfuse predict runs/easy_vqa --image shape.png --text 'what color is the shape?'\n"
+        "  mmfuse predict runs/easy_vqa --input records.jsonl --output preds.jsonl\n"
+        "  mmfuse predict runs/easy_vqa --text 'is there a circle?'    # text only",
+    )
     pr.add_argument("run", help="run directory")
     pr.add_argument("--image", help="one image file")
     pr.add_argument("--text", help="one text")
@@ -59,22 +85,37 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64, help="records per forward pass (default 64)")
     pr.add_argument("--top", type=int, default=3, help="classes shown per task in the terminal (default 3)")
 
-    sub.add_parser("list", help="registered encoders, fusions, task kinds, weightings and balancers",
-                   epilog="example:\n  mmfuse list", formatter_class=fmt)
+    sub.add_parser(
+        "list",
+        help="registered encoders, fusions, task kinds, weightings and balancers",
+        epilog="example:\n  mmfuse list",
+        formatter_class=fmt,
+    )
 
-    c = sub.add_parser("cache", help="the frozen-encoder feature cache", formatter_class=fmt,
-                       epilog="examples:\n  mmfuse cache info\n  mmfuse cache clear\n  MMFUSE_CACHE_DIR=/scratch/c mmfuse cache info")
+    c = sub.add_parser(
+        "cache",
+        help="the frozen-encoder feature cache",
+        formatter_class=fmt,
+        epilog="examples:\n  mmfuse cache info\n  mmfuse cache clear\n  MMFUSE_CACHE_DIR=/scratch/c mmfuse cache info",
+    )
     c.add_argument("action", choices=["info", "clear"], help="info: where it is and its size; clear: delete it")
     c.add_argument("--dir", help="cache directory (default: $MMFUSE_CACHE_DIR or ~/.cache/mmfuse/features)")
-    b = sub.add_parser("bench", help="multi-task vs single-task comparison (Δm)", formatter_class=fmt,
-                       epilog="examples:\n  mmfuse bench mtl                       # built-in easy-VQA config\n"
-                       "  mmfuse bench mtl my.yaml --weightings equal,uncertainty,pcgrad --out runs/bench\n"
-                       "  mmfuse bench mtl --set train.max_epochs=3 --seeds 0,1")
+    b = sub.add_parser(
+        "bench",
+        help="multi-task vs single-task comparison (Δm)",
+        formatter_class=fmt,
+        epilog="examples:\n  mmfuse bench mtl                       # built-in easy-VQA config\n"
+        "  mmfuse bench mtl my.yaml --weightings equal,uncertainty,pcgrad --out runs/bench\n"
+        "  mmfuse bench mtl --set train.max_epochs=3 --seeds 0,1",
+    )
     b.add_argument("what", choices=["mtl"], help="mtl: one single-task model per task vs the multi-task model(s)")
     b.add_argument("config", nargs="?", help="YAML run config (default: the built-in easy-VQA config)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    b.add_argument("--weightings", default="equal",
-                   help="comma-separated task weightings to compare (default: equal; 'all' for every registered one)")
+    b.add_argument(
+        "--weightings",
+        default="equal",
+        help="comma-separated task weightings to compare (default: equal; 'all' for every registered one)",
+    )
     b.add_argument("--seeds", default="0", help="comma-separated seeds; metrics are averaged over them (default: 0)")
     b.add_argument("--out", help="directory for the runs and the report (default: runs/bench-mtl-<date>-<time>)")
     return p
@@ -140,8 +181,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.input:
         records = read_records(args.input, label_fields=[], image_root=args.image_root, required=())
     else:
-        records = [Record(image=os.path.abspath(args.image) if args.image else None, text=args.text, labels={},
-                          source="command line")]
+        records = [
+            Record(
+                image=os.path.abspath(args.image) if args.image else None,
+                text=args.text,
+                labels={},
+                source="command line",
+            )
+        ]
     results = predictor.predict(records, args.batch_size)
     if args.output:
         with open(args.output, "w") as f:
@@ -171,8 +218,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     from mmfuse.registry import describe
     from mmfuse.tasks import TASK_KINDS
 
-    for title, reg in (("encoders", ENCODERS), ("fusions", FUSIONS), ("task kinds", TASK_KINDS),
-                       ("weightings (train.weighting)", WEIGHTINGS), ("balancers (train.balance)", BALANCERS)):
+    for title, reg in (
+        ("encoders", ENCODERS),
+        ("fusions", FUSIONS),
+        ("task kinds", TASK_KINDS),
+        ("weightings (train.weighting)", WEIGHTINGS),
+        ("balancers (train.balance)", BALANCERS),
+    ):
         print(f"{title}:")
         for name, obj in reg.items():
             print(f"  {name:<18} {describe(obj)}")
@@ -201,6 +253,18 @@ def _table(per_task: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever sys.stderr is at the time of each record (so repeated in-process calls work)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 class _UsageError(Exception):
     pass
 
@@ -211,10 +275,11 @@ def _usage(msg: str) -> _UsageError:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
     lib = logging.getLogger("mmfuse")
-    lib.addHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in lib.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        lib.addHandler(handler)
     lib.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
         warnings.filterwarnings("ignore")
@@ -227,8 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     from mmfuse.config import ConfigError
     from mmfuse.data.records import DataError
 
-    handlers: dict[str, Any] = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                                "list": cmd_list, "cache": cmd_cache, "bench": cmd_bench}
+    handlers: dict[str, Any] = {
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "predict": cmd_predict,
+        "list": cmd_list,
+        "cache": cmd_cache,
+        "bench": cmd_bench,
+    }
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, _UsageError, FileNotFoundError) as err:

@@ -127,14 +127,15 @@ def _unknown_key_error(err: ConfigError, model: type[BaseModel], data: Mapping[s
     if not msg.endswith("unknown key"):
         return err
     node: Any = model
+    skip = False  # the next part is a user's key in a dict of sections (e.g. a task name)
     for part in msg.split(":")[0].split(".")[:-1]:
-        field = getattr(node, "model_fields", {}).get(part)
-        ann = field.annotation if field else None
-        if ann is not None and typing.get_origin(ann) is dict:
-            ann = typing.get_args(ann)[1]  # a dict of sections: skip the user's key
-            node = ann
+        if skip:
+            skip = False
             continue
-        node = ann
+        field = getattr(node, "model_fields", {}).get(part)
+        node = field.annotation if field else None
+        if node is not None and typing.get_origin(node) is dict:
+            node, skip = typing.get_args(node)[1], True
     if isinstance(node, type) and issubclass(node, BaseModel):
         return ConfigError(f"{msg}; allowed: {', '.join(node.model_fields)}")
     return err
@@ -160,7 +161,9 @@ def component_options(registry: Registry[Any], comp: Component, key: str) -> dic
     try:
         cls = registry.get(comp.name)
     except KeyError:
-        raise ConfigError(f"{key}.name: unknown {registry.kind} {comp.name!r}; choose one of: {', '.join(registry.names())}")
+        raise ConfigError(
+            f"{key}.name: unknown {registry.kind} {comp.name!r}; choose one of: {', '.join(registry.names())}"
+        ) from None
     sig = inspect.signature(cls.__init__)
     hints = typing.get_type_hints(cls.__init__)
     fields: dict[str, Any] = {}

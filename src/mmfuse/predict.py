@@ -59,4 +59,3 @@ class Predictor:
             labels = [c for c, on in zip(classes, pred["prediction"][i].tolist()) if on]
             return {"labels": labels, "probabilities": dict(zip(classes, probs))}
         return {"label": classes[int(pred["prediction"][i])], "probabilities": dict(zip(classes, probs))}
-

@@ -100,9 +100,13 @@ def _truncated_jpeg(folder: Path) -> bytes:
     return data[: len(data) // 2]
 
 
-def test_numbers_as_text_are_read_as_strings(write_jsonl, make_image, tasks):
+def test_non_text_text_is_an_error_naming_the_row(write_jsonl, make_image, tasks):
     path = _bad_file(write_jsonl, make_image, {"image": "a.png", "text": 5})
-    assert validate_records(read_records(path, label_fields=LABELS), tasks, BOTH)[0][2].text == "5"
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: field 'text' must be a string, got int"):
+        read_records(path, label_fields=LABELS)
+    errors: list = []
+    assert len(read_records(path, label_fields=LABELS, errors=errors)) == 3
+    assert errors == [(f"{path}:3", "field 'text' must be a string, got int 5")]
 
 
 def test_nan_regression_target_in_jsonl_and_csv(write_jsonl, write_csv, make_image, tasks):

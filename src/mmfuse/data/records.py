@@ -76,9 +76,9 @@ def _string_field(row: Mapping[str, Any], name: str, where: str, required: bool 
     value = row[name]
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, (dict, list, bool)):
-        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-    return str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__} {value!r:.40}")
+    return value
 
 
 def _make_record(
@@ -119,8 +119,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
             continue
         try:
             yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: bad JSON: {err.msg} (column {err.colno})") from None
+        except json.JSONDecodeError as err:  # a bad line is that row's error (skippable), not the file's
+            yield number, DataError(f"{path}:{number}: bad JSON: {err.msg} (column {err.colno})")
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -136,8 +136,12 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             for cells in reader:
                 if cells:
                     if len(cells) != len(header):
-                        raise DataError(f"{path}:{start}: row has {len(cells)} cells but the header has {len(header)}")
-                    yield start, dict(zip(header, cells))
+                        yield (
+                            start,
+                            DataError(f"{path}:{start}: row has {len(cells)} cells but the header has {len(header)}"),
+                        )
+                    else:
+                        yield start, dict(zip(header, cells))
                 start = reader.line_num + 1
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
@@ -154,6 +158,7 @@ def read_records(
     text_field: str | None = "text",
     split_field: str | None = "split",
     required: Collection[str] = ("image", "text"),
+    errors: list[tuple[str, str]] | None = None,
 ) -> list[Record]:
     """Read records from a `.jsonl`/`.json` (one object per line, or a JSON array) or `.csv` file.
 
@@ -166,6 +171,8 @@ def read_records(
         split_field: optional field naming each record's split (train/val/validation/test).
         required: the modalities ("image", "text") whose field every record must have; a record may
             omit the others (None). Prediction inputs pass `()`.
+        errors: when given, a bad row (bad JSON, missing field, non-string text) is appended here as
+            (FILE:ROW, reason) and skipped instead of raising.
 
     Raises:
         DataError: "FILE:ROW: ..." for a missing file, an unknown extension, bad JSON, a record that
@@ -186,9 +193,16 @@ def read_records(
     records = []
     for number, row in rows:
         where = f"{path}:{number}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
-        records.append(_make_record(row, where, labels, root, image_field, text_field, split_field, required))
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+            records.append(_make_record(row, where, labels, root, image_field, text_field, split_field, required))
+        except DataError as err:
+            if errors is None:
+                raise
+            errors.append((where, str(err).removeprefix(f"{where}: ")))
     logger.debug("read %d records from %s", len(records), path)
     return records
 
@@ -266,6 +280,7 @@ def load_record_splits(
     val_fraction: float = 0.1,
     test_fraction: float = 0.0,
     seed: int = 0,
+    errors: list[tuple[str, str]] | None = None,
 ) -> dict[str, list[Record]]:
     """Load train/val/test records from one file per split, or from one file.
 
@@ -283,6 +298,7 @@ def load_record_splits(
         image_field=image_field,
         text_field=text_field,
         split_field=split_field,
+        errors=errors,
     )
     if path is not None and any(p is not None for p in (train, val, test)):
         raise ValueError("give either one records `path` or separate train/val/test files, not both")

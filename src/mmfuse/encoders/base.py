@@ -57,7 +57,8 @@ class EncoderOutput:
 class Encoder(nn.Module):
     """Base class of every encoder: a plain module that also owns its preprocessing.
 
-    Subclasses set `output_dim` from the built network (tokens, when given, have that size too), implement `forward(inputs) -> EncoderOutput`,
+    Subclasses set `output_dim` from the built network (tokens, when given, have that size too),
+    implement `forward(inputs) -> EncoderOutput`,
     `preprocess(raw)` for one sample (a PIL image, a string) and `collate(items)` for a list of
     preprocessed samples. `modality` is "image" or "text".
     """

@@ -22,8 +22,11 @@ from mmfuse.model import MultiTaskModel
 log = logging.getLogger(__name__)
 
 
-def load_splits(cfg: RunConfig) -> dict[str, list[Record]]:
-    """The records of each split ("train", "val", "test" where present), labels keyed by task name."""
+def load_splits(cfg: RunConfig, errors: list[tuple[str, str]] | None = None) -> dict[str, list[Record]]:
+    """The records of each split ("train", "val", "test" where present), labels keyed by task name.
+
+    With `errors` (data.skip_bad), unreadable rows are listed there and skipped instead of raising.
+    """
     d = cfg.data
     if d.source == "easy_vqa":
         from mmfuse.data.easy_vqa import load_easy_vqa
@@ -31,9 +34,19 @@ def load_splits(cfg: RunConfig) -> dict[str, list[Record]]:
         return load_easy_vqa(val_fraction=d.val_fraction, seed=cfg.seed, limit=d.limit)
     fields = {name: tc.field or name for name, tc in cfg.tasks.items()}
     splits = load_record_splits(
-        train=d.train, val=d.val, test=d.test, path=d.path, label_fields=fields,
-        image_root=d.image_root, image_field=d.image_field, text_field=d.text_field, split_field=d.split_field,
-        val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.seed,
+        train=d.train,
+        val=d.val,
+        test=d.test,
+        path=d.path,
+        label_fields=fields,
+        image_root=d.image_root,
+        image_field=d.image_field,
+        text_field=d.text_field,
+        split_field=d.split_field,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=cfg.seed,
+        errors=errors,
     )
     if d.limit:  # a seeded sample of each split, for quick runs
         rng = random.Random(cfg.seed)
@@ -51,12 +64,16 @@ def resolve_classes(cfg: RunConfig, splits: Mapping[str, list[Record]]) -> RunCo
                 from mmfuse.data.easy_vqa import EASY_VQA_TASKS
 
                 if name not in EASY_VQA_TASKS:
-                    raise ConfigError(f"tasks.{name}: easy_vqa has no task {name!r}; it has {', '.join(EASY_VQA_TASKS)}")
+                    raise ConfigError(
+                        f"tasks.{name}: easy_vqa has no task {name!r}; it has {', '.join(EASY_VQA_TASKS)}"
+                    )
                 classes = list(EASY_VQA_TASKS[name]["classes"])
             else:
                 classes = infer_classes(splits.get("train", []), name, multilabel=tc.kind == "multilabel")
                 if not classes:
-                    raise ConfigError(f"tasks.{name}: no labels for it in the training records; set tasks.{name}.classes")
+                    raise ConfigError(
+                        f"tasks.{name}: no labels for it in the training records; set tasks.{name}.classes"
+                    )
             tc = tc.model_copy(update={"classes": classes})
         tasks[name] = tc
     return cfg.model_copy(update={"tasks": tasks})
@@ -181,7 +198,11 @@ def default_workers(cfg: RunConfig, uncached: list[str]) -> int:
 
 
 def make_loader(
-    cfg: RunConfig, model: MultiTaskModel, records: list[Record], split: str, features: Features,
+    cfg: RunConfig,
+    model: MultiTaskModel,
+    records: list[Record],
+    split: str,
+    features: Features,
     distributed: bool = False,
 ) -> DataLoader:
     cached = set(features.tables)
@@ -192,7 +213,9 @@ def make_loader(
     collate = CachedCollator(Collator(processors, model.tasks), features.tables, features.rows.get(split, {}))
     workers = default_workers(cfg, uncached)
     common: dict[str, Any] = dict(
-        collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
     batch_size = cfg.data.batch_size if train else cfg.data.eval_batch_size

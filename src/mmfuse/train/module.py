@@ -42,8 +42,14 @@ class MMFuseModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.model, self.weighting, self.balancer = model, weighting, balancer
-        self.hp = dict(lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, scheduler=scheduler,
-                       warmup_steps=warmup_steps, grad_clip=grad_clip)
+        self.hp = dict(
+            lr=lr,
+            encoder_lr=encoder_lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            warmup_steps=warmup_steps,
+            grad_clip=grad_clip,
+        )
         self.seed = seed
         self.metrics = nn.ModuleDict(
             {split: nn.ModuleDict({n: t.metrics() for n, t in model.tasks.items()}) for split in ("val", "test")}
@@ -80,20 +86,22 @@ class MMFuseModule(L.LightningModule):
             losses, self.shared_parameters(), backward=self.manual_backward, extra_loss=extra
         )
         if self.balancer is not None:
-            for k, v in self.balancer.modulate(self.model, out, batch["labels"], batch["masks"], self.current_epoch).items():
+            for k, v in self.balancer.modulate(
+                self.model, out, batch["labels"], batch["masks"], self.current_epoch
+            ).items():
                 self._balance_logs[k].append(float(v))
         if self.hp["grad_clip"]:
             self.clip_gradients(opt, gradient_clip_val=self.hp["grad_clip"], gradient_clip_algorithm="norm")
         opt.step()
         sched.step()
-        w = weights or {}
-        total = sum(w.get(t, 1.0) * l for t, l in losses.items()).detach()
-        for t, l in losses.items():
+        weights = weights or {}
+        total = sum(weights.get(t, 1.0) * loss for t, loss in losses.items()).detach()
+        for t, loss in losses.items():
             if bool(batch["masks"][t].any()):
-                self._epoch_losses[t].append(float(l.detach()))
+                self._epoch_losses[t].append(float(loss.detach()))
         self.log("train/loss", total, prog_bar=True, batch_size=n)
-        self.log_dict({f"train/{t}/loss": l.detach() for t, l in losses.items()}, batch_size=n)
-        self.log_dict({f"train/weight/{t}": float(w) for t, w in (weights or {}).items()}, batch_size=n)
+        self.log_dict({f"train/{t}/loss": loss.detach() for t, loss in losses.items()}, batch_size=n)
+        self.log_dict({f"train/weight/{t}": float(w) for t, w in weights.items()}, batch_size=n)
         return total
 
     def on_train_epoch_start(self) -> None:

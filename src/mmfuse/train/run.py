@@ -22,8 +22,15 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from mmfuse.builders import build_balancer, build_model_from, build_tasks, build_weighting
 from mmfuse.config import ConfigError, RunConfig, dump_config, load_config
 from mmfuse.model import MultiTaskModel
-from mmfuse.train.data import Features, build_features, cached_modalities, check_records, load_splits, make_loader
-from mmfuse.train.data import resolve_classes
+from mmfuse.train.data import (
+    Features,
+    build_features,
+    cached_modalities,
+    check_records,
+    load_splits,
+    make_loader,
+    resolve_classes,
+)
 from mmfuse.train.module import MMFuseModule
 from mmfuse.train.report import write_report
 
@@ -57,18 +64,34 @@ def monitor_of(cfg: RunConfig, model: MultiTaskModel) -> tuple[str, str]:
 def build_trainer(cfg: RunConfig, run_dir: Path, monitor: str | None, mode: str) -> L.Trainer:
     t = cfg.train
     ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True,
-        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_last=True,
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
     )
     callbacks: list[Any] = [ckpt]
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="logs", version="")]
     return L.Trainer(
-        max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-        num_nodes=t.num_nodes, precision=t.precision, deterministic=t.deterministic, callbacks=callbacks,
-        logger=loggers, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=run_dir,
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        callbacks=callbacks,
+        logger=loggers,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=run_dir,
     )
 
 
@@ -77,18 +100,19 @@ class Run:
 
     def __init__(self, cfg: RunConfig, model: MultiTaskModel | None = None):
         self.timings: dict[str, float] = {}
+        self.bad: list[tuple[str, str]] = []
         t0 = time.perf_counter()
-        self.splits = load_splits(cfg)
+        self.splits = load_splits(cfg, self.bad if cfg.data.skip_bad else None)
         self.cfg = resolve_classes(cfg, self.splits)
         self.timings["load_records"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.model = model if model is not None else build_model_from(self.cfg.model, build_tasks(self.cfg.tasks))
         self.timings["build_model"] = time.perf_counter() - t0
-        self.bad: list[tuple[str, str]] = []
 
     def prepare(self) -> Features:
         t0 = time.perf_counter()
-        self.splits, self.bad = check_records(self.cfg, self.model, self.splits)
+        self.splits, bad = check_records(self.cfg, self.model, self.splits)
+        self.bad += bad
         self.timings["validate_records"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         feats = build_features(self.cfg, self.model, self.splits, cached_modalities(self.cfg, self.model))
@@ -98,9 +122,16 @@ class Run:
     def module(self) -> MMFuseModule:
         t = self.cfg.train
         return MMFuseModule(
-            self.model, build_weighting(t.weighting, self.model.tasks), build_balancer(t.balance, self.model),
-            lr=t.lr, encoder_lr=t.encoder_lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
-            warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, seed=self.cfg.seed,
+            self.model,
+            build_weighting(t.weighting, self.model.tasks),
+            build_balancer(t.balance, self.model),
+            lr=t.lr,
+            encoder_lr=t.encoder_lr,
+            weight_decay=t.weight_decay,
+            scheduler=t.scheduler,
+            warmup_steps=t.warmup_steps,
+            grad_clip=t.grad_clip,
+            seed=self.cfg.seed,
         )
 
 
@@ -130,14 +161,21 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     monitor, mode = monitor_of(run.cfg, run.model) if run.splits.get("val") else (None, "min")
     trainer = build_trainer(run.cfg, run_dir, monitor, mode)
     distributed = trainer.world_size > 1
-    loaders = {s: make_loader(run.cfg, run.model, recs, s, feats, distributed) for s, recs in run.splits.items() if recs}
+    loaders = {
+        s: make_loader(run.cfg, run.model, recs, s, feats, distributed) for s, recs in run.splits.items() if recs
+    }
     module = run.module()
     if run.cfg.train.compile:
         run.model.fusion.compile()
         for head in run.model.heads.values():
             head.compile()
     t0 = time.perf_counter()
-    trainer.fit(module, loaders["train"], loaders.get("val"), ckpt_path=str(run_dir / "checkpoints/last.ckpt") if resume else None)
+    trainer.fit(
+        module,
+        loaders["train"],
+        loaders.get("val"),
+        ckpt_path=str(run_dir / "checkpoints/last.ckpt") if resume else None,
+    )
     run.timings["fit"] = time.perf_counter() - t0
     best = trainer.checkpoint_callback.best_model_path or str(run_dir / "checkpoints/last.ckpt")
     module.load_state_dict(_load_state(best, module), strict=True)
@@ -150,10 +188,16 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     run.timings["evaluate"] = time.perf_counter() - t0
     run.timings["total"] = time.perf_counter() - start
     summary = {
-        "run_dir": str(run_dir), "best_checkpoint": best, "monitor": monitor, "epochs": trainer.current_epoch,
-        "records": {s: len(r) for s, r in run.splits.items()}, "bad_records": len(run.bad),
-        "metrics": results, "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
-        "device": str(trainer.strategy.root_device), "world_size": trainer.world_size,
+        "run_dir": str(run_dir),
+        "best_checkpoint": best,
+        "monitor": monitor,
+        "epochs": trainer.current_epoch,
+        "records": {s: len(r) for s, r in run.splits.items()},
+        "bad_records": len(run.bad),
+        "metrics": results,
+        "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
+        "device": str(trainer.strategy.root_device),
+        "world_size": trainer.world_size,
     }
     if trainer.is_global_zero:
         write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2))
@@ -169,7 +213,11 @@ def _load_state(path: str, module: MMFuseModule) -> dict[str, torch.Tensor]:
 
 def evaluate_module(trainer: L.Trainer, module: MMFuseModule, loader: Any, split: str) -> dict[str, dict[str, float]]:
     """Per-task metrics of `module` on one loader: {task: {metric: value}}."""
-    out = trainer.test(module, loader, verbose=False)[0] if split == "test" else trainer.validate(module, loader, verbose=False)[0]
+    out = (
+        trainer.test(module, loader, verbose=False)[0]
+        if split == "test"
+        else trainer.validate(module, loader, verbose=False)[0]
+    )
     table: dict[str, dict[str, float]] = {}
     for key, value in out.items():
         parts = key.split("/")
@@ -209,18 +257,27 @@ def load_run(run_dir: str | Path) -> MultiTaskModel:
     rebuilt = [m for m in model.encoders if f"frozen.{m}" in meta]
     for m in rebuilt:
         if meta[f"frozen.{m}"] != model.encoders[m].cache_key():
-            raise ConfigError(f"{run_dir}/model.safetensors: trained with a different frozen {m} encoder than the config builds")
+            raise ConfigError(
+                f"{run_dir}/model.safetensors: trained with a different frozen {m} encoder than the config builds"
+            )
     state = load_file(str(run_dir / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # size mismatches
+        detail = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err).splitlines()[0])
+        raise ConfigError(f"{run_dir}/model.safetensors does not match config.yaml: {detail}") from None
     missing = [k for k in missing if not k.startswith(tuple(f"encoders.{m}." for m in rebuilt))]
     if missing or unexpected:
         raise ConfigError(
-            f"{run_dir}/model.safetensors does not match config.yaml (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{run_dir}/model.safetensors does not match config.yaml "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return model.eval()
 
 
-def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | None = None) -> dict[str, dict[str, float]]:
+def evaluate(
+    run_dir: str | Path, split: str = "test", overrides: list[str] | None = None
+) -> dict[str, dict[str, float]]:
     """Metrics of a finished run on one split of its own data (or of `--set data.*` overrides)."""
     run_dir = Path(run_dir)
     model = load_run(run_dir)
@@ -231,7 +288,13 @@ def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | No
     run.splits = {split: run.splits[split]}
     feats = run.prepare()
     loader = make_loader(run.cfg, model, run.splits[split], split, feats)
-    trainer = L.Trainer(accelerator=cfg.train.accelerator, devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator=cfg.train.accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     module = run.module()
     return evaluate_module(trainer, module, loader, split if split == "test" else "val")

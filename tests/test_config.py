@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmfuse.builders import build_model
+from mmfuse.config import ConfigError, default_config_path, load_config, parse_config
+from tiny import tiny_model
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+
+
+def base() -> dict:
+    return {"model": tiny_model(), "tasks": {"y": {"kind": "binary"}}}
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_default_config_is_the_packaged_one() -> None:
+    cfg = load_config()
+    assert default_config_path().name == "easy_vqa.yaml" and cfg.data.source == "easy_vqa"
+    assert set(cfg.tasks) == {"answer", "question_type", "shape", "color"}
+
+
+def test_unknown_keys_are_named_with_the_allowed_ones() -> None:
+    msg = error_of({**base(), "trian": {}})
+    assert msg.startswith("trian: unknown key") and "train" in msg
+    msg = error_of({**base(), "train": {"max_epoch": 3}})
+    assert msg.startswith("train.max_epoch: unknown key") and "max_epochs" in msg
+    msg = error_of({**base(), "tasks": {"y": {"kind": "binary", "clases": ["a", "b"]}}})
+    assert msg.startswith("tasks.y.clases: unknown key") and "classes" in msg
+
+
+def test_wrong_types_and_values_are_named() -> None:
+    assert error_of({**base(), "train": {"max_epochs": "many"}}).startswith("train.max_epochs:")
+    assert error_of({**base(), "tasks": {"y": {"kind": "ranking"}}}).startswith("tasks.y.kind:")
+    assert error_of({**base(), "data": {"batch_size": 0}}).startswith("data.batch_size:")
+
+
+def test_component_options_are_checked_against_the_registered_class() -> None:
+    model = tiny_model()
+    model["fusion"]["gate"] = "image"
+    assert error_of({**base(), "model": model}).startswith("model.fusion.gate: unknown option for fusion 'concat'")
+    model = tiny_model(fusion="attention")
+    msg = error_of({**base(), "model": model})
+    assert msg.startswith("model.fusion.name: unknown fusion 'attention'") and "cross_attention" in msg
+    model = tiny_model()
+    model["encoders"]["image"]["image_size"] = "big"
+    assert error_of({**base(), "model": model}).startswith("model.encoders.image.image_size:")
+    msg = error_of({**base(), "train": {"weighting": {"name": "pcgrad", "sed": 1}}})
+    assert msg.startswith("train.weighting.sed: unknown option")
+
+
+def test_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base()))
+    cfg = load_config(path, ["train.max_epochs=3", "model.fusion.output_dim=8", "train.weighting.name=uncertainty"])
+    assert cfg.train.max_epochs == 3 and cfg.model.fusion.options["output_dim"] == 8
+    assert cfg.train.weighting.name == "uncertainty"
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["train.max_epochs"])
+    with pytest.raises(ConfigError, match="train.max_epochs"):
+        load_config(path, ["train.max_epochs=lots"])
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_builds(path: Path) -> None:
+    cfg = load_config(path)
+    classes = {n: ["a", "b", "c"] for n, t in cfg.tasks.items() if t.classes is None and t.kind != "binary"}
+    model = build_model(cfg, classes)
+    assert set(model.heads) == set(cfg.tasks)
+    assert model.fusion.input_dims == {m: e.output_dim for m, e in model.encoders.items()}

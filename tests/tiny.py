@@ -1,0 +1,84 @@
+"""Tiny configs and data shared by the model, config and end-to-end tests (random weights, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+TINY_BERT = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+
+
+def tiny_model(fusion: str = "concat", freeze: bool = True, **fusion_opts: Any) -> dict[str, Any]:
+    return {
+        "encoders": {
+            "image": {"name": "torchvision", "model": "resnet18", "image_size": 32, "freeze": freeze},
+            "text": {"name": "hf_text", "config": TINY_BERT, "max_length": 16, "freeze": freeze},
+        },
+        "fusion": {"name": fusion, "output_dim": 16, **fusion_opts},
+    }
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def write_dataset(root: Path, n: int = 40, seed: int = 0) -> Path:
+    """A tiny records file: coloured squares, a text, a multiclass, a binary, a regression and a multilabel task.
+
+    The colour is in the image; `is_question` is in the text; some labels are missing (masked).
+    """
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    names = list(COLORS)
+    lines = []
+    for i in range(n):
+        color = names[i % 3]
+        arr = np.full((24, 24, 3), COLORS[color], dtype=np.uint8)
+        arr[rng.integers(0, 12) :, : rng.integers(12, 24)] //= 2
+        Image.fromarray(arr).save(root / "images" / f"{i}.png")
+        question = bool(i % 2)
+        rec = {
+            "image": f"images/{i}.png",
+            "text": "is this a square?" if question else "a square of colour",
+            "color": color if i % 7 else None,  # missing label: masked
+            "is_question": int(question),
+            "size": float(rng.normal()),
+            "tags": "bright|square" if i % 3 == 0 else "square",
+        }
+        lines.append(json.dumps(rec))
+    path = root / "records.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_config(records: Path, **train: Any) -> dict[str, Any]:
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "model": tiny_model(),
+        "tasks": {
+            "color": {"kind": "multiclass"},
+            "is_question": {"kind": "binary"},
+            "size": {"kind": "regression"},
+            "tags": {"kind": "multilabel"},
+        },
+        "data": {
+            "source": "records",
+            "path": str(records),
+            "val_fraction": 0.25,
+            "test_fraction": 0.25,
+            "batch_size": 8,
+            "eval_batch_size": 16,
+            "num_workers": 0,
+        },
+        "train": {"max_epochs": 2, "lr": 0.01, "accelerator": "cpu", "progress_bar": False, **train},
+    }

@@ -1,0 +1,250 @@
+"""End to end through the command line, on a few dozen records with tiny random-weight encoders."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from mmfuse.cli import main
+from tiny import run_config, write_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), n=40)
+
+
+def write_cfg(path: Path, records: Path, **train) -> Path:
+    cfg = run_config(records, **train)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = write_cfg(tmp / "cfg.yaml", data)
+    assert main(["train", str(cfg), "--out", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+def test_train_writes_a_complete_run_directory(trained: Path) -> None:
+    for name in (
+        "config.yaml",
+        "model.safetensors",
+        "metrics.json",
+        "report.md",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+        "logs/metrics.csv",
+    ):
+        assert (trained / name).exists(), name
+    summary = json.loads((trained / "metrics.json").read_text())
+    test = summary["metrics"]["test"]
+    assert set(test) == {"color", "is_question", "size", "tags"}
+    assert set(test["color"]) == {"accuracy", "macro_f1"} and set(test["size"]) == {"mae", "rmse"}
+    assert set(test["is_question"]) == {"accuracy", "f1", "auroc"}
+    resolved = yaml.safe_load((trained / "config.yaml").read_text())
+    assert resolved["tasks"]["color"]["classes"] == ["blue", "green", "red"]
+    assert resolved["tasks"]["tags"]["classes"] == ["bright", "square"]
+    assert "| color |" in (trained / "report.md").read_text()
+
+
+def test_evaluate_reproduces_the_test_metrics(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    assert main(["evaluate", str(trained), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    saved = json.loads((trained / "metrics.json").read_text())["metrics"]["test"]
+    for task, metrics in saved.items():
+        for name, value in metrics.items():
+            assert table[task][name] == pytest.approx(value, abs=1e-5), (task, name)
+
+
+def test_predict_one_record_a_file_and_one_modality(trained: Path, data: Path, tmp_path: Path, capsys) -> None:
+    image = data.parent / "images" / "0.png"
+    capsys.readouterr()
+    assert main(["predict", str(trained), "--image", str(image), "--text", "is this a square?"]) == 0
+    out = capsys.readouterr().out
+    assert "color:" in out and "is_question:" in out and "size:" in out
+    assert main(["predict", str(trained), "--text", "is this a square?"]) == 0  # text only
+    assert main(["predict", str(trained), "--image", str(image)]) == 0  # image only
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", str(trained), "--input", str(data), "--output", str(preds)]) == 0
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 40
+    probs = rows[0]["color"]["probabilities"]
+    assert set(probs) == {"blue", "green", "red"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert rows[0]["color"]["label"] == max(probs, key=probs.get)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_continues_to_the_same_result(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmfuse.train.module import MMFuseModule
+
+    cfg = write_cfg(tmp_path / "cfg.yaml", data, max_epochs=3)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "straight")]) == 0
+    original = MMFuseModule.on_train_epoch_start
+
+    def crash_after_first_epoch(self: MMFuseModule) -> None:
+        if self.current_epoch == 1:
+            raise Crash("the machine went down")
+        original(self)
+
+    monkeypatch.setattr(MMFuseModule, "on_train_epoch_start", crash_after_first_epoch)
+    with pytest.raises(Crash):
+        main(["train", str(cfg), "--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(MMFuseModule, "on_train_epoch_start", original)
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a, b = load_file(tmp_path / "straight/model.safetensors"), load_file(tmp_path / "cut/model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-6, key
+
+
+def test_a_finished_run_is_never_overwritten(trained: Path, data: Path, tmp_path: Path, capsys) -> None:
+    before = (trained / "checkpoints/best.ckpt").read_bytes()
+    cfg = write_cfg(tmp_path / "cfg.yaml", data)
+    assert main(["train", str(cfg), "--out", str(trained)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (trained / "checkpoints/best.ckpt").read_bytes() == before
+
+
+def test_cache_gives_the_same_metrics_as_no_cache(tmp_path: Path, data: Path) -> None:
+    cfg = write_cfg(tmp_path / "cfg.yaml", data)
+    results = {}
+    for cache in ("true", "false"):
+        out = tmp_path / f"cache-{cache}"
+        # (length-bucketed batches would change the batch order when text is not cached: same order here)
+        args = ["--set", f"train.cache={cache}", "--set", "data.bucket_by_length=false"]
+        assert main(["train", str(cfg), "--out", str(out), *args]) == 0
+        results[cache] = json.loads((out / "metrics.json").read_text())["metrics"]["test"]
+    for task, metrics in results["true"].items():
+        for name, value in metrics.items():
+            assert results["false"][task][name] == pytest.approx(value, abs=1e-4), (task, name)
+
+
+def test_list_names_every_registry(capsys: pytest.CaptureFixture) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "torchvision",
+        "hf_text",
+        "timm",
+        "film",
+        "gated",
+        "cross_attention",
+        "multilabel",
+        "pcgrad",
+        "ogm_ge",
+    ):
+        assert name in out
+
+
+def test_cache_info_and_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "c" / "x").mkdir(parents=True)
+    (tmp_path / "c" / "x" / "shard.safetensors").write_bytes(b"0" * 1000)
+    assert main(["cache", "info", "--dir", str(tmp_path / "c")]) == 0
+    assert "1 files" in capsys.readouterr().out
+    assert main(["cache", "clear", "--dir", str(tmp_path / "c")]) == 0
+    assert not (tmp_path / "c").exists()
+
+
+def test_help_explains_every_command(capsys: pytest.CaptureFixture) -> None:
+    for cmd in ("train", "evaluate", "predict", "list", "cache", "bench"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "example" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_a_different_config_is_refused(trained: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["model"]["fusion"]["output_dim"] = 24
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["evaluate", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.safetensors" in err and "does not match" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------- bad input
+def bad_copy(data: Path, tmp_path: Path, row: int, change: dict) -> Path:
+    import shutil
+
+    shutil.copytree(data.parent / "images", tmp_path / "images")
+    lines = data.read_text().splitlines()
+    rec = json.loads(lines[row - 1])
+    rec.update(change)
+    for k in [k for k, v in change.items() if v is ...]:
+        del rec[k]
+    lines[row - 1] = json.dumps(rec)
+    path = tmp_path / "records.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:60])
+
+
+CASES = {
+    "missing image file": ({"image": "images/nope.png"}, "not found"),
+    "empty text": ({"text": "   "}, "text"),
+    "non-text text": ({"text": 42}, "text"),
+    "label not in classes": ({"tags": "square|round"}, "'round'"),
+    "NaN regression target": ({"size": "nan"}, "not finite"),
+    "missing required field": ({"image": ...}, "image"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_record_names_file_and_row(case: str, data: Path, tmp_path: Path, capsys) -> None:
+    change, words = CASES[case]
+    records = bad_copy(data, tmp_path, 5, change)
+    cfg = run_config(records)
+    cfg["tasks"]["tags"]["classes"] = ["bright", "square"]  # so an unknown tag is an error, not a new class
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "records.jsonl:5" in err and words in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # with --skip-bad the run goes on, and the report lists the record
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "skip"), "--skip-bad"]) == 0
+    summary = json.loads((tmp_path / "skip" / "metrics.json").read_text())
+    assert summary["bad_records"] == 1
+    assert "records.jsonl:5" in (tmp_path / "skip" / "report.md").read_text()
+
+
+def test_truncated_image_names_file_and_row(data: Path, tmp_path: Path, capsys) -> None:
+    records = bad_copy(data, tmp_path, 3, {})
+    truncate(tmp_path / "images" / "2.png")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(run_config(records)))
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "records.jsonl:3" in err and "2.png" in err
+
+
+def test_unknown_config_key_is_one_line(data: Path, tmp_path: Path, capsys) -> None:
+    cfg = write_cfg(tmp_path / "cfg.yaml", data)
+    assert main(["train", str(cfg), "--set", "train.epochs=3", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmfuse train: error: train.epochs: unknown key") and "max_epochs" in err
+
+
+def test_unreadable_image_at_predict_time(trained: Path, tmp_path: Path, capsys) -> None:
+    import numpy as np
+
+    bad = tmp_path / "bad.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(bad)
+    truncate(bad)
+    assert main(["predict", str(trained), "--image", str(bad), "--text", "hi"]) == 2
+    assert "bad.png" in capsys.readouterr().err
