@@ -248,3 +248,15 @@ def test_unreadable_image_at_predict_time(trained: Path, tmp_path: Path, capsys)
     truncate(bad)
     assert main(["predict", str(trained), "--image", str(bad), "--text", "hi"]) == 2
     assert "bad.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("balance", ["ogm_ge", "modality_dropout"])
+def test_modality_balancing_is_measured_per_epoch(balance: str, data: Path, tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path / "cfg.yaml", data)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--set", f"train.balance={{name: {balance}}}"]) == 0
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    if balance == "ogm_ge":
+        assert set(summary["metrics"]["test"]["unimodal"]) == {"image_accuracy", "text_accuracy"}
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## modality balance per epoch" in report
+    assert ("coef/image" if balance == "ogm_ge" else "drop/image") in report

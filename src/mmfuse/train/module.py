@@ -54,6 +54,16 @@ class MMFuseModule(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {split: nn.ModuleDict({n: t.metrics() for n, t in model.tasks.items()}) for split in ("val", "test")}
         )
+        # Per-modality ("unimodal") accuracy of the balancer's scored task, when a balancer is used.
+        self.unimodal_task = getattr(balancer, "task", None) or getattr(balancer, "probe_task", None)
+        if self.unimodal_task is not None and model.tasks[self.unimodal_task].kind not in ("binary", "multiclass"):
+            self.unimodal_task = None
+        self.unimodal = nn.ModuleDict()
+        if self.unimodal_task is not None:
+            task = model.tasks[self.unimodal_task]
+            self.unimodal = nn.ModuleDict(
+                {f"{split}_{m}": task.metrics()["accuracy"] for split in ("val", "test") for m in model.modalities}
+            )
         self._epoch_losses: dict[str, list[float]] = defaultdict(list)
         self._balance_logs: dict[str, list[float]] = defaultdict(list)
         self._updated: set[tuple[str, str]] = set()
@@ -131,9 +141,28 @@ class MMFuseModule(L.LightningModule):
                 preds, target = task.metric_input(out.logits[name][mask], batch["labels"][name][mask])
                 self.metrics[split][name].update(preds, target)
                 self._updated.add((split, name))
+        if self.unimodal_task is not None:
+            self._update_unimodal(out, batch, split)
+
+    def _update_unimodal(self, out: ModelOutput, batch: dict[str, Any], split: str) -> None:
+        name = self.unimodal_task
+        mask = batch["masks"][name]
+        if not bool(mask.any()):
+            return
+        task = self.model.tasks[name]
+        for m, logits in self.balancer.unimodal_logits(self.model, out, name).items():
+            preds, target = task.metric_input(logits[mask], batch["labels"][name][mask])
+            self.unimodal[f"{split}_{m}"].update(preds, target)
+        self._updated.add((split, "unimodal"))
 
     def _eval_epoch_end(self, split: str) -> None:
         values = {}
+        if (split, "unimodal") in self._updated:
+            for m in self.model.modalities:
+                metric = self.unimodal[f"{split}_{m}"]
+                values[f"{split}/unimodal/{m}_accuracy"] = metric.compute()
+                metric.reset()
+            self._updated.discard((split, "unimodal"))
         for name, coll in self.metrics[split].items():
             if (split, name) not in self._updated:
                 continue  # no labelled sample of this task in this split
@@ -141,7 +170,13 @@ class MMFuseModule(L.LightningModule):
                 values[f"{split}/{name}/{metric}"] = value
             coll.reset()
             self._updated.discard((split, name))
-        self.log_dict(values, prog_bar=split == "val", sync_dist=True)
+        headline = {k: v for k, v in values.items() if k.split("/")[-1] in self._headline_metrics()}
+        self.log_dict({k: v for k, v in values.items() if k not in headline}, sync_dist=True)
+        self.log_dict(headline, prog_bar=split == "val", sync_dist=True)
+
+    def _headline_metrics(self) -> set[str]:
+        """The metrics shown in the progress bar: each task's default one."""
+        return {t.default_metric for t in self.model.tasks.values()}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")

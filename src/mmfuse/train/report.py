@@ -39,6 +39,20 @@ def read_epoch_log(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def balance_table(series: dict[str, list[tuple[int, float]]]) -> list[str]:
+    """Per epoch and modality: unimodal validation accuracy and the balancer's logged values (coefficients...)."""
+    keys = sorted(k for k in series if k.startswith("val/unimodal/") or k.startswith("balance/"))
+    if not keys:
+        return []
+    epochs = sorted({e for k in keys for e, _ in series[k]})
+    short = [k.removeprefix("val/unimodal/").removeprefix("balance/") for k in keys]
+    rows = ["## modality balance per epoch", "", f"| epoch | {' | '.join(short)} |", f"|---|{'---|' * len(keys)}"]
+    for e in epochs:
+        vals = [dict(series[k]).get(e) for k in keys]
+        rows.append(f"| {e} | " + " | ".join("" if v is None else f"{v:.4f}" for v in vals) + " |")
+    return [*rows, ""]
+
+
 def plot_curves(run_dir: Path, series: dict[str, list[tuple[int, float]]]) -> str | None:
     if not series:
         return None
@@ -91,6 +105,7 @@ def write_report(run_dir: Path, cfg: RunConfig, summary: dict[str, Any], bad: li
         plot = None
     if plot:
         lines += ["## curves", "", f"![curves]({plot})", ""]
+    lines += balance_table(read_epoch_log(run_dir))
     if bad:
         lines += [f"## skipped records ({len(bad)})", "", *[f"- {s}: {r}" for s, r in bad[:200]], ""]
         if len(bad) > 200:

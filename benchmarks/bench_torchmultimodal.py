@@ -1,0 +1,140 @@
+"""3. torchmultimodal: TorchMultiModal's `LateFusion` + `ConcatFusionModule` vs mmfuse's concat MultiTaskModel.
+
+Both wrap the very same encoders (copies of the reference model's, with the same weights; for LateFusion
+wrapped to return the pooled tensor), the same concat -> Linear(896, 256) -> Linear(256, 13), and run in
+the same hand-written loop (forward, cross-entropy, backward, AdamW) on the same dynamically padded batches:
+what differs is the model code alone. Inference: forward under `torch.inference_mode()` in eval mode.
+
+Needs `pip install torchmultimodal-nightly iopath --no-deps` (iopath also imports portalocker:
+`pip install portalocker --no-deps`); without them this comparison is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import (
+    BATCH,
+    TASK,
+    Result,
+    Settings,
+    Target,
+    build_reference,
+    collate_batches,
+    fmt,
+    fresh_copy,
+    interleave,
+    loop_runner,
+    round_ratios,
+    side_row,
+    to_device,
+    train_records,
+)
+
+
+class Pooled(nn.Module):
+    """An mmfuse encoder that returns its pooled (B, D) tensor, as LateFusion expects."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.encoder(x).pooled
+
+
+def late_fusion(ref: Any) -> nn.Module:
+    from torchmultimodal.models.late_fusion import LateFusion
+    from torchmultimodal.modules.fusions.concat_fusion import ConcatFusionModule
+
+    enc = fresh_copy(ref.encoders)
+    projection, head = fresh_copy(ref.fusion.fc_out), fresh_copy(ref.heads[TASK].net[-1])
+    encoders = nn.ModuleDict({m: Pooled(e) for m, e in enc.items()})
+    return LateFusion(encoders, ConcatFusionModule(projection), head)
+
+
+def train_step(model: nn.Module, logits_of: Callable, batches: list, device: torch.device) -> Callable[[int], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step(i: int) -> None:
+        model.train()
+        batch = to_device(batches[i % len(batches)], device)
+        loss = F.cross_entropy(logits_of(model, batch["inputs"]), batch["labels"][TASK])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def infer_step(model: nn.Module, logits_of: Callable, batches: list, device: torch.device) -> Callable[[int], None]:
+    def step(i: int) -> None:
+        model.eval()
+        with torch.inference_mode():
+            logits_of(model, to_device(batches[i % len(batches)], device)["inputs"]).argmax(-1)
+
+    return step
+
+
+def run(s: Settings) -> Result:
+    try:
+        import torchmultimodal  # noqa: F401
+        from torchmultimodal.models.late_fusion import LateFusion  # noqa: F401
+    except Exception as err:  # ImportError, or iopath's own missing dependency
+        return Result(
+            "torchmultimodal",
+            skipped=f"cannot import torchmultimodal ({type(err).__name__}: {err}); "
+            "pip install torchmultimodal-nightly iopath portalocker --no-deps",
+        )
+    rounds, warmup, steps = s.rounds(3), s.steps(1), s.steps(6, 2)
+    n = warmup + steps
+    ref = build_reference(freeze=False)
+    batches = collate_batches(ref, train_records(n * BATCH), n)
+    mm = fresh_copy(ref).to(s.device)
+    tmm = late_fusion(ref).to(s.device)
+
+    def mm_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+        return model(inputs).logits[TASK]
+
+    def tmm_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+        return model(inputs)
+
+    train = interleave(
+        {
+            "mmfuse": loop_runner(train_step(mm, mm_logits, batches, s.device), s.device),
+            "torchmultimodal": loop_runner(train_step(tmm, tmm_logits, batches, s.device), s.device),
+        },
+        BATCH,
+        rounds,
+        warmup,
+        steps,
+    )
+    infer = interleave(
+        {
+            "mmfuse": loop_runner(infer_step(mm, mm_logits, batches, s.device), s.device),
+            "torchmultimodal": loop_runner(infer_step(tmm, tmm_logits, batches, s.device), s.device),
+        },
+        BATCH,
+        rounds,
+        warmup,
+        s.steps(8, 3),
+    )
+    res = Result("torchmultimodal")
+    res.targets = []
+    for what, m in (("train step", train), ("inference", infer)):
+        ratio = m["mmfuse"].per_second / m["torchmultimodal"].per_second
+        rr = round_ratios(m["mmfuse"], m["torchmultimodal"])
+        res.rows += [
+            side_row(f"{what}: mmfuse MultiTaskModel (concat)", m["mmfuse"], vs=f"{fmt(ratio)}x torchmultimodal"),
+            side_row(f"{what}: torchmultimodal LateFusion + ConcatFusionModule", m["torchmultimodal"]),
+        ]
+        res.targets.append(
+            Target(f"torchmultimodal: mmfuse {what} at least as fast", ratio, 1.0, ratio >= 1.0, (min(rr), max(rr)))
+        )
+        res.info[what] = {k: v.times for k, v in m.items()}
+    return res
