@@ -435,6 +435,7 @@ def mmfuse_trainer(cfg: Any, run_dir: Path, callbacks: list[Any], max_steps: int
     determinism) plus our clocks, optionally stopped after `max_steps`."""
     from mmfuse.train.run import build_trainer
 
+    quiet()  # again: importing Lightning resets its loggers' levels
     trainer = build_trainer(cfg, run_dir, None, "min")
     trainer.callbacks[:0] = callbacks  # before ModelCheckpoint, which Lightning runs last anyway
     if max_steps > 0:

@@ -22,7 +22,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mmfuse.builders import build_tasks
 from mmfuse.config import ConfigError, RunConfig, load_config, parse_config
@@ -148,18 +148,26 @@ def _delta(mt: dict[str, float], st: dict[str, float], hib: dict[str, bool]) -> 
         return float("nan")
 
 
-def _plan(
-    base: RunConfig, weightings: list[str], seeds: list[int], out_dir: Path
-) -> list[tuple[str, str | None, int, RunConfig, Path]]:
-    """Every run of the bench as (model, task or None, seed, config, run dir); configs validated up front."""
-    jobs: list[tuple[str, str | None, int, RunConfig, Path]] = []
+class Job(NamedTuple):
+    """One run of the bench: a single-task model (`task` set) or a multi-task one (`task` None)."""
+
+    model: str  # SINGLE or the weighting's name
+    task: str | None
+    seed: int
+    cfg: RunConfig
+    run_dir: Path
+
+
+def _plan(base: RunConfig, weightings: list[str], seeds: list[int], out_dir: Path) -> list[Job]:
+    """Every run of the bench, configs validated up front (before anything is trained)."""
+    jobs: list[Job] = []
     for seed in seeds:
-        for task in base.tasks:
+        for t in base.tasks:
             jobs.append(
-                (SINGLE, task, seed, single_task_config(base, task, seed), out_dir / f"single-{task}" / f"seed{seed}")
+                Job(SINGLE, t, seed, single_task_config(base, t, seed), out_dir / f"single-{t}" / f"seed{seed}")
             )
         for w in weightings:
-            jobs.append((w, None, seed, multi_task_config(base, w, seed), out_dir / w / f"seed{seed}"))
+            jobs.append(Job(w, None, seed, multi_task_config(base, w, seed), out_dir / w / f"seed{seed}"))
     return jobs
 
 
@@ -188,13 +196,13 @@ def run_mtl_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = _plan(base, names, seeds, out_dir)
     runs: dict[tuple[str, str | None, int], dict[str, Any]] = {}
-    for i, (model, task, seed, cfg, run_dir) in enumerate(jobs, 1):
-        label = f"single-task model of {task}" if task else f"multi-task model, {model} weighting"
-        log.info("bench [%d/%d] seed %d: %s -> %s", i, len(jobs), seed, label, run_dir)
-        summary = train_or_reuse(cfg, run_dir)
+    for i, job in enumerate(jobs, 1):
+        label = f"single-task model of {job.task}" if job.task else f"multi-task model, {job.model} weighting"
+        log.info("bench [%d/%d] seed %d: %s -> %s", i, len(jobs), job.seed, label, job.run_dir)
+        summary = train_or_reuse(job.cfg, job.run_dir)
         split, table = _scores(summary)
-        runs[(model, task, seed)] = {
-            "run_dir": str(run_dir),
+        runs[(job.model, job.task, job.seed)] = {
+            "run_dir": str(job.run_dir),
             "split": split,
             "metrics": table,
             "wall_s": summary["timings_s"]["total"],

@@ -13,12 +13,14 @@ with `offsets` (N + 1,) (padding is not stored; batches are re-padded to their l
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -55,27 +57,61 @@ def encoder_key(encoder: Encoder, tokens: bool) -> str:
 
 
 class FeatureTable:
-    """Features of distinct inputs, in memory: row i is one input. Gathers padded batches."""
+    """Features of distinct inputs: row i is one input. Gathers padded batches.
 
-    def __init__(self, pooled: torch.Tensor, tokens: torch.Tensor | None, offsets: torch.Tensor | None) -> None:
-        self.pooled, self.tokens, self.offsets = pooled, tokens, offsets
+    The shards are memory-mapped safetensors files, so a table larger than memory still works: a
+    batch reads only its own rows from disk (through the page cache).
+
+    Args:
+        shards: per shard {"pooled": (N_s, D), and "tokens": (sum T, D), "offsets": (N_s + 1,) when kept}.
+        loc: (N, 2) long, the (shard, row) of each distinct input.
+    """
+
+    def __init__(self, shards: list[dict[str, torch.Tensor]], loc: torch.Tensor) -> None:
+        self.shards, self.loc = shards, loc
+        self.has_tokens = bool(shards) and "tokens" in shards[0]
 
     def __len__(self) -> int:
-        return self.pooled.shape[0]
+        return self.loc.shape[0]
 
     def gather(self, rows: torch.Tensor) -> EncoderOutput:
         """rows: (B,) long -> EncoderOutput with tokens re-padded to the longest item of the batch."""
-        pooled = self.pooled[rows]  # (B, D)
-        if self.tokens is None:
+        loc = self.loc[rows]  # (B, 2)
+        parts = []
+        for shard_no in loc[:, 0].unique().tolist():
+            sel = (loc[:, 0] == shard_no).nonzero().squeeze(1)
+            parts.append((sel, self._from_shard(self.shards[shard_no], loc[sel, 1])))
+        if len(parts) == 1:
+            return parts[0][1]
+        return _merge(parts, len(rows))
+
+    def _from_shard(self, shard: dict[str, torch.Tensor], rows: torch.Tensor) -> EncoderOutput:
+        pooled = shard["pooled"][rows]  # (B, D)
+        if not self.has_tokens:
             return EncoderOutput(pooled)
-        starts, ends = self.offsets[rows], self.offsets[rows + 1]
-        lengths = ends - starts
-        t_max = int(lengths.max())
-        pos = torch.arange(t_max)
+        offsets, tokens = shard["offsets"], shard["tokens"]
+        starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+        pos = torch.arange(int(lengths.max()))
         mask = pos.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
-        idx = (starts.unsqueeze(1) + pos.unsqueeze(0)).clamp(max=self.tokens.shape[0] - 1)
-        tokens = self.tokens[idx] * mask.unsqueeze(-1).to(self.tokens.dtype)  # (B, T, D)
-        return EncoderOutput(pooled, tokens, mask)
+        idx = (starts.unsqueeze(1) + pos.unsqueeze(0)).clamp(max=tokens.shape[0] - 1)
+        return EncoderOutput(pooled, tokens[idx] * mask.unsqueeze(-1).to(tokens.dtype), mask)  # (B, T, D)
+
+
+def _merge(parts: list[tuple[torch.Tensor, EncoderOutput]], n: int) -> EncoderOutput:
+    """Put per-shard pieces of a batch back in batch order, padding tokens to the longest."""
+    first = parts[0][1]
+    pooled = first.pooled.new_empty(n, first.pooled.shape[1])
+    for sel, out in parts:
+        pooled[sel] = out.pooled
+    if first.tokens is None:
+        return EncoderOutput(pooled)
+    t_max = max(out.tokens.shape[1] for _, out in parts)
+    tokens = first.tokens.new_zeros(n, t_max, first.tokens.shape[2])
+    mask = torch.zeros(n, t_max, dtype=torch.bool)
+    for sel, out in parts:
+        t = out.tokens.shape[1]
+        tokens[sel, :t], mask[sel, :t] = out.tokens, out.mask
+    return EncoderOutput(pooled, tokens, mask)
 
 
 class FeatureCache:
@@ -92,19 +128,35 @@ class FeatureCache:
         self.encoder, self.modality, self.keep_tokens = encoder, modality, tokens
         self.dir = Path(root or default_cache_dir()) / encoder_key(encoder, tokens)
         self.index: dict[str, list[int]] = {}
+        self._read_index()
+
+    def _read_index(self) -> None:
         index_file = self.dir / "index.json"
         if index_file.exists():
             self.index = json.loads(index_file.read_text())
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def build(self, raws: Sequence[str], batch_size: int = 32) -> tuple[FeatureTable, torch.Tensor]:
         """Encode what is missing, then return the table of distinct inputs and each raw's row (N,)."""
         hash_of = {r: content_hash(self.modality, r) for r in dict.fromkeys(raws)}  # each distinct input once
         hashes = [hash_of[r] for r in raws]
         distinct = list(dict.fromkeys(hashes))
-        missing = {h: r for h, r in zip(hashes, raws) if h not in self.index}
-        if missing:
-            log.info("feature cache %s: encoding %d new %s inputs", self.dir, len(missing), self.modality)
-            self._encode_and_store(list(missing.items()), batch_size)
+        if any(h not in self.index for h in distinct):
+            with self._lock():  # another process (a DDP rank, a second run) may be filling the same cache
+                self._read_index()
+                missing = {h: r for h, r in zip(hashes, raws) if h not in self.index}
+                if missing:
+                    log.info("feature cache %s: encoding %d new %s inputs", self.dir, len(missing), self.modality)
+                    self._encode_and_store(list(missing.items()), batch_size)
         table = self._load([self.index[h] for h in distinct])
         row_of = {h: i for i, h in enumerate(distinct)}
         return table, torch.tensor([row_of[h] for h in hashes], dtype=torch.long)
@@ -113,7 +165,7 @@ class FeatureCache:
     def _encode_and_store(self, items: list[tuple[str, str]], batch_size: int) -> None:
         enc = self.encoder.eval()
         device = next((p.device for p in enc.parameters()), torch.device("cpu"))
-        shard_no = len({s for s, _ in self.index.values()})
+        shard_no = max((s for s, _ in self.index.values()), default=-1) + 1
         for start in range(0, len(items), SHARD_ITEMS):
             chunk = items[start : start + SHARD_ITEMS]
             pooled, toks, lengths = [], [], []
@@ -155,20 +207,12 @@ class FeatureCache:
         os.replace(tmp_index, self.dir / "index.json")
 
     def _load(self, locations: list[list[int]]) -> FeatureTable:
-        shards: dict[int, dict[str, torch.Tensor]] = {}
-        pooled, toks, lengths = [], [], []
-        for shard_no, row in locations:
-            if shard_no not in shards:
-                shards[shard_no] = load_file(str(self.dir / f"shard_{shard_no:05d}.safetensors"))
-            s = shards[shard_no]
-            pooled.append(s["pooled"][row])
-            if self.keep_tokens:
-                a, b = int(s["offsets"][row]), int(s["offsets"][row + 1])
-                toks.append(s["tokens"][a:b])
-                lengths.append(b - a)
-        if not self.keep_tokens:
-            return FeatureTable(torch.stack(pooled), None, None)
-        return FeatureTable(torch.stack(pooled), torch.cat(toks), torch.tensor([0, *lengths]).cumsum(0))
+        used = sorted({shard for shard, _ in locations})
+        position = {shard: i for i, shard in enumerate(used)}
+        # load_file memory-maps the file: nothing is read until rows are gathered.
+        shards = [load_file(str(self.dir / f"shard_{shard:05d}.safetensors")) for shard in used]
+        loc = torch.tensor([[position[shard], row] for shard, row in locations], dtype=torch.long)
+        return FeatureTable(shards, loc.reshape(-1, 2))
 
 
 def cache_size(root: str | Path | None = None) -> tuple[int, int]:
