@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,5 +81,12 @@ def run_config(records: Path, **train: Any) -> dict[str, Any]:
             "eval_batch_size": 16,
             "num_workers": 0,
         },
-        "train": {"max_epochs": 2, "lr": 0.01, "accelerator": "cpu", "progress_bar": False, **train},
+        # MMFUSE_TEST_ACCELERATOR=gpu runs the end-to-end tests on a GPU machine.
+        "train": {
+            "max_epochs": 2,
+            "lr": 0.01,
+            "accelerator": os.environ.get("MMFUSE_TEST_ACCELERATOR", "cpu"),
+            "progress_bar": False,
+            **train,
+        },
     }

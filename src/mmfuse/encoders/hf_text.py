@@ -49,7 +49,7 @@ def _build_model(directory: Path | None, config: dict[str, Any] | None) -> torch
     from transformers import AutoConfig, AutoModel
 
     if config is None:
-        return AutoModel.from_pretrained(directory, local_files_only=True)
+        return AutoModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
     kwargs = dict(config)
     if "model_type" not in kwargs:
         raise ValueError("hf_text config needs a `model_type` key, e.g. {'model_type': 'bert', 'hidden_size': 32}")
