@@ -132,25 +132,33 @@ def data_sizes(s: Settings) -> list[dict[str, Any]]:
 
 def cross_attention(s: Settings) -> dict[int, Any]:
     """Step time of the cross-attention model on cached features with T text tokens per sample."""
-    from mmfuse.data.cache import FeatureTable
-
     fusion = {"name": "cross_attention", "output_dim": 256, "direction": "image_to_text", "num_heads": 4}
     model = build_reference(freeze=True, fusion=fusion).to(s.device)
     model.train()
     g = torch.Generator().manual_seed(0)
     n_img, n_txt = 1024, 512
-    image = FeatureTable(torch.randn(n_img, 512, generator=g), None, None)
+    image = table({"pooled": torch.randn(n_img, 512, generator=g)})
     runners = {}
     for t in LENGTHS:
-        text = FeatureTable(
-            torch.randn(n_txt, 384, generator=g),
-            torch.randn(n_txt * t, 384, generator=g),
-            torch.arange(0, (n_txt + 1) * t, t),
+        text = table(
+            {
+                "pooled": torch.randn(n_txt, 384, generator=g),
+                "tokens": torch.randn(n_txt * t, 384, generator=g),
+                "offsets": torch.arange(0, (n_txt + 1) * t, t),
+            }
         )
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         runners[t] = loop_runner(_ca_step(model, opt, image, text, s.device), s.device)
     m = interleave(runners, BATCH, s.rounds(3), 2, s.steps(20, 5))
     return m
+
+
+def table(shard: dict[str, torch.Tensor]) -> Any:
+    """A one-shard FeatureTable (the layout FeatureCache loads from disk) over synthetic features."""
+    from mmfuse.data.cache import FeatureTable
+
+    n = shard["pooled"].shape[0]
+    return FeatureTable([shard], torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n)], dim=1))
 
 
 def _ca_step(model: Any, opt: Any, image: Any, text: Any, device: torch.device) -> Any:

@@ -12,7 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torchvision.transforms import v2
+
+from mmfuse.assets import file_sha256, module_sha256
+from mmfuse.encoders.base import Encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,3 +88,44 @@ def flatten_feature_map(fmap: torch.Tensor) -> torch.Tensor:
     if fmap.ndim == 3:
         return fmap
     return fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+
+class ImageEncoder(Encoder):
+    """What the image encoders share: preprocessing, batching, weights identity and cache key.
+
+    Subclasses set `net`, `model_name`, `weights` (None for random init, else a file path or a
+    torchvision weights name), `processor` (an ImagePreprocessor), `tokens` and `augment`.
+    """
+
+    modality = "image"
+    net: nn.Module
+    model_name: str
+    weights: str | None
+    processor: ImagePreprocessor
+    tokens: bool
+
+    def preprocess(self, raw: Any, train: bool = False) -> torch.Tensor:
+        """One PIL image (or path, or uint8 array) -> (3, S, S)."""
+        return self.processor(raw, train=train)
+
+    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """(3, S, S) images -> (B, 3, S, S)."""
+        return stack_images(items)
+
+    def weights_identity(self) -> str:
+        if self._weights_id is None:
+            if self.weights is None:
+                self._weights_id = "random:" + module_sha256(self.net)
+            else:
+                self._weights_id = "sha256:" + file_sha256(self.weights)
+        return self._weights_id
+
+    def cache_key(self) -> str:
+        """Class, model, weights identity (file content hash), preprocessing and the tokens flag.
+
+        The key describes the weights as built; cache only frozen encoders' features.
+        """
+        return (
+            f"{type(self).__name__}:model={self.model_name}:weights={self.weights_identity()}:"
+            f"{self.processor.describe()}:tokens={self.tokens}"
+        )

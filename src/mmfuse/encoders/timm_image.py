@@ -11,16 +11,15 @@ weights expect inputs normalised with mean = std = 0.5, which is timm's pretrain
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import timm
 import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from mmfuse.assets import efficientnet_lite0_file, file_sha256, load_state_dict_file, looks_like_path, module_sha256
-from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
-from mmfuse.encoders.image_common import ImagePreprocessor, flatten_feature_map, stack_images
+from mmfuse.assets import efficientnet_lite0_file, load_state_dict_file, looks_like_path
+from mmfuse.encoders.base import ENCODERS, EncoderOutput
+from mmfuse.encoders.image_common import ImageEncoder, ImagePreprocessor, flatten_feature_map
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def _resolve_weights(model: str, weights: str | None) -> str | None:
 
 
 @ENCODERS.register("timm")
-class TimmImageEncoder(Encoder):
+class TimmImageEncoder(ImageEncoder):
     """Any timm model as an image encoder; by default the packaged ImageNet EfficientNet-Lite0 (1280-d).
 
     Args:
@@ -109,8 +108,6 @@ class TimmImageEncoder(Encoder):
         tokens: also return tokens: the flattened `forward_features` map (B, h*w, D).
         augment: random resized crop + horizontal flip in `preprocess(raw, train=True)`.
     """
-
-    modality = "image"
 
     def __init__(
         self,
@@ -138,35 +135,9 @@ class TimmImageEncoder(Encoder):
         self.net.to(memory_format=torch.channels_last)
         self.finish_init()
 
-    def preprocess(self, raw: Any, train: bool = False) -> torch.Tensor:
-        """One PIL image (or path, or uint8 array) -> (3, S, S)."""
-        return self.processor(raw, train=train)
-
-    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
-        """(3, S, S) images -> (B, 3, S, S)."""
-        return stack_images(items)
-
     def forward(self, inputs: torch.Tensor) -> EncoderOutput:
         """(B, 3, S, S) normalised images -> pooled (B, D) and, with `tokens`, (B, T, D)."""
         inputs = inputs.contiguous(memory_format=torch.channels_last)  # 2-4x faster convolutions on CPU
         features = self.net.forward_features(inputs)  # (B, D, h, w), or (B, T, D) for transformers
         pooled = self.net.forward_head(features, pre_logits=True)  # (B, D)
         return EncoderOutput(pooled=pooled, tokens=flatten_feature_map(features) if self.tokens else None)
-
-    def weights_identity(self) -> str:
-        if self._weights_id is None:
-            if self.weights is None:
-                self._weights_id = "random:" + module_sha256(self.net)
-            else:
-                self._weights_id = "sha256:" + file_sha256(self.weights)
-        return self._weights_id
-
-    def cache_key(self) -> str:
-        """Class, model, weights identity (file content hash), preprocessing and the tokens flag.
-
-        The key describes the weights as built; cache only frozen encoders' features.
-        """
-        return (
-            f"{type(self).__name__}:model={self.model_name}:weights={self.weights_identity()}:"
-            f"{self.processor.describe()}:tokens={self.tokens}"
-        )

@@ -6,15 +6,14 @@ Shapes: B batch, S image side, D feature size (e.g. 2048 for ResNet-50), T = h*w
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
-from mmfuse.assets import file_sha256, load_state_dict_file, looks_like_path, module_sha256
-from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
-from mmfuse.encoders.image_common import ImagePreprocessor, flatten_feature_map, stack_images
+from mmfuse.assets import load_state_dict_file, looks_like_path
+from mmfuse.encoders.base import ENCODERS, EncoderOutput
+from mmfuse.encoders.image_common import ImageEncoder, ImagePreprocessor, flatten_feature_map
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def load_weights_file(net: nn.Module, path: str, head_prefix: str) -> None:
 
 
 @ENCODERS.register("torchvision")
-class TorchvisionImageEncoder(Encoder):
+class TorchvisionImageEncoder(ImageEncoder):
     """Any torchvision classification model (ResNet, EfficientNet, ConvNeXt, ViT, ...) as an image encoder.
 
     Args:
@@ -92,8 +91,6 @@ class TorchvisionImageEncoder(Encoder):
         tokens: also return spatial tokens, the flattened last feature map (the input of `avgpool`).
         augment: random resized crop + horizontal flip in `preprocess(raw, train=True)`.
     """
-
-    modality = "image"
 
     def __init__(
         self,
@@ -142,14 +139,6 @@ class TorchvisionImageEncoder(Encoder):
     def _capture(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self._fmap = args[0]  # (B, C, h, w)
 
-    def preprocess(self, raw: Any, train: bool = False) -> torch.Tensor:
-        """One PIL image (or path, or uint8 array) -> (3, S, S)."""
-        return self.processor(raw, train=train)
-
-    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
-        """(3, S, S) images -> (B, 3, S, S)."""
-        return stack_images(items)
-
     def forward(self, inputs: torch.Tensor) -> EncoderOutput:
         """(B, 3, S, S) normalised images -> pooled (B, D) and, with `tokens`, (B, h*w, D)."""
         inputs = inputs.contiguous(memory_format=torch.channels_last)  # 2-4x faster convolutions on CPU
@@ -160,21 +149,3 @@ class TorchvisionImageEncoder(Encoder):
             return EncoderOutput(pooled=pooled)
         fmap, self._fmap = self._fmap, None
         return EncoderOutput(pooled=pooled, tokens=flatten_feature_map(fmap))
-
-    def weights_identity(self) -> str:
-        if self._weights_id is None:
-            if self.weights is None:
-                self._weights_id = "random:" + module_sha256(self.net)
-            else:
-                self._weights_id = "sha256:" + file_sha256(self.weights)
-        return self._weights_id
-
-    def cache_key(self) -> str:
-        """Class, model, weights identity (file content hash), preprocessing and the tokens flag.
-
-        The key describes the weights as built; cache only frozen encoders' features.
-        """
-        return (
-            f"{type(self).__name__}:model={self.model_name}:weights={self.weights_identity()}:"
-            f"{self.processor.describe()}:tokens={self.tokens}"
-        )
