@@ -287,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if args.command in ("train", "evaluate", "predict", "bench"):
+            import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: override them after)
+
+            for name in ("lightning.pytorch", "lightning.fabric"):
+                logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from mmfuse.config import ConfigError

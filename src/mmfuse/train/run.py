@@ -223,7 +223,8 @@ def evaluate_module(trainer: L.Trainer, module: MMFuseModule, loader: Any, split
         parts = key.split("/")
         if len(parts) == 3:
             table.setdefault(parts[1], {})[parts[2]] = float(value)
-    return table
+    order = [*module.model.tasks, *sorted(set(table) - set(module.model.tasks))]  # the config's task order
+    return {name: dict(sorted(table[name].items())) for name in order if name in table}
 
 
 def export_weights(model: MultiTaskModel, path: Path) -> None:
