@@ -32,6 +32,7 @@ from common import (
     loop_runner,
     mmfuse_module,
     model_config,
+    reference,
     to_device,
     train_records,
 )
@@ -85,13 +86,21 @@ def run(s: Settings) -> Result:
     ]
     res = Result("ceiling")
     res.rows = [
-        Row(f"matmul {size}x{size} fp32", peak / 1e9, "GFLOP/s", "", f"best {max(mm_rates) / 1e9:.0f}"),
+        Row(
+            f"matmul {size}x{size} fp32",
+            peak / 1e9,
+            "GFLOP/s",
+            "",
+            f"best {max(mm_rates) / 1e9:.0f}",
+            reference("matmul GFLOP/s", s.device),
+        ),
         Row(
             "mmfuse fine-tuning step",
             achieved / 1e9,
             "GFLOP/s",
             f"{frac:.0%} of matmul",
             f"{statistics.mean(flops) / 1e9:.1f} GFLOP/step (fwd+bwd), {BATCH / m['mmfuse'].median:.1f} samples/s",
+            reference("finetune GFLOP/s", s.device),
         ),
     ]
     res.targets = [

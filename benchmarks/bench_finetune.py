@@ -6,8 +6,9 @@
 - notebook: the common notebook loop: plain torchvision + Hugging Face modules, text padded to 128, Adam.
 
 All three get the same pre-collated batches (mmfuse's collator; the notebook's text re-tokenised to 128), so
-the step is compared, not the data pipeline. A fourth, informational side runs mmfuse end to end: its
-own `make_loader` (length bucketing, 2 worker processes that share the same 2 cores) feeding the Trainer.
+the step is compared, not the data pipeline. Informational sides: mmfuse with `train.grad_clip: null`, the
+minimal loop with `AdamW(fused=True)` (what the optimiser could cost), and mmfuse end to end with its own
+`make_loader` (length bucketing, 2 worker processes that share the same 2 cores) feeding the Trainer.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from common import (
     notebook_model,
     notebook_step,
     pad_to_max,
+    reference,
     round_ratios,
     side_row,
     tokens_per_batch,
@@ -48,24 +50,30 @@ def run(s: Settings) -> Result:
     rounds, warmup, steps = s.rounds(4), s.steps(2, 1), s.steps(5, 2)
     n = warmup + steps
     cfg = parse_config(model_config(False, device=s.device))
+    no_clip = parse_config(model_config(False, device=s.device, train={"grad_clip": None}))
     ref = build_reference(freeze=False)
     records = train_records(n * BATCH)
     dyn = collate_batches(ref, records, n)
     pad = pad_to_max(dyn, records, ref.encoders["text"].tokenizer)
     apply_trainer_flags(cfg, s.workdir)
 
-    mm_model, e2e_model = fresh_copy(ref), fresh_copy(ref)
+    mm_model, nc_model, e2e_model = fresh_copy(ref), fresh_copy(ref), fresh_copy(ref)
     e2e_records = train_records(4 * n * BATCH)
 
     def e2e_loader(k: int) -> object:
         return make_loader(cfg, e2e_model, e2e_records, "train", Features())
 
+    def batches(k: int) -> object:
+        return list_loader(dyn[:k])
+
     runners = {
-        "mmfuse": lightning_runner(
-            lambda: mmfuse_module(mm_model, cfg), cfg, lambda k: list_loader(dyn[:k]), s.workdir / "mm", s.device
-        ),
+        "mmfuse": lightning_runner(lambda: mmfuse_module(mm_model, cfg), cfg, batches, s.workdir / "mm", s.device),
         "minimal": loop_runner(minimal_step(fresh_copy(ref).to(s.device), dyn, s.device), s.device),
         "notebook": loop_runner(notebook_step(notebook_model(ref).to(s.device), pad, s.device, False), s.device),
+        "mmfuse no clip": lightning_runner(
+            lambda: mmfuse_module(nc_model, no_clip), no_clip, batches, s.workdir / "nc", s.device
+        ),
+        "minimal fused": loop_runner(minimal_step(fresh_copy(ref).to(s.device), dyn, s.device, fused=True), s.device),
         "mmfuse e2e": lightning_runner(
             lambda: mmfuse_module(e2e_model, cfg), cfg, e2e_loader, s.workdir / "e2e", s.device
         ),
@@ -74,20 +82,38 @@ def run(s: Settings) -> Result:
     mm, mini, nb = m["mmfuse"], m["minimal"], m["notebook"]
     vs_min = mm.per_second / mini.per_second
     vs_nb = mm.per_second / nb.per_second
+    t_dyn, t_pad = f"T={tokens_per_batch(dyn):.1f}", f"T={tokens_per_batch(pad):.0f}"
     res = Result("finetune")
     res.rows = [
         side_row(
-            "mmfuse: MMFuseModule.training_step via its Trainer",
+            "mmfuse: MMFuseModule.training_step via its Trainer (defaults: grad clip 1.0)",
             mm,
-            f"T={tokens_per_batch(dyn):.1f}",
+            t_dyn,
             f"{fmt(vs_min)}x minimal, {fmt(vs_nb)}x notebook",
         ),
-        side_row("minimal loop, same MultiTaskModel, dynamic padding, AdamW", mini, f"T={tokens_per_batch(dyn):.1f}"),
-        side_row("notebook loop, pad 128, Adam", nb, f"T={tokens_per_batch(pad):.0f}"),
         side_row(
-            "mmfuse end to end: make_loader (2 workers) + Trainer",
+            "minimal loop, same MultiTaskModel, dynamic padding, AdamW",
+            mini,
+            t_dyn,
+            ref=reference("finetune dynamic", s.device),
+        ),
+        side_row("notebook loop, pad 128, Adam", nb, t_pad, ref=reference("finetune notebook pad 128", s.device)),
+        side_row(
+            "info: mmfuse with train.grad_clip=null",
+            m["mmfuse no clip"],
+            t_dyn,
+            f"{fmt(m['mmfuse no clip'].per_second / mini.per_second)}x minimal",
+        ),
+        side_row(
+            "info: minimal loop with AdamW(fused=True)",
+            m["minimal fused"],
+            t_dyn,
+            f"{fmt(m['minimal fused'].per_second / mini.per_second)}x minimal",
+        ),
+        side_row(
+            "info: mmfuse end to end: make_loader (2 workers) + Trainer",
             m["mmfuse e2e"],
-            "info: includes data loading",
+            "data loading included",
             f"{fmt(m['mmfuse e2e'].per_second / mini.per_second)}x minimal",
         ),
     ]

@@ -33,6 +33,7 @@ from common import (
     notebook_model,
     notebook_step,
     pad_to_max,
+    reference,
     side_row,
     tokens_per_batch,
 )
@@ -94,13 +95,17 @@ def run(s: Settings) -> Result:
             f"{len(records)} records/epoch, {statistics.median(epoch_s):.2f} s/epoch over {len(epoch_s)} epochs",
         ),
         side_row(
-            "notebook: frozen encoders re-run, pad 128", nb_m["notebook pad 128"], f"T={tokens_per_batch(pad):.0f}"
+            "notebook: frozen encoders re-run, pad 128",
+            nb_m["notebook pad 128"],
+            f"T={tokens_per_batch(pad):.0f}",
+            ref=reference("frozen notebook pad 128", s.device),
         ),
         side_row(
             "notebook: frozen encoders re-run, dynamic padding",
             nb_m["notebook dynamic"],
             f"T={tokens_per_batch(dyn):.1f}",
             f"{fmt(mm_sps / nb_m['notebook dynamic'].per_second)}x below mmfuse",
+            ref=reference("frozen notebook dynamic", s.device),
         ),
         Row("mmfuse one-off feature extraction", extract_s, "s", "", f"{len(records)} records, before epoch 1"),
     ]

@@ -12,7 +12,6 @@ The CLI's wall time (a new process: imports and model load included) is reported
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -143,7 +142,7 @@ def _all(step: Any, n_batches: int) -> Any:
 
 
 def cli_rows(run_dir: Path, batch_file: Path, record: Any, s: Settings) -> list[Row]:
-    exe = shutil.which("mmfuse") or str(Path(sys.executable).parent / "mmfuse")
+    exe = [sys.executable, "-m", "mmfuse.cli"]  # what the `mmfuse` entry point runs, found on any PYTHONPATH
     rows = []
     for what, args in (
         ("one record", ["--image", record.image, "--text", record.text]),
@@ -153,7 +152,7 @@ def cli_rows(run_dir: Path, batch_file: Path, record: Any, s: Settings) -> list[
         ),
     ):
         t0 = time.perf_counter()
-        proc = subprocess.run([exe, "predict", str(run_dir), *args], capture_output=True, text=True)
+        proc = subprocess.run([*exe, "predict", str(run_dir), *args], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         note = (
             "new process: imports + model load + predict" if proc.returncode == 0 else f"failed: {proc.stderr[-200:]}"

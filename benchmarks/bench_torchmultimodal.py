@@ -30,6 +30,7 @@ from common import (
     fresh_copy,
     interleave,
     loop_runner,
+    reference,
     round_ratios,
     side_row,
     to_device,
@@ -131,7 +132,11 @@ def run(s: Settings) -> Result:
         rr = round_ratios(m["mmfuse"], m["torchmultimodal"])
         res.rows += [
             side_row(f"{what}: mmfuse MultiTaskModel (concat)", m["mmfuse"], vs=f"{fmt(ratio)}x torchmultimodal"),
-            side_row(f"{what}: torchmultimodal LateFusion + ConcatFusionModule", m["torchmultimodal"]),
+            side_row(
+                f"{what}: torchmultimodal LateFusion + ConcatFusionModule",
+                m["torchmultimodal"],
+                ref=reference("torchmultimodal dynamic", s.device) if what == "train step" else None,
+            ),
         ]
         res.targets.append(
             Target(f"torchmultimodal: mmfuse {what} at least as fast", ratio, 1.0, ratio >= 1.0, (min(rr), max(rr)))

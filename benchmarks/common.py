@@ -151,6 +151,9 @@ def interleave(
             times[name].append(runners[name](warmup, steps))
             cpu[name] += cpu_seconds() - c0
             wall[name] += time.perf_counter() - w0
+            print(
+                f"  round {r + 1}/{rounds} {name}: {1000 * statistics.median(times[name][-1]):.1f} ms/step", flush=True
+            )
     return {n: Measurement(times[n], samples, cpu[n] / max(wall[n] * THREADS, 1e-9)) for n in names}
 
 
@@ -167,6 +170,25 @@ class Row:
     unit: str
     vs: str = ""  # e.g. "134x notebook"
     note: str = ""
+    reference: float | None = None  # the figure measured earlier on this machine's CPU (REFERENCE), if any
+
+
+# Figures measured earlier on the 2-core CPU machine (2 threads, batch 32, resnet18 at 64x64 + MiniLM, concat head):
+# the suite should reproduce them, on an idle machine, before its ratios are believed.
+REFERENCE = {
+    "finetune notebook pad 128": 16.9,
+    "finetune dynamic": 92.6,
+    "torchmultimodal dynamic": 87.9,
+    "frozen notebook pad 128": 56.0,
+    "frozen notebook dynamic": 322.0,
+    "matmul GFLOP/s": 219.0,
+    "finetune GFLOP/s": 155.0,
+}
+
+
+def reference(key: str, device: torch.device) -> float | None:
+    """The earlier CPU figure for `key`, or None on another device."""
+    return REFERENCE[key] if device.type == "cpu" else None
 
 
 @dataclass
@@ -214,11 +236,10 @@ def fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def side_row(name: str, m: Measurement, note: str = "", vs: str = "") -> Row:
+def side_row(name: str, m: Measurement, note: str = "", vs: str = "", ref: float | None = None) -> Row:
     share = f"cpu {m.cpu_share:.0%}" if m.cpu_share == m.cpu_share else ""
-    return Row(
-        name, m.per_second, "samples/s", vs, ", ".join(x for x in (f"{1000 * m.median:.1f} ms/step", share, note) if x)
-    )
+    note = ", ".join(x for x in (f"{1000 * m.median:.1f} ms/step", share, note) if x)
+    return Row(name, m.per_second, "samples/s", vs, note, ref)
 
 
 # ---------------------------------------------------------------- the reference model and data
@@ -379,9 +400,9 @@ def notebook_step(model: NotebookModel, batches: list[dict[str, Any]], device: t
     return step
 
 
-def minimal_step(model: Any, batches: list[dict[str, Any]], device: torch.device, lr: float = 1e-5) -> Callable:
-    """A minimal hand-written loop over an mmfuse MultiTaskModel: forward, CE, backward, AdamW."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+def minimal_step(model: Any, batches: list[dict[str, Any]], device: torch.device, **adamw: Any) -> Callable:
+    """A minimal hand-written loop over an mmfuse MultiTaskModel: forward, CE, backward, AdamW(**adamw)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **adamw)
     model.train()
 
     def step(i: int) -> None:

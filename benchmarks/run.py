@@ -62,10 +62,27 @@ def machine(device: Any) -> dict[str, Any]:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "git": _git(),
         "loadavg_start": list(os.getloadavg()),
+        "busy_cores_start": busy_cores(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def busy_cores(seconds: float = 2.0) -> float:
+    """How many cores other processes keep busy (sampled over `seconds` while this one sleeps); NaN off Linux."""
+
+    def sample() -> tuple[float, float]:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # busy, total (idle and iowait are not busy)
+
+    try:
+        (b0, t0), c0 = sample(), time.process_time()
+        time.sleep(seconds)
+        (b1, t1), c1 = sample(), time.process_time()
+    except OSError:
+        return float("nan")
+    return max(0.0, (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1) - (c1 - c0) / seconds)
 
 
 def _git() -> str:
@@ -79,13 +96,14 @@ def _git() -> str:
 
 def table(results: list[Result]) -> str:
     """A markdown table: one line per side, then one per target."""
-    lines = ["| comparison | side | value | unit | vs | note |", "|---|---|---|---|---|---|"]
+    lines = ["| comparison | side | value | unit | vs | earlier | note |", "|---|---|---|---|---|---|---|"]
     for r in results:
         if r.skipped:
-            lines.append(f"| {r.name} | skipped | | | | {r.skipped} |")
+            lines.append(f"| {r.name} | skipped | | | | | {r.skipped.splitlines()[0]} |")
             continue
         for row in r.rows:
-            lines.append(f"| {r.name} | {row.side} | {fmt(row.value)} | {row.unit} | {row.vs} | {row.note} |")
+            ref = fmt(row.reference) if row.reference is not None else ""
+            lines.append(f"| {r.name} | {row.side} | {fmt(row.value)} | {row.unit} | {row.vs} | {ref} | {row.note} |")
     lines += ["", "| target | measured | threshold | per-round range | verdict |", "|---|---|---|---|---|"]
     for r in results:
         for t in r.targets:
@@ -110,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     device = setup(args.device)
     info = machine(device)
     print(f"# mmfuse benchmarks ({'quick' if args.quick else 'full'}) on {info['cpu']}, {THREADS} threads, {device}")
-    print(f"# {info['date']}  torch {info['torch']}  git {info['git']}  load avg {info['loadavg_start'][0]:.2f}")
+    print(f"# {info['date']}  torch {info['torch']}  git {info['git']}")
+    busy = info["busy_cores_start"]
+    print(
+        f"# other processes keep {busy:.2f} of {info['cpu_count']} cores busy (load avg {info['loadavg_start'][0]:.2f})"
+    )
+    if device.type == "cpu" and busy > 0.25:
+        print("# WARNING: the machine is not idle; figures will be low and noisy (see each side's 'cpu' share)")
     if "gpu" in info:
         print(f"# GPU: {info['gpu']}")
     results: list[Result] = []
@@ -131,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table([res]), flush=True)
             print(f"({name}: {res.seconds:.0f} s)", flush=True)
     info["loadavg_end"] = list(os.getloadavg())
+    info["busy_cores_end"] = busy_cores()
     print("\n# all results\n")
     print(table(results))
     out = {"machine": info, "quick": args.quick, "results": [r.to_json() for r in results]}
