@@ -49,7 +49,7 @@ def run(s: Settings) -> Result:
     from mmfuse.train.run import Run
 
     epochs = 3 if s.quick else 4
-    data = {"limit": 2048} if s.quick else {}
+    data = {"limit": 1024} if s.quick else {}
     cfg = parse_config(
         model_config(True, device=s.device, data=data, train={"max_epochs": epochs, "cache_dir": str(s.workdir / "fc")})
     )

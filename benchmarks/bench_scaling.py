@@ -1,6 +1,6 @@
 """5. scaling: cached-feature epochs at 1x, 4x and 16x the data, and cross-attention fusion at text lengths 16/64/256.
 
-Data size: each size runs in its own process (so its peak RSS, `ru_maxrss`, is its own): easy-VQA train
+Data size: each size runs in its own process (so its peak RSS, `VmHWM`, is its own): easy-VQA train
 records repeated 1x/4x/16x, both encoders frozen and cached (the cache is filled once beforehand, so no
 run encodes anything), `make_loader` + MMFuseModule + mmfuse's Trainer for 2 epochs; the second is timed.
 Linear growth = a flat per-sample cost of the epoch's batches (the fixed per-epoch checkpoint is shown

@@ -502,6 +502,14 @@ def mmfuse_module(model: Any, cfg: Any) -> Any:
 
 
 def max_rss_mb() -> float:
+    """This process's peak resident memory. `VmHWM` where Linux has it: `ru_maxrss` survives exec on Linux, so a
+    child started by a big parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -86,3 +86,10 @@ def test_every_shipped_config_builds(path: Path) -> None:
     model = build_model(cfg, classes)
     assert set(model.heads) == set(cfg.tasks)
     assert model.fusion.input_dims == {m: e.output_dim for m, e in model.encoders.items()}
+
+
+def test_task_weights_need_a_weighting_that_uses_them() -> None:
+    data = {**base(), "tasks": {"y": {"kind": "binary", "weight": 2.0}}, "train": {"weighting": {"name": "pcgrad"}}}
+    assert error_of(data).startswith("tasks.y.weight: per-task weights apply to the equal/static weightings")
+    data["train"]["weighting"]["name"] = "equal"
+    parse_config(data)

@@ -195,6 +195,12 @@ def _check_components(cfg: RunConfig) -> None:
         component_options(ENCODERS, enc, f"model.encoders.{modality}")
     component_options(FUSIONS, cfg.model.fusion, "model.fusion")
     component_options(WEIGHTINGS, cfg.train.weighting, "train.weighting")
+    weighted = [n for n, t in cfg.tasks.items() if t.weight != 1.0]
+    if weighted and cfg.train.weighting.name not in ("equal", "static"):
+        raise ConfigError(
+            f"tasks.{weighted[0]}.weight: per-task weights apply to the equal/static weightings, "
+            f"not {cfg.train.weighting.name!r}"
+        )
     if cfg.train.balance is not None:
         component_options(BALANCERS, cfg.train.balance, "train.balance")
 

@@ -182,9 +182,23 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     export_weights(module.model, run_dir / "model.safetensors")
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
-    for split in ("val", "test"):
-        if split in loaders:
-            results[split] = evaluate_module(trainer, module, loaders[split], split)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        trainer.strategy.barrier()
+        torch.distributed.destroy_process_group()  # rank 0 evaluates alone: metrics must not wait for the others
+    if trainer.is_global_zero:
+        # One process, every sample once (DDP's sampler would pad), and nothing added to the training logs.
+        evaluator = L.Trainer(
+            accelerator=run.cfg.train.accelerator,
+            devices=1,
+            precision=run.cfg.train.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        for split in ("val", "test"):
+            if split in loaders:
+                results[split] = evaluate_module(evaluator, module, loaders[split], split)
     run.timings["evaluate"] = time.perf_counter() - t0
     run.timings["total"] = time.perf_counter() - start
     summary = {
