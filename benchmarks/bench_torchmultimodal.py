@@ -156,7 +156,13 @@ def run(s: Settings) -> Result:
             ),
         ]
         res.targets.append(
-            Target(f"torchmultimodal: mmfuse {what} at least as fast (model code alone)", ratio, 1.0, ratio >= 1.0, (min(rr), max(rr)))
+            Target(
+                f"torchmultimodal: mmfuse {what} at least as fast (model code alone)",
+                ratio,
+                1.0,
+                ratio >= 1.0,
+                (min(rr), max(rr)),
+            )
         )
         res.info[what] = {k: v.times for k, v in m.items()}
     run_ratio = train["mmfuse as run"].per_second / train["torchmultimodal"].per_second
