@@ -7,7 +7,7 @@
 - minimal, as users write it: the same loop with `AdamW()` defaults and no clipping.
 - notebook: the common notebook loop: plain torchvision + Hugging Face modules, text padded to 128, Adam.
 
-All three get the same pre-collated batches (mmfuse's collator; the notebook's text re-tokenised to 128), so
+All sides get the same pre-collated batches (mmfuse's collator; the notebook's text re-tokenised to 128), so
 the step is compared, not the data pipeline. Informational side: mmfuse end to end with its own `make_loader`
 (length bucketing, 2 worker processes that share the same 2 cores) feeding the Trainer.
 """
