@@ -101,12 +101,12 @@ def run(s: Settings) -> Result:
             skipped=f"cannot import torchmultimodal ({type(err).__name__}: {err}); "
             "pip install torchmultimodal-nightly iopath portalocker --no-deps",
         )
+    from mmfuse.config import parse_config
+
     rounds, warmup, steps = s.rounds(3), s.steps(1), s.steps(6, 2)
     n = warmup + steps
     ref = build_reference(freeze=False)
     batches = collate_batches(ref, train_records(n * BATCH), n)
-    from mmfuse.config import parse_config
-
     cfg = parse_config(model_config(False, device=s.device))
     apply_trainer_flags(cfg, s.workdir)
     mm = fresh_copy(ref).to(s.device)
@@ -142,47 +142,36 @@ def run(s: Settings) -> Result:
         warmup,
         s.steps(8, 3),
     )
+
+    def versus(m: dict, side: str, what: str) -> tuple[float, Target]:
+        """mmfuse's `side` against torchmultimodal in the comparison `m`: the ratio and its target `what` (>= 1)."""
+        ratio = m[side].per_second / m["torchmultimodal"].per_second
+        rr = round_ratios(m[side], m["torchmultimodal"])
+        return ratio, Target(f"torchmultimodal: mmfuse {what}", ratio, 1.0, ratio >= 1.0, (min(rr), max(rr)))
+
+    train_ratio, train_target = versus(train, "mmfuse", "train step at least as fast (model code alone)")
+    run_ratio, run_target = versus(train, "mmfuse as run", "train step as each is run at least as fast")
+    infer_ratio, infer_target = versus(infer, "mmfuse", "inference at least as fast (model code alone)")
     res = Result("torchmultimodal")
-    res.targets = []
-    for what, m in (("train step", train), ("inference", infer)):
-        ratio = m["mmfuse"].per_second / m["torchmultimodal"].per_second
-        rr = round_ratios(m["mmfuse"], m["torchmultimodal"])
-        res.rows += [
-            side_row(f"{what}: mmfuse MultiTaskModel (concat)", m["mmfuse"], vs=f"{fmt(ratio)}x torchmultimodal"),
-            side_row(
-                f"{what}: torchmultimodal LateFusion + ConcatFusionModule",
-                m["torchmultimodal"],
-                ref=reference("torchmultimodal dynamic", s.device) if what == "train step" else None,
-            ),
-        ]
-        res.targets.append(
-            Target(
-                f"torchmultimodal: mmfuse {what} at least as fast (model code alone)",
-                ratio,
-                1.0,
-                ratio >= 1.0,
-                (min(rr), max(rr)),
-            )
-        )
-        res.info[what] = {k: v.times for k, v in m.items()}
-    run_ratio = train["mmfuse as run"].per_second / train["torchmultimodal"].per_second
-    rr = round_ratios(train["mmfuse as run"], train["torchmultimodal"])
-    res.rows.insert(
-        2,
+    res.rows = [
+        side_row(
+            "train step: mmfuse MultiTaskModel (concat)", train["mmfuse"], vs=f"{fmt(train_ratio)}x torchmultimodal"
+        ),
+        side_row(
+            "train step: torchmultimodal LateFusion + ConcatFusionModule",
+            train["torchmultimodal"],
+            ref=reference("torchmultimodal dynamic", s.device),
+        ),
         side_row(
             "train step as run: mmfuse's Trainer (MMFuseModule, fused AdamW, clip 1.0)",
             train["mmfuse as run"],
             vs=f"{fmt(run_ratio)}x torchmultimodal",
         ),
-    )
-    res.targets.insert(
-        1,
-        Target(
-            "torchmultimodal: mmfuse train step as each is run at least as fast",
-            run_ratio,
-            1.0,
-            run_ratio >= 1.0,
-            (min(rr), max(rr)),
+        side_row(
+            "inference: mmfuse MultiTaskModel (concat)", infer["mmfuse"], vs=f"{fmt(infer_ratio)}x torchmultimodal"
         ),
-    )
+        side_row("inference: torchmultimodal LateFusion + ConcatFusionModule", infer["torchmultimodal"]),
+    ]
+    res.targets = [train_target, run_target, infer_target]
+    res.info = {what: {k: v.times for k, v in m.items()} for what, m in (("train step", train), ("inference", infer))}
     return res
