@@ -69,6 +69,25 @@ def with_new_padding(features: dict[str, EncoderOutput]) -> dict[str, EncoderOut
     return out
 
 
+def fit_interaction(fusion: nn.Module, steps: int = 300, n: int = 1024) -> float:
+    """Train `fusion` (output_dim 2, on pooled `DIMS` features) to tell whether `image[0] * text[0] > 0`, and
+    return its accuracy on fresh samples. No weighted sum of the two modalities can do better than chance."""
+
+    def sample(count: int) -> tuple[dict[str, EncoderOutput], torch.Tensor]:
+        x = {m: torch.randn(count, d) for m, d in DIMS.items()}
+        return {m: EncoderOutput(v) for m, v in x.items()}, (x["image"][:, 0] * x["text"][:, 0] > 0).long()
+
+    opt = torch.optim.Adam(fusion.parameters(), lr=1e-2)
+    train, labels = sample(n)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(fusion(train).fused, labels).backward()
+        opt.step()
+    test, labels = sample(n)
+    with torch.no_grad():
+        return (fusion.eval()(test).fused.argmax(dim=1) == labels).float().mean().item()
+
+
 @pytest.fixture
 def features(seed: int) -> dict[str, EncoderOutput]:
     return make_features()
@@ -97,3 +116,8 @@ def new_padding() -> Callable[[dict[str, EncoderOutput]], dict[str, EncoderOutpu
 @pytest.fixture
 def feature_factory(seed: int) -> Callable[..., dict[str, EncoderOutput]]:
     return make_features
+
+
+@pytest.fixture
+def interaction_accuracy(seed: int) -> Callable[..., float]:
+    return fit_interaction
