@@ -19,8 +19,10 @@ def build(name: str, dims: dict[str, int], out_dim: int) -> Fusion:
     return FUSIONS.get(name)(dims, out_dim)
 
 
-def test_the_five_fusions_are_registered() -> None:
-    assert {"sum", "concat", "film", "gated", "cross_attention"} <= set(NAMES)
+def test_the_fusions_are_registered() -> None:
+    assert {"sum", "concat", "film", "gated", "cross_attention", "bilinear", "tensor", "lmf", "co_attention"} <= set(
+        NAMES
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -111,3 +113,9 @@ def test_follows_the_dtype_it_is_moved_to(name, dims, out_dim, features) -> None
         for m, f in features.items()
     }
     assert fusion(doubled).fused.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padded_token_values_change_nothing(name, dims, out_dim, features, new_padding) -> None:
+    fusion = build(name, dims, out_dim)
+    assert torch.equal(fusion(features).fused, fusion(new_padding(features)).fused)

@@ -1,0 +1,221 @@
+"""Tests for `mmfuse.fusion.co_attention` and `mmfuse.fusion.positional`.
+
+Shapes: B = 3 samples, L layers, H heads; image 12-d with 4 spatial tokens (a 2 x 2 grid), text 10-d with 5 tokens
+of which [5, 3, 1] are real; d model size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmfuse.encoders.base import EncoderOutput
+from mmfuse.fusion.co_attention import CoAttentionFusion
+from mmfuse.fusion.positional import sincos_1d, sincos_2d
+
+
+def layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+
+def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+
+def attention(x: torch.Tensor, ctx: torch.Tensor, w: dict[str, torch.Tensor], name: str, heads: int) -> torch.Tensor:
+    """(Q, d) over (T, d), one head at a time with an explicit softmax."""
+    q, k, v = (linear(t, w, f"{name}.{p}") for t, p in ((x, "q"), (ctx, "k"), (ctx, "v")))
+    d_h = q.shape[1] // heads
+    out = []
+    for h in range(heads):
+        s = slice(h * d_h, (h + 1) * d_h)
+        out.append(torch.softmax(q[:, s] @ k[:, s].T / math.sqrt(d_h), dim=1) @ v[:, s])
+    return linear(torch.cat(out, dim=1), w, f"{name}.out")
+
+
+def pos_1d(n: int, d: int) -> torch.Tensor:
+    """Position t: sin(t / 10000^(2i/d)) for i < d/2, then the cosines."""
+    return torch.tensor(
+        [
+            [math.sin(t / 10000 ** (2 * i / d)) for i in range(d // 2)]
+            + [math.cos(t / 10000 ** (2 * i / d)) for i in range(d // 2)]
+            for t in range(n)
+        ]
+    )
+
+
+def pos_2d(h: int, w: int, d: int) -> torch.Tensor:
+    """Token i * w + j: the row i's 1-D encoding in the first d/2 channels, column j's in the last d/2."""
+    rows, cols = pos_1d(h, d // 2), pos_1d(w, d // 2)
+    return torch.stack([torch.cat([rows[i], cols[j]]) for i in range(h) for j in range(w)])
+
+
+def reference(features, w, layers: int, heads: int, self_attention: bool, positional: bool) -> torch.Tensor:
+    """The fusion by hand, one sample at a time over its real tokens only (padding never enters)."""
+    d = w["proj.image.weight"].shape[0]
+    fused = []
+    for b in range(3):
+        x = {}
+        for m, f in features.items():
+            tokens = f.tokens[b] if f.mask is None else f.tokens[b][f.mask[b]]
+            x[m] = linear(layer_norm(tokens, w, f"norm_in.{m}"), w, f"proj.{m}")
+            if positional:
+                x[m] = x[m] + (pos_2d(2, 2, d) if m == "image" else pos_1d(5, d)[: len(tokens)])
+        for layer in range(layers):
+            normed = {m: layer_norm(x[m], w, f"layers.{layer}.{m}.norm") for m in x}
+            new = {}
+            for m, o in (("image", "text"), ("text", "image")):
+                p = f"layers.{layer}.{m}"
+                y = x[m] + attention(normed[m], normed[o], w, f"{p}.cross", heads)
+                if self_attention:
+                    h = layer_norm(y, w, f"{p}.norm_self")
+                    y = y + attention(h, h, w, f"{p}.self_attn", heads)
+                hidden = linear(layer_norm(y, w, f"{p}.norm_ffn"), w, f"{p}.ffn.0")
+                y = y + linear(0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2))), w, f"{p}.ffn.2")
+                new[m] = y
+            x = new
+        pooled = [layer_norm(x[m], w, f"norm_out.{m}").mean(dim=0) for m in ("image", "text")]
+        fused.append(linear(torch.cat(pooled), w, "fc_out"))
+    return torch.stack(fused)
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+@pytest.mark.parametrize(
+    ("layers", "self_attention", "positional"), [(2, True, True), (1, False, True), (2, True, False)]
+)
+def test_golden_value(layers, self_attention, positional, return_weights, dims, out_dim, features, fixed_init) -> None:
+    fusion = CoAttentionFusion(
+        dims,
+        out_dim,
+        num_layers=layers,
+        num_heads=2,
+        ffn_dim=6,
+        self_attention=self_attention,
+        positional=positional,
+        return_weights=return_weights,
+    )
+    w = fixed_init(fusion)
+    expected = reference(features, w, layers, heads=2, self_attention=self_attention, positional=positional)
+    torch.testing.assert_close(fusion(features).fused, expected)
+
+
+def test_positional_encodings_match_the_formula() -> None:
+    torch.testing.assert_close(sincos_1d(torch.arange(7), 6), pos_1d(7, 6))
+    torch.testing.assert_close(sincos_2d(2, 3, 8), pos_2d(2, 3, 8))
+    grid = sincos_2d(3, 3, 16).view(3, 3, 16)
+    assert not torch.allclose(grid[:, 0], grid[:, 2]) and not torch.allclose(grid[0], grid[2])
+
+
+def test_sdpa_and_explicit_paths_agree_and_weights_are_returned(dims, out_dim, features) -> None:
+    fusion = CoAttentionFusion(dims, out_dim, num_layers=3)
+    sdpa, explicit = fusion(features), fusion(features, return_weights=True)
+    assert not sdpa.extras
+    torch.testing.assert_close(sdpa.fused, explicit.fused)
+    to_text, to_image = explicit.extras["attention_image_to_text"], explicit.extras["attention_text_to_image"]
+    assert to_text.shape == (3, 3, 4, 4, 5) and to_image.shape == (3, 3, 4, 5, 4)  # (B, L, H, T_a, T_b)
+    text_mask = features["text"].mask
+    assert (to_text.masked_select(~text_mask[:, None, None, None, :]) == 0).all()
+    torch.testing.assert_close(to_text.sum(dim=-1), torch.ones(3, 3, 4, 4))
+    torch.testing.assert_close(to_image.sum(dim=-1), torch.ones(3, 3, 4, 5))
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+def test_padding_values_change_nothing(return_weights, dims, out_dim, features, new_padding) -> None:
+    fusion = CoAttentionFusion(dims, out_dim, return_weights=return_weights)
+    before, after = fusion(features), fusion(new_padding(features))
+    assert torch.equal(before.fused, after.fused)
+    if return_weights:
+        assert torch.equal(before.extras["attention_image_to_text"], after.extras["attention_image_to_text"])
+        # Padded text queries attend too, but their rows are never used: the real rows match.
+        real = features["text"].mask  # (B, T_text)
+        text_rows = before.extras["attention_text_to_image"].transpose(1, 3)[real]  # (real tokens, H, L, T_image)
+        assert torch.equal(text_rows, after.extras["attention_text_to_image"].transpose(1, 3)[real])
+
+
+def test_gradient_skips_padding(dims, out_dim, features) -> None:
+    tokens = features["text"].tokens.requires_grad_()
+    out = CoAttentionFusion(dims, out_dim)(features)
+    (out.fused * torch.randn_like(out.fused)).sum().backward()
+    grad = tokens.grad.abs().sum(dim=-1)  # (B, T)
+    text_mask = features["text"].mask
+    assert (grad[text_mask] > 0).all() and (grad[~text_mask] == 0).all()
+
+
+def flipped(features: dict[str, EncoderOutput], h: int, w: int) -> dict[str, EncoderOutput]:
+    """The image's h x w token grid mirrored left-right (row-major flattening)."""
+    image = features["image"]
+    tokens = image.tokens.unflatten(1, (h, w)).flip(2).flatten(1, 2)  # (B, h * w, D)
+    return dict(features, image=EncoderOutput(image.pooled, tokens, image.mask))
+
+
+@pytest.mark.parametrize(("h", "w"), [(3, 3), (2, 3)])
+def test_positions_tell_a_mirrored_grid_apart_and_only_they_do(h, w, dims, out_dim, features) -> None:
+    image = features["image"]
+    features = dict(features, image=EncoderOutput(image.pooled, torch.randn(3, h * w, 12)))
+    grid = None if h == w else (h, w)
+    with_positions = CoAttentionFusion(dims, out_dim, grid=grid)
+    without = CoAttentionFusion(dims, out_dim, positional=False)
+    assert not torch.allclose(with_positions(features).fused, with_positions(flipped(features, h, w)).fused, atol=1e-3)
+    torch.testing.assert_close(without(features).fused, without(flipped(features, h, w)).fused)
+
+
+def test_text_order_matters_only_with_positions(dims, out_dim, features) -> None:
+    text = features["text"]
+    order = torch.tensor([0, 2, 1, 3, 4])  # swaps two real tokens of samples 0 and 1 (sample 2 has one real token)
+    swapped = dict(features, text=EncoderOutput(text.pooled, text.tokens[:, order], text.mask))
+    for positional in (True, False):
+        fusion = CoAttentionFusion(dims, out_dim, positional=positional)
+        before, after = fusion(features).fused, fusion(swapped).fused
+        if positional:
+            assert not torch.allclose(before[:2], after[:2], atol=1e-3)
+        else:
+            torch.testing.assert_close(before, after)
+
+
+def test_an_absent_modality_zeroes_its_weights_and_stays_finite(dims, out_dim, features) -> None:
+    absent = torch.tensor([False, True, False])
+    out = CoAttentionFusion(dims, out_dim, return_weights=True)(dict(features, text=features["text"].without(absent)))
+    assert torch.isfinite(out.fused).all()
+    assert (out.extras["attention_image_to_text"][1] == 0).all()
+    assert (out.extras["attention_text_to_image"][0] != 0).any()
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "kwargs", "match"),
+    [
+        (6, {}, "6 tokens, not a square grid; set the fusion option grid"),
+        (6, {"grid": (2, 2)}, "6 tokens, but grid 2 x 2 holds 4"),
+    ],
+)
+def test_grid_errors_name_the_fix(num_tokens, kwargs, match, dims, out_dim, features) -> None:
+    image = features["image"]
+    features = dict(features, image=EncoderOutput(image.pooled, torch.randn(3, num_tokens, 12)))
+    with pytest.raises(ValueError, match=match):
+        CoAttentionFusion(dims, out_dim, **kwargs)(features)
+    CoAttentionFusion(dims, out_dim, grid=(2, 3))(features)  # stated grids need not be square
+    CoAttentionFusion(dims, out_dim, positional=False)(features)  # no positions, no grid needed
+
+
+def test_missing_tokens_name_the_modality(dims, out_dim, features) -> None:
+    with pytest.raises(ValueError, match="co_attention needs text tokens"):
+        CoAttentionFusion(dims, out_dim)(dict(features, text=EncoderOutput(features["text"].pooled)))
+
+
+@pytest.mark.parametrize(
+    ("dims", "kwargs", "match"),
+    [
+        ({"image": 12, "text": 10, "audio": 6}, {}, "exactly two modalities"),
+        ({"image": 12, "text": 10}, {"spatial": "audio"}, "spatial='audio' is not one of"),
+        ({"image": 12, "text": 10}, {"num_heads": 3}, r"hidden_dim \(8\) divisible by num_heads \(3\)"),
+        ({"image": 12, "text": 10}, {"hidden_dim": 6, "num_heads": 2}, "divisible by 4"),
+        ({"image": 12, "text": 10}, {"positional": False, "grid": (2, 2)}, "grid acts only with"),
+        ({"image": 12, "text": 10}, {"num_layers": 0}, "num_layers >= 1"),
+    ],
+)
+def test_bad_options_raise(dims, kwargs, match, out_dim) -> None:
+    with pytest.raises(ValueError, match=match):
+        CoAttentionFusion(dims, out_dim, **kwargs)
