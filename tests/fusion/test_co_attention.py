@@ -10,9 +10,11 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.co_attention import CoAttentionFusion
+from mmfuse.fusion.film import FiLMFusion
 from mmfuse.fusion.positional import sincos_1d, sincos_2d
 
 
@@ -219,3 +221,44 @@ def test_missing_tokens_name_the_modality(dims, out_dim, features) -> None:
 def test_bad_options_raise(dims, kwargs, match, out_dim) -> None:
     with pytest.raises(ValueError, match=match):
         CoAttentionFusion(dims, out_dim, **kwargs)
+
+
+def corner_questions(n: int, g: torch.Generator) -> tuple[dict[str, EncoderOutput], torch.Tensor]:
+    """A 3 x 3 grid of noise tokens (6-d) with one bright token in a random corner, and a two-token question (4-d):
+    "is it left?" or "is it at the top?". The pooled image (the mean token) is the same for every corner."""
+    corner = torch.randint(0, 4, (n,), generator=g)
+    row, col = corner // 2 * 2, corner % 2 * 2
+    image = 0.3 * torch.randn(n, 9, 6, generator=g)
+    image[torch.arange(n), row * 3 + col, 0] += 3.0
+    question = torch.randint(0, 2, (n,), generator=g)
+    text = 0.05 * torch.randn(n, 2, 4, generator=g)
+    text[torch.arange(n), 0, question] += 1.0
+    text[:, 1, 3] += 1.0
+    label = torch.where(question == 0, col == 0, row == 0).long()
+    return {"image": EncoderOutput(image.mean(1), image), "text": EncoderOutput(text.mean(1), text)}, label
+
+
+def corner_accuracy(fusion: nn.Module, steps: int = 100) -> float:
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(fusion.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a second thread only waits, and stalls when the cores are busy
+    try:
+        for _ in range(steps):
+            features, labels = corner_questions(128, g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(fusion(features).fused, labels).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    features, labels = corner_questions(1000, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return (fusion.eval()(features).fused.argmax(dim=1) == labels).float().mean().item()
+
+
+def test_learns_where_the_bright_token_is_which_pooled_features_cannot(seed) -> None:
+    dims = {"image": 6, "text": 4}
+    small = {"hidden_dim": 16, "num_layers": 1, "num_heads": 2, "ffn_dim": 32}
+    assert corner_accuracy(CoAttentionFusion(dims, 2, **small)) > 0.9
+    assert corner_accuracy(CoAttentionFusion(dims, 2, positional=False, **small)) < 0.65
+    assert corner_accuracy(FiLMFusion(dims, 2, hidden_dim=16)) < 0.65
