@@ -37,8 +37,8 @@ class Attention(nn.Module):
 
 
 class CoAttentionBlock(nn.Module):
-    """One stream's half of a co-attention layer, all pre-norm and residual:
-    `x += cross(norm(x), norm_other(other))`, then `x += self_attn(norm_self(x))`, then `x += ffn(norm_ffn(x))`."""
+    """One stream's half of a co-attention layer, all pre-norm and residual: `x += cross(norm(x), other's norm(other))`,
+    then `x += self_attn(norm_self(x))` (optional), then `x += ffn(norm_ffn(x))`."""
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, self_attention: bool) -> None:
         super().__init__()

@@ -15,7 +15,9 @@ from mmfuse.fusion.tensor import augmented_projections
 
 @FUSIONS.register("lmf")
 class LowRankFusion(Fusion):
-    """`fused_o = sum_r prod_m ([h_m, 1] . factors_m[r, :, o]) + bias_o` with `h_m = proj_m(x_m)`.
+    """Low-rank tensor fusion (LMF): `fused_o = sum_r prod_m ([h_m, 1] . factors_m[r, :, o]) + bias_o`.
+
+    `h_m = proj_m(x_m)`, as in `tensor`.
 
     This is `tensor` fusion whose weight tensor `W[o, a_1, ..., a_M]` is constrained to the rank-r CP form
     `sum_r prod_m factors_m[r, a_m, o]`, computed without ever building the outer product; at rank

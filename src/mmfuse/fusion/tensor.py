@@ -15,7 +15,7 @@ from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
 
 @FUSIONS.register("tensor")
 class TensorFusion(Fusion):
-    """`fc_out(flatten([h_1, 1] ⊗ [h_2, 1] ⊗ ...))` with `h_m = proj_m(x_m)`.
+    """Tensor fusion (TFN): `fc_out(flatten([h_1, 1] ⊗ [h_2, 1] ⊗ ...))` with `h_m = proj_m(x_m)`.
 
     The appended 1 keeps every lower-order term in the product: for two modalities the (d + 1)^2 entries hold
     the bimodal `h_1 h_2^T`, both unimodal `h_1`, `h_2` and a constant 1. The outer product is flattened in
