@@ -98,7 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         epilog="examples:\n  mmfuse cache info\n  mmfuse cache clear\n  MMFUSE_CACHE_DIR=/scratch/c mmfuse cache info",
     )
-    c.add_argument("action", choices=["info", "clear"], help="info: where it is and its size; clear: delete it")
+    c.add_argument(
+        "action",
+        choices=["info", "clear"],
+        help="info: where it is and its size; clear: delete the files the cache wrote (nothing else)",
+    )
     c.add_argument("--dir", help="cache directory (default: $MMFUSE_CACHE_DIR or ~/.cache/mmfuse/features)")
     b = sub.add_parser(
         "bench",
@@ -232,15 +236,23 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from mmfuse.data.cache import cache_size, clear_cache, default_cache_dir
+    from mmfuse.data.cache import CacheError, clear_cache, default_cache_dir, scan_cache
 
     root = Path(args.dir) if args.dir else default_cache_dir()
-    if args.action == "clear":
-        freed = clear_cache(root)
-        print(f"cleared {root} ({freed / 1e6:.1f} MB)")
-    else:
-        n, size = cache_size(root)
-        print(f"feature cache: {root}\n  {n} files, {size / 1e6:.1f} MB")
+    try:
+        contents = scan_cache(root)
+        if args.action == "clear":
+            freed = clear_cache(root)
+            print(f"cleared {root} ({len(contents.files)} files, {freed / 1e6:.1f} MB)")
+        elif not root.exists():
+            print(f"feature cache: {root}\n  empty (not created yet)")
+        else:
+            print(f"feature cache: {root}\n  {len(contents.files)} files, {contents.size / 1e6:.1f} MB")
+    except CacheError as err:
+        raise _usage(str(err)) from None
+    if contents.foreign:
+        shown = ", ".join(contents.foreign[:5]) + (", ..." if len(contents.foreign) > 5 else "")
+        print(f"  kept {len(contents.foreign)} entries the cache did not write: {shown}")
     return 0
 
 

@@ -148,10 +148,11 @@ def test_list_names_every_registry(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_cache_info_and_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    (tmp_path / "c" / "x").mkdir(parents=True)
-    (tmp_path / "c" / "x" / "shard.safetensors").write_bytes(b"0" * 1000)
+    (tmp_path / "c" / "0123456789abcdef0123").mkdir(parents=True)  # an encoder key folder and a shard
+    (tmp_path / "c" / "0123456789abcdef0123" / "shard_00000.safetensors").write_bytes(b"0" * 1000)
+    (tmp_path / "c" / ".mmfuse-cache").write_text("")
     assert main(["cache", "info", "--dir", str(tmp_path / "c")]) == 0
-    assert "1 files" in capsys.readouterr().out
+    assert "2 files" in capsys.readouterr().out
     assert main(["cache", "clear", "--dir", str(tmp_path / "c")]) == 0
     assert not (tmp_path / "c").exists()
 
