@@ -147,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(Path(args.out) / "config.yaml", overrides)
     else:
         cfg = load_config(args.config, overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if args.out else _default_run_dir(cfg.name)
     summary = train(cfg, out, resume=args.resume)
     if summary.get("world_size", 1) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
         return 0
@@ -162,6 +162,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"skipped {summary['bad_records']} bad records: see {out / 'bad_records.txt'}")
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _default_run_dir(name: str) -> Path:
+    """runs/<name>-<date>-<time>; a name that is not one plain folder name is refused (never outside runs/)."""
+    from mmfuse.config import ConfigError, check_run_name
+
+    try:
+        check_run_name(name)
+    except ValueError as err:
+        raise ConfigError(f"name: {err} (got {name[:80]!r})") from None
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -325,6 +336,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not bad input: one line and a failing exit, the traceback with -v
+        if args.verbose:
+            raise
+        print(
+            f"mmfuse {args.command}: internal error: {_one_line(err)} (run with -v for the traceback)", file=sys.stderr
+        )
+        return 1
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, shortened to `limit` characters."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

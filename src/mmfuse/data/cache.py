@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from mmfuse.data.records import DataError
 from mmfuse.encoders.base import Encoder, EncoderOutput
 from mmfuse.utils import move_to
 
@@ -51,8 +52,8 @@ _CACHE_FILE = re.compile(
 _VERIFIED: dict[str, tuple[int, int, str]] = {}
 
 
-class CacheError(Exception):
-    """A feature-cache problem the user must act on, as one line."""
+class CacheError(DataError):
+    """A feature-cache problem the user must act on, as one line (the CLI prints it and exits 2)."""
 
 
 def default_cache_dir() -> Path:
