@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import run_config, write_dataset
 
 import mmfuse.cli as cli
 import mmfuse.data.cache as cache_mod
 from mmfuse.cli import main
+from tiny import run_config, write_dataset
 
 
 def one_line(text: str) -> str:
