@@ -98,7 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         epilog="examples:\n  mmfuse cache info\n  mmfuse cache clear\n  MMFUSE_CACHE_DIR=/scratch/c mmfuse cache info",
     )
-    c.add_argument("action", choices=["info", "clear"], help="info: where it is and its size; clear: delete it")
+    c.add_argument(
+        "action",
+        choices=["info", "clear"],
+        help="info: where it is and its size; clear: delete the files the cache wrote (nothing else)",
+    )
     c.add_argument("--dir", help="cache directory (default: $MMFUSE_CACHE_DIR or ~/.cache/mmfuse/features)")
     b = sub.add_parser(
         "bench",
@@ -143,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(Path(args.out) / "config.yaml", overrides)
     else:
         cfg = load_config(args.config, overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if args.out else _default_run_dir(cfg.name)
     summary = train(cfg, out, resume=args.resume)
     if summary.get("world_size", 1) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
         return 0
@@ -158,6 +162,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"skipped {summary['bad_records']} bad records: see {out / 'bad_records.txt'}")
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _default_run_dir(name: str) -> Path:
+    """runs/<name>-<date>-<time>; a name that is not one plain folder name is refused (never outside runs/)."""
+    from mmfuse.config import ConfigError, check_run_name
+
+    try:
+        check_run_name(name)
+    except ValueError as err:
+        raise ConfigError(f"name: {err} (got {name[:80]!r})") from None
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -232,15 +247,23 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from mmfuse.data.cache import cache_size, clear_cache, default_cache_dir
+    from mmfuse.data.cache import CacheError, clear_cache, default_cache_dir, scan_cache
 
     root = Path(args.dir) if args.dir else default_cache_dir()
-    if args.action == "clear":
-        freed = clear_cache(root)
-        print(f"cleared {root} ({freed / 1e6:.1f} MB)")
-    else:
-        n, size = cache_size(root)
-        print(f"feature cache: {root}\n  {n} files, {size / 1e6:.1f} MB")
+    try:
+        contents = scan_cache(root)
+        if args.action == "clear":
+            freed = clear_cache(root)
+            print(f"cleared {root} ({len(contents.files)} files, {freed / 1e6:.1f} MB)")
+        elif not root.exists():
+            print(f"feature cache: {root}\n  empty (not created yet)")
+        else:
+            print(f"feature cache: {root}\n  {len(contents.files)} files, {contents.size / 1e6:.1f} MB")
+    except CacheError as err:
+        raise _usage(str(err)) from None
+    if contents.foreign:
+        shown = ", ".join(contents.foreign[:5]) + (", ..." if len(contents.foreign) > 5 else "")
+        print(f"  kept {len(contents.foreign)} entries the cache did not write: {shown}")
     return 0
 
 
@@ -313,6 +336,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not bad input: one line and a failing exit, the traceback with -v
+        if args.verbose:
+            raise
+        print(
+            f"mmfuse {args.command}: internal error: {_one_line(err)} (run with -v for the traceback)", file=sys.stderr
+        )
+        return 1
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, shortened to `limit` characters."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

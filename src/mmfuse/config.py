@@ -9,12 +9,14 @@ against the registered class's signature, so a config can never run arbitrary co
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -103,13 +105,37 @@ class TrainConfig(_Strict):
     progress_bar: bool = True
 
 
+RUN_NAME_MAX = 100
+
+
 class RunConfig(_Strict):
-    name: str = "run"
+    name: str = "run"  # one folder name: the default run directory is runs/<name>-<date>-<time>
     seed: int = 0
     model: ModelConfig
     tasks: dict[str, TaskConfig]
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str) -> str:
+        """The name becomes a folder under runs/: no path separators, no '.'/'..', nothing hidden."""
+        from pydantic_core import PydanticCustomError
+
+        try:
+            check_run_name(name)
+        except ValueError as err:
+            raise PydanticCustomError("run_name", str(err)) from None
+        return name
+
+
+def check_run_name(name: str) -> None:
+    """Raise ValueError unless `name` is a plain folder name (ASCII letters, digits, '.', '_', '-', '+')."""
+    if not name or len(name) > RUN_NAME_MAX or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+        raise ValueError(
+            f"a run name is one folder name of 1-{RUN_NAME_MAX} characters: ASCII letters, digits, "
+            "'.', '_', '-', '+', starting with a letter or digit (it names runs/<name>-<date>-<time>)"
+        )
 
 
 def _first_error(err: ValidationError, prefix: str = "") -> ConfigError:
@@ -211,20 +237,39 @@ def default_config_path() -> Path:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=c` overrides (values parsed as YAML) to a nested dict, in place."""
+    """Apply `a.b=c` overrides (values parsed as YAML) to a nested dict, in place.
+
+    Raises:
+        ConfigError: one line naming the override: no `=`, an empty key or key part (`a..b`),
+            a part that is not a section, or a value that is not valid YAML.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_epochs=3")
+        parts = [part.strip() for part in key.split(".")]
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty part in the key {key!r}; write dotted keys as train.max_epochs")
         node = data
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _override_value(item, raw)
     return data
+
+
+def _override_value(item: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(
+            f"--set {item!r}: the value is not valid YAML ({first}); quote it, e.g. 'a.b=\"text\"'"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"--set {item!r}: the value is nested too deeply") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

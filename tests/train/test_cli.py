@@ -97,8 +97,7 @@ def test_resume_continues_to_the_same_result(tmp_path: Path, data: Path, monkeyp
         original(self)
 
     monkeypatch.setattr(MMFuseModule, "on_train_epoch_start", crash_after_first_epoch)
-    with pytest.raises(Crash):
-        main(["train", str(cfg), "--out", str(tmp_path / "cut")])
+    assert main(["train", str(cfg), "--out", str(tmp_path / "cut")]) == 1  # the CLI reports the crash, exit 1
     monkeypatch.setattr(MMFuseModule, "on_train_epoch_start", original)
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     assert main(["train", "--out", str(tmp_path / "cut"), "--resume"]) == 0
@@ -148,10 +147,11 @@ def test_list_names_every_registry(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_cache_info_and_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    (tmp_path / "c" / "x").mkdir(parents=True)
-    (tmp_path / "c" / "x" / "shard.safetensors").write_bytes(b"0" * 1000)
+    (tmp_path / "c" / "0123456789abcdef0123").mkdir(parents=True)  # an encoder key folder and a shard
+    (tmp_path / "c" / "0123456789abcdef0123" / "shard_00000.safetensors").write_bytes(b"0" * 1000)
+    (tmp_path / "c" / ".mmfuse-cache").write_text("")
     assert main(["cache", "info", "--dir", str(tmp_path / "c")]) == 0
-    assert "1 files" in capsys.readouterr().out
+    assert "2 files" in capsys.readouterr().out
     assert main(["cache", "clear", "--dir", str(tmp_path / "c")]) == 0
     assert not (tmp_path / "c").exists()
 

@@ -6,33 +6,54 @@ is encoded once, ever: features are stored on disk in safetensors shards, keyed 
 reused by every later epoch and run. A changed image, text, transform or weights file gives a new
 key, so nothing stale is served.
 
-Layout: `<cache_dir>/<encoder key>/index.json` maps an input's content hash to (shard, row);
-`shard_NNNNN.safetensors` holds `pooled` (N, D) and, when tokens are kept, `tokens` (sum T_i, D)
-with `offsets` (N + 1,) (padding is not stored; batches are re-padded to their longest item).
+Layout: `<cache_dir>/.mmfuse-cache` marks the folder as a cache (written when the cache first
+writes there); `<cache_dir>/<encoder key>/index.json` maps an input's content hash to (shard, row)
+and holds each shard's sha256; `shard_NNNNN.safetensors` holds `pooled` (N, D) and, when tokens are
+kept, `tokens` (sum T_i, D) with `offsets` (N + 1,) (padding is not stored; batches are re-padded
+to their longest item).
+
+Safety: a shard is checked against its sha256 the first time a process reads it; a corrupt or
+missing shard is dropped and the inputs that need it are encoded again (with a warning), and an
+unreadable index is rebuilt the same way. `clear_cache` deletes only the files this module writes
+(by name, never through a symbolic link) and refuses a folder that is not a cache.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import filelock
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from mmfuse.data.records import DataError
 from mmfuse.encoders.base import Encoder, EncoderOutput
 from mmfuse.utils import move_to
 
 log = logging.getLogger(__name__)
 
 SHARD_ITEMS = 4096
+INDEX_FORMAT = "mmfuse-feature-cache/2"
+MARKER = ".mmfuse-cache"
+_KEY_DIR = re.compile(r"[0-9a-f]{20}")  # `encoder_key`
+_CACHE_FILE = re.compile(
+    r"index\.json|shard_\d{5}\.safetensors|\.lock|\.index\.json\.\d+\.tmp|\.shard_\d{5}\.safetensors\.\d+\.tmp"
+)
+# Shards verified by this process: path -> (size, mtime_ns, sha256). A shard is hashed once per process.
+_VERIFIED: dict[str, tuple[int, int, str]] = {}
+
+
+class CacheError(DataError):
+    """A feature-cache problem the user must act on, as one line (the CLI prints it and exits 2)."""
 
 
 def default_cache_dir() -> Path:
@@ -126,46 +147,101 @@ class FeatureCache:
 
     def __init__(self, encoder: Encoder, modality: str, root: str | Path | None = None, tokens: bool = False):
         self.encoder, self.modality, self.keep_tokens = encoder, modality, tokens
-        self.dir = Path(root or default_cache_dir()) / encoder_key(encoder, tokens)
-        self.index: dict[str, list[int]] = {}
+        self.root = Path(root or default_cache_dir())
+        self.dir = self.root / encoder_key(encoder, tokens)
+        self.index: dict[str, list[int]] = {}  # content hash -> [shard, row]
+        self.shards: dict[int, dict[str, object]] = {}  # shard -> {"sha256", "bytes", "items"}
+        self._index_warned = False
         self._read_index()
 
     def _read_index(self) -> None:
+        """Load index.json; an unreadable one is dropped with a warning (what it listed is encoded again)."""
+        self.index, self.shards = {}, {}
         index_file = self.dir / "index.json"
-        if index_file.exists():
-            self.index = json.loads(index_file.read_text())
+        if not index_file.is_file():
+            return
+        try:
+            self.index, self.shards = _parse_index(json.loads(index_file.read_text(encoding="utf-8")))
+        except (OSError, ValueError, RecursionError) as err:
+            if not self._index_warned:  # once, not again when re-read under the lock
+                log.warning("feature cache %s: index.json is unusable (%s); encoding its inputs again", self.dir, err)
+            self._index_warned = True
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
+        if self.root.exists() and not self.root.is_dir():
+            raise CacheError(f"feature cache {self.root}: not a directory (set train.cache_dir or MMFUSE_CACHE_DIR)")
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        _mark(self.root)
+        with filelock.FileLock(self.dir / ".lock"):
+            yield
 
     def build(self, raws: Sequence[str], batch_size: int = 32) -> tuple[FeatureTable, torch.Tensor]:
         """Encode what is missing, then return the table of distinct inputs and each raw's row (N,)."""
         hash_of = {r: content_hash(self.modality, r) for r in dict.fromkeys(raws)}  # each distinct input once
         hashes = [hash_of[r] for r in raws]
         distinct = list(dict.fromkeys(hashes))
-        if any(h not in self.index for h in distinct):
+        if not self._ready(distinct):
             with self._lock():  # another process (a DDP rank, a second run) may be filling the same cache
                 self._read_index()
+                self._drop_corrupt(distinct)
                 missing = {h: r for h, r in zip(hashes, raws) if h not in self.index}
                 if missing:
                     log.info("feature cache %s: encoding %d new %s inputs", self.dir, len(missing), self.modality)
                     self._encode_and_store(list(missing.items()), batch_size)
+                if not self._ready(distinct):
+                    raise CacheError(
+                        f"feature cache {self.dir}: shards fail their checksum right after being written; "
+                        f"check the disk, or run `mmfuse cache clear --dir {self.root}`"
+                    )
         table = self._load([self.index[h] for h in distinct])
         row_of = {h: i for i, h in enumerate(distinct)}
         return table, torch.tensor([row_of[h] for h in hashes], dtype=torch.long)
+
+    def _ready(self, distinct: Sequence[str]) -> bool:
+        """Every input has a row, in a shard that passes its checksum."""
+        if any(h not in self.index for h in distinct):
+            return False
+        return all(self._shard_ok(s) for s in {self.index[h][0] for h in distinct})
+
+    def _shard_path(self, shard: int) -> Path:
+        return self.dir / f"shard_{shard:05d}.safetensors"
+
+    def _shard_ok(self, shard: int) -> bool:
+        """Whether the shard file is the one the index describes (sha256, checked once per process)."""
+        meta, path = self.shards[shard], self._shard_path(shard)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return False
+        seen = (st.st_size, st.st_mtime_ns, str(meta["sha256"]))
+        if _VERIFIED.get(str(path)) == seen:
+            return True
+        if st.st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            return False
+        _VERIFIED[str(path)] = seen
+        return True
+
+    def _drop_corrupt(self, distinct: Sequence[str]) -> None:
+        """Forget (and delete) the shards these inputs need that fail their checksum; the caller re-encodes."""
+        bad = sorted(s for s in {self.index[h][0] for h in distinct if h in self.index} if not self._shard_ok(s))
+        for shard in bad:
+            path = self._shard_path(shard)
+            held = [h for h, (s, _) in self.index.items() if s == shard]
+            state = "missing" if not path.exists() else "corrupt (its sha256 does not match the index)"
+            log.warning("feature cache: %s is %s; encoding its %d inputs again", path, state, len(held))
+            for h in held:
+                del self.index[h]
+            del self.shards[shard]
+            path.unlink(missing_ok=True)
+        if bad:
+            self._write_index()
 
     @torch.inference_mode()
     def _encode_and_store(self, items: list[tuple[str, str]], batch_size: int) -> None:
         enc = self.encoder.eval()
         device = next((p.device for p in enc.parameters()), torch.device("cpu"))
-        shard_no = max((s for s, _ in self.index.values()), default=-1) + 1
+        shard_no = max(self.shards, default=-1) + 1
         for start in range(0, len(items), SHARD_ITEMS):
             chunk = items[start : start + SHARD_ITEMS]
             pooled, toks, lengths = [], [], []
@@ -196,36 +272,144 @@ class FeatureCache:
 
     def _write_shard(self, shard_no: int, tensors: dict[str, torch.Tensor], hashes: list[str]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"shard_{shard_no:05d}.safetensors"
-        tmp = self.dir / f".{name}.{os.getpid()}.tmp"
+        path = self._shard_path(shard_no)
+        tmp = self.dir / f".{path.name}.{os.getpid()}.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.dir / name)  # atomic: a reader never sees half a shard
+        digest, size = _sha256(tmp), tmp.stat().st_size
+        os.replace(tmp, path)  # atomic: a reader never sees half a shard
+        _VERIFIED[str(path)] = (size, path.stat().st_mtime_ns, digest)
+        self.shards[shard_no] = {"sha256": digest, "bytes": size, "items": len(hashes)}
         for row, h in enumerate(hashes):
             self.index[h] = [shard_no, row]
+        self._write_index()
+
+    def _write_index(self) -> None:
+        shards = {str(s): meta for s, meta in sorted(self.shards.items())}
         tmp_index = self.dir / f".index.json.{os.getpid()}.tmp"
-        tmp_index.write_text(json.dumps(self.index))
+        tmp_index.write_text(json.dumps({"format": INDEX_FORMAT, "shards": shards, "rows": self.index}))
         os.replace(tmp_index, self.dir / "index.json")
 
     def _load(self, locations: list[list[int]]) -> FeatureTable:
         used = sorted({shard for shard, _ in locations})
         position = {shard: i for i, shard in enumerate(used)}
         # load_file memory-maps the file: nothing is read until rows are gathered.
-        shards = [load_file(str(self.dir / f"shard_{shard:05d}.safetensors")) for shard in used]
+        shards = [load_file(str(self._shard_path(shard))) for shard in used]
         loc = torch.tensor([[position[shard], row] for shard, row in locations], dtype=torch.long)
         return FeatureTable(shards, loc.reshape(-1, 2))
 
 
-def cache_size(root: str | Path | None = None) -> tuple[int, int]:
-    """(number of files, bytes) under the cache directory."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _parse_index(data: object) -> tuple[dict[str, list[int]], dict[int, dict[str, object]]]:
+    """Check an index.json's structure; ValueError names what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if data.get("format") != INDEX_FORMAT:
+        raise ValueError("written by an older mmfuse, without shard checksums")
+    raw_shards, rows = data.get("shards"), data.get("rows")
+    if not isinstance(raw_shards, dict) or not isinstance(rows, dict):
+        raise ValueError("no 'shards' or 'rows' map")
+    shards: dict[int, dict[str, object]] = {}
+    for key, meta in raw_shards.items():
+        ok = isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64
+        ok = ok and all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in ("bytes", "items"))
+        if not (ok and key.isdigit()):
+            raise ValueError(f"shard entry {key!r} is malformed")
+        shards[int(key)] = meta
+    for h, loc in rows.items():
+        ok = isinstance(loc, list) and len(loc) == 2 and all(type(v) is int for v in loc)
+        if not ok or loc[0] not in shards or not 0 <= loc[1] < int(shards[loc[0]]["items"]):  # type: ignore[call-overload]
+            raise ValueError(f"row entry {h!r} points to no shard row")
+    return rows, shards
+
+
+def _mark(root: Path) -> None:
+    """Write the marker that tells `clear_cache` this folder is a feature cache."""
+    marker = root / MARKER
+    if not marker.exists():
+        tmp = root / f"{MARKER}.{os.getpid()}.tmp"
+        tmp.write_text("mmfuse feature cache: `mmfuse cache clear` deletes only the files mmfuse wrote here\n")
+        os.replace(tmp, marker)
+
+
+@dataclass
+class CacheContents:
+    """What a cache folder holds: the files the cache wrote, and the entries it did not write (kept)."""
+
+    root: Path
+    files: list[Path] = field(default_factory=list)
+    key_dirs: list[Path] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(os.stat(p, follow_symlinks=False).st_size for p in self.files)
+
+
+def scan_cache(root: str | Path | None = None) -> CacheContents:
+    """List a cache folder's files without following any symbolic link inside it.
+
+    Raises:
+        CacheError: the folder exists but is not an mmfuse feature cache (no marker, no encoder folder).
+    """
     root = Path(root or default_cache_dir())
-    files = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
-    return len(files), sum(p.stat().st_size for p in files)
+    out = CacheContents(root)
+    if not root.exists():
+        return out
+    if not root.is_dir():
+        raise CacheError(f"{root}: not a directory")
+    for entry in os.scandir(root):
+        if entry.name == MARKER and entry.is_file(follow_symlinks=False):
+            out.files.append(Path(entry.path))
+        elif _KEY_DIR.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            out.key_dirs.append(Path(entry.path))
+            for inner in os.scandir(entry.path):
+                if _CACHE_FILE.fullmatch(inner.name) and inner.is_file(follow_symlinks=False):
+                    out.files.append(Path(inner.path))
+                else:
+                    out.foreign.append(f"{entry.name}/{inner.name}")
+        else:
+            out.foreign.append(entry.name)
+    marked = any(p.name == MARKER for p in out.files)
+    if not marked and not any((d / "index.json").is_file() for d in out.key_dirs):
+        raise CacheError(f"{root} is not an mmfuse feature cache (no {MARKER} marker); nothing done")
+    return out
+
+
+def cache_size(root: str | Path | None = None) -> tuple[int, int]:
+    """(number of files, bytes) the cache wrote under its folder; (0, 0) when it does not exist yet."""
+    contents = scan_cache(root)
+    return len(contents.files), contents.size
 
 
 def clear_cache(root: str | Path | None = None) -> int:
-    """Delete the cache directory; returns the bytes freed."""
-    root = Path(root or default_cache_dir())
-    _, size = cache_size(root)
-    if root.exists():
-        shutil.rmtree(root)
+    """Delete what the cache wrote (shards, indexes, locks, the marker); returns the bytes freed.
+
+    Entries the cache did not write stay, and so do the folders that hold them.
+
+    Raises:
+        CacheError: not a cache (see `scan_cache`), or another process is writing to it.
+    """
+    contents = scan_cache(root)
+    size = contents.size
+    for key_dir in contents.key_dirs:
+        lock = key_dir / ".lock"
+        try:  # a .lock is taken only when it is a plain file the cache wrote (never through a link)
+            with filelock.FileLock(lock, timeout=0) if lock in contents.files else contextlib.nullcontext():
+                for path in contents.files:
+                    if path.parent == key_dir and path.name != ".lock":
+                        path.unlink(missing_ok=True)
+        except filelock.Timeout:
+            raise CacheError(f"{key_dir}: another mmfuse process is writing to it; try again when it ends") from None
+    for path in contents.files:
+        path.unlink(missing_ok=True)
+    for folder in [*contents.key_dirs, contents.root]:
+        with contextlib.suppress(OSError):  # kept when something the cache did not write is still in it
+            folder.rmdir()
     return size

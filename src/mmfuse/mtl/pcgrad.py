@@ -1,5 +1,12 @@
 """PCGrad: gradient surgery for multi-task learning (Yu et al., NeurIPS 2020).
 
+Two gradients conflict when g_i . g_j < 0 (negative cosine similarity, the paper's definition).
+With two tasks, the projected gradients conflict with no task any more (g_1' . g_2 = 0 when g_1 and
+g_2 conflicted); with more, each projection removes the conflict with the task it projects off at
+that moment, but a later projection can bring back a conflict with a task visited earlier when those
+two tasks conflict with each other (Algorithm 1 of the paper behaves so too; its convergence
+analysis is for two tasks).
+
 Shapes: T tasks, P shared parameter elements.
 """
 
@@ -10,8 +17,8 @@ import torch
 from mmfuse.mtl.base import WEIGHTINGS, GradientWeighting
 
 
-def project_conflicting(grads: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """PCGrad's projection of the per-task gradients (T, P); returns the sum of the projected gradients (P,).
+def pcgrad_projections(grads: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PCGrad's projection of each task's gradient: (T, P) -> (T, P).
 
     For each task i, the other tasks are visited in a random order; whenever the (already projected)
     g_i conflicts with the original g_j (g_i . g_j < 0), g_i loses its component along g_j:
@@ -29,7 +36,12 @@ def project_conflicting(grads: torch.Tensor, generator: torch.Generator | None =
             if dot < 0:
                 g_i = g_i - dot / norms_sq[j] * grads[j]
         projected[i] = g_i
-    return projected.sum(0)
+    return projected
+
+
+def project_conflicting(grads: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The PCGrad update: the sum of the projected gradients (P,) from the per-task gradients (T, P)."""
+    return pcgrad_projections(grads, generator).sum(0)
 
 
 @WEIGHTINGS.register("pcgrad")
