@@ -24,15 +24,16 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 # Which validation/test positions carry a label, per task. Under 2-process DDP, rank r evaluates
 # positions r, r + 2, ...: `color` is labelled on rank 0's shard only, `flag` on rank 1's only,
-# `size` on one record, `tags` on two records of rank 0 (position 10: the last, odd-count record).
-EVAL_LABELLED = {"color": {0, 2, 4}, "flag": {1, 3, 5}, "size": {6}, "tags": {8, 10}}
+# `size` on two records of rank 0, one of them (position 0) the record that DDP's default sampler repeats
+# on rank 1, `tags` on two records of rank 0 (position 10: the last, odd-count record).
+EVAL_LABELLED = {"color": {0, 2, 4}, "flag": {1, 3, 5}, "size": {0, 6}, "tags": {8, 10}}
 EVAL_SIZE = 11  # odd: DDP's default sampler would repeat a record to even the shards
 
 
 def write_partial_dataset(root: Path, n_train: int = 48, seed: int = 0) -> Path:
     """A records file with an explicit split field; in val/test each task is labelled on a few records only.
 
-    In train every task is labelled on about a third of the records.
+    In train every task is labelled on about 40% of the records.
     """
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -46,21 +47,19 @@ def write_partial_dataset(root: Path, n_train: int = 48, seed: int = 0) -> Path:
         Image.fromarray(arr).save(root / "images" / f"{k}.png")
         question = bool((k // 2) % 2)
 
-        train_draw = rng.random(4)  # per task: labelled on about 40% of the training records
-
-        def labelled(task: str) -> bool:
-            if split == "train":
-                return bool(train_draw[list(EVAL_LABELLED).index(task)] < 0.4)
-            return pos in EVAL_LABELLED[task]
-
+        draw = rng.random(4)  # per task: labelled on about 40% of the training records
+        labelled = {
+            task: bool(draw[i] < 0.4) if split == "train" else pos in EVAL_LABELLED[task]
+            for i, task in enumerate(EVAL_LABELLED)
+        }
         rec: dict[str, Any] = {
             "image": f"images/{k}.png",
             "text": "is this a square?" if question else "a square of colour",
             "split": split,
-            "color": color if labelled("color") else None,
-            "flag": int(question) if labelled("flag") else None,
-            "size": float(rng.normal()) + (1.0 if color == "red" else 0.0) if labelled("size") else None,
-            "tags": ("bright|square" if k % 3 == 0 else "square") if labelled("tags") else None,
+            "color": color if labelled["color"] else None,
+            "flag": int(question) if labelled["flag"] else None,
+            "size": float(rng.normal()) + (1.0 if color == "red" else 0.0) if labelled["size"] else None,
+            "tags": ("bright|square" if k % 3 == 0 else "square") if labelled["tags"] else None,
         }
         lines.append(json.dumps(rec))
     path = root / "records.jsonl"

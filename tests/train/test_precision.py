@@ -51,8 +51,15 @@ def _fit(tmp_path: Path, accelerator: str, **trainer: Any) -> tuple[RecordingMod
     module.norms = []
     before = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
     fitter = L.Trainer(
-        max_epochs=1, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **trainer,
+        max_epochs=1,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **trainer,
     )
     fitter.fit(module, make_loader(run.cfg, run.model, run.splits["train"], "train", feats))
     return module, before

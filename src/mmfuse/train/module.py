@@ -27,10 +27,7 @@ from torch import nn
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from mmfuse.model import ModelOutput, MultiTaskModel
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or gradient; the message names the epoch, step and task(s)."""
+from mmfuse.train.errors import NonFiniteError
 
 
 class MMFuseModule(L.LightningModule):

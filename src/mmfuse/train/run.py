@@ -38,8 +38,9 @@ from mmfuse.train.data import (
     make_loader,
     resolve_classes,
 )
+from mmfuse.train.errors import NonFiniteError
 from mmfuse.train.history import HistoryCSVLogger, KeepHistory, rows_of
-from mmfuse.train.module import MMFuseModule, NonFiniteError
+from mmfuse.train.module import MMFuseModule
 from mmfuse.train.report import write_report
 from mmfuse.train.sharding import shard_eval_loader
 

@@ -25,21 +25,25 @@ class PaddedEvalSampler(DistributedSampler):
     Args:
         n: records in the split.
         num_replicas: the world size W.
+        rank: this process's rank (default: read from torch.distributed when iterating).
     """
 
-    def __init__(self, n: int, num_replicas: int) -> None:  # noqa: D107 (no DistributedSampler.__init__: no group yet)
-        self.n, self.num_replicas = n, num_replicas
+    def __init__(self, n: int, num_replicas: int, rank: int | None = None) -> None:  # noqa: D107
+        # DistributedSampler.__init__ is not called: it would need the process group, which starts later.
+        self.n, self.num_replicas, self._rank = n, num_replicas, rank
         self.num_samples = math.ceil(n / num_replicas)
         self.total_size = self.num_samples * num_replicas
         self.shuffle, self.drop_last, self.epoch, self.seed = False, False, 0, 0
 
     @property
     def rank(self) -> int:  # type: ignore[override]
+        if self._rank is not None:
+            return self._rank
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     @rank.setter
     def rank(self, value: int) -> None:
-        pass
+        self._rank = value
 
     def __iter__(self) -> Iterator[int]:
         positions = range(self.rank, self.total_size, self.num_replicas)
