@@ -159,6 +159,12 @@ def build_trainer(
         ) from None
     if resumed:
         csv_logger.save()  # the CSV now holds exactly the epochs the checkpoint covers
+    if t.precision == "16-mixed" and trainer.precision != "16-mixed":
+        log.warning(
+            "train.precision=16-mixed runs as %s on %s (float16 autocast needs a GPU)",
+            trainer.precision,
+            trainer.strategy.root_device,
+        )
     return trainer
 
 
