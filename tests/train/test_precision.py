@@ -98,6 +98,15 @@ def test_cli_path_bf16_mixed_default_config(tmp_path: Path) -> None:
     assert all(v == v for m in summary["metrics"]["test"].values() for v in m.values())  # no NaN
 
 
+def test_16_mixed_on_cpu_runs_as_bf16_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = parse_config(run_config(write_dataset(tmp_path / "data", n=24), precision="16-mixed", max_epochs=1))
+    with caplog.at_level("WARNING", logger="mmfuse"):
+        summary = train(cfg, tmp_path / "run")
+    assert summary["precision"] == "bf16-mixed"
+    assert any("16-mixed runs as bf16-mixed" in r.getMessage() for r in caplog.records)
+    assert "precision bf16-mixed" in (tmp_path / "run" / "report.md").read_text()
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
