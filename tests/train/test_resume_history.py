@@ -17,6 +17,7 @@ import pytest
 import yaml
 from scaleout import cli_env, kill_group, run_cli
 
+from mmfuse.train.history import HistoryCSVLogger
 from mmfuse.train.run import load_checkpoint
 from tiny import run_config, write_dataset
 
@@ -102,3 +103,25 @@ def test_kill_9_mid_epoch_then_resume_keeps_the_whole_history(tmp_path: Path) ->
     assert [int(line.split("|")[1]) for line in table] == list(range(EPOCHS))
     assert table == [line for line in (whole / "report.md").read_text().splitlines() if line in table]
     assert (cut / "curves.png").stat().st_size > 0
+
+
+def test_history_logger_keeps_rows_across_flushes_and_new_columns(tmp_path: Path) -> None:
+    """A resumed logger starts from the checkpoint's rows, drops what the file held beyond them, and adds columns."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("epoch,step,stale\n9,99,1.0\n")  # rows the checkpoint lacks
+    logger = HistoryCSVLogger(tmp_path, rows=[{"epoch": 0, "step": 4, "val/a": 0.5}])
+    logger.log_metrics({"epoch": 1, "train/loss": 2.0}, step=5)
+    logger.save()
+    logger.log_metrics({"epoch": 1, "train/loss": 1.5}, step=6)
+    logger.save()  # appended
+    logger.log_metrics({"epoch": 1, "val/a": 0.75, "val/b": 3.0}, step=7)
+    logger.save()  # a new column: rewritten
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = [{k: v for k, v in r.items() if v} for r in csv.DictReader(f)]
+    assert rows == [
+        {"epoch": "0", "step": "4", "val/a": "0.5"},
+        {"epoch": "1", "step": "5", "train/loss": "2.0"},
+        {"epoch": "1", "step": "6", "train/loss": "1.5"},
+        {"epoch": "1", "step": "7", "val/a": "0.75", "val/b": "3.0"},
+    ]
+    assert logger.rows[-1] == {"epoch": 1, "val/a": 0.75, "val/b": 3.0, "step": 7}

@@ -5,7 +5,7 @@ flushes only every 100 log calls, so a `kill -9` loses rows that a checkpoint al
 every row logged is also kept in memory; `KeepHistory` stores those rows in each checkpoint, and a
 resumed run starts its CSV from the checkpoint's rows: the rows of epochs the checkpoint covers are
 kept, those of the interrupted epoch (logged after it) are dropped, then the resumed epochs follow.
-The file is rewritten whole, atomically, on every flush.
+The file is rewritten whole (atomically) on the first flush and when a column appears; otherwise appended to.
 """
 
 from __future__ import annotations
@@ -29,26 +29,33 @@ class _HistoryWriter(ExperimentWriter):
 
     def __init__(self, log_dir: str, rows: Sequence[Row]) -> None:
         self.history: list[Row] = [dict(r) for r in rows]
+        self._written, self._keys = 0, []  # rows of `history` in the file, and its header
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        """Keep the existing file: `save` replaces it with the history (the parent deletes it here)."""
+        """Keep the existing file: the first `save` replaces it with the history (the parent deletes it here)."""
 
     def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
         super().log_metrics(metrics_dict, step)
         self.history.append(self.metrics[-1])
 
     def save(self) -> None:
+        """Append the new rows; rewrite the whole file (atomically) on the first save or when a column appears."""
         self.metrics = []
         keys = sorted({k for r in self.history for k in r})
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(self.history)
-        tmp = os.path.join(self.log_dir, f".{self.NAME_METRICS_FILE}.tmp")
-        with open(tmp, "w", newline="") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, self.metrics_file_path)
+        if self._written and keys == self._keys and os.path.exists(self.metrics_file_path):
+            with open(self.metrics_file_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=keys).writerows(self.history[self._written :])
+        else:
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+            tmp = os.path.join(self.log_dir, f".{self.NAME_METRICS_FILE}.tmp")
+            with open(tmp, "w", newline="") as f:
+                f.write(buf.getvalue())
+            os.replace(tmp, self.metrics_file_path)
+        self._written, self._keys = len(self.history), keys
 
 
 class HistoryCSVLogger(CSVLogger):
