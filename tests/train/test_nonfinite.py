@@ -22,12 +22,12 @@ from tiny import run_config, write_dataset
 HUGE = 1e30
 
 
-def _split_files(root: Path, bad_rows: tuple[int, ...] = ()) -> tuple[Path, Path]:
-    """train.jsonl (24 records; `bad_rows` get the target 1e30) and val.jsonl (8 records), sharing images/."""
+def _split_files(root: Path, bad_rows: tuple[int, ...] = (), value: float = HUGE) -> tuple[Path, Path]:
+    """train.jsonl (24 records; `bad_rows` get the target `value`) and val.jsonl (8 records), sharing images/."""
     lines = write_dataset(root, n=32).read_text().splitlines()
     train_rows = [json.loads(line) for line in lines[:24]]
     for i in bad_rows:
-        train_rows[i]["size"] = HUGE
+        train_rows[i]["size"] = value
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
     (root / "val.jsonl").write_text("\n".join(lines[24:]) + "\n")
     return root / "train.jsonl", root / "val.jsonl"
@@ -52,6 +52,17 @@ def test_non_finite_loss_stops_at_its_step_naming_epoch_step_and_task(tmp_path: 
     assert match.group(1) == "0" and int(match.group(2)) < 3  # 24 records / batch 8: steps 0..2 of epoch 0
     assert "no checkpoint had been written yet" in msg and "\n" not in msg
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_overflowing_gradient_norm_stops_naming_the_task(tmp_path: Path) -> None:
+    """A target of 1e19: the loss (1e38) is finite in float32, the gradient norm overflows."""
+    train_file, val_file = _split_files(tmp_path / "data", bad_rows=(0,), value=1e19)
+    with pytest.raises(NonFiniteError) as err:
+        train(parse_config(_config(train_file, val_file)), tmp_path / "run")
+    msg = str(err.value)
+    assert re.search(
+        r"non-finite gradient norm \(inf\) at epoch 0, step \d+ \(global step \d+\), from task 'size'", msg
+    ), msg
 
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:

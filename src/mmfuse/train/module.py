@@ -138,16 +138,13 @@ class MMFuseModule(L.LightningModule):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             # Lightning leaves unscaling to fused optimisers; clipping needs unscaled gradients first.
             scaler.unscale_(optimizer)
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
             return
-        clip = self.hp["grad_clip"]
-        if clip:
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        self._check_finite(norm, grad_checked=scaler is None)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        self._check_finite(norm, grad_checked=scaler is None)  # before clipping, which would zero the evidence
+        if self.hp["grad_clip"]:
+            torch.nn.utils.clip_grads_with_norm_(params, self.hp["grad_clip"], norm, foreach=True)
 
     def _check_finite(self, grad_norm: torch.Tensor, grad_checked: bool) -> None:
         """One host sync per step. With a GradScaler (16-mixed) an overflowing gradient is the scaler's to skip."""
@@ -161,19 +158,24 @@ class MMFuseModule(L.LightningModule):
         if self.trainer.world_size > 1:  # identical on every rank, so all ranks stop together
             bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum")
         if bool(bad.any()):
-            raise NonFiniteError(self._non_finite_message(bad.cpu().tolist(), losses, grad_norm))
+            raise NonFiniteError(self._non_finite_message(bad.cpu().tolist(), grad_norm))
 
-    def _non_finite_message(self, bad: list[float], losses: torch.Tensor, grad_norm: torch.Tensor) -> str:
+    def _non_finite_message(self, bad: list[float], grad_norm: torch.Tensor) -> str:
         names = list(self.model.tasks)
         tasks = [n for n, b in zip(names, bad) if b]
         where = f"epoch {self.current_epoch}, step {self._batch_idx} (global step {self.global_step})"
         if tasks:
             shown = ", ".join(f"{n!r}" for n in tasks)
             return f"non-finite loss at {where} in task {shown}; training stopped before the weights were updated"
-        heads = [n for n, h in self.model.heads.items() if _has_non_finite_grad(h)]
-        shown = ", ".join(f"{n!r}" for n in heads) if heads else "none of the heads (a shared parameter)"
+        norms = {n: _grad_norm64(h) for n, h in self.model.heads.items()}  # float64: no overflow of its own
+        broken = [n for n, v in norms.items() if not math.isfinite(v)]
+        if broken:
+            shown = "task " + ", ".join(f"{n!r}" for n in broken)
+        else:  # every gradient is finite but their norm overflows float32: name the largest
+            top = max(norms, key=norms.__getitem__)
+            shown = f"task {top!r} (its head's gradient norm {norms[top]:.3g} is the largest)"
         return (
-            f"non-finite gradient (norm {float(grad_norm):g}) at {where}, from task {shown}; "
+            f"non-finite gradient norm ({float(grad_norm):g}) at {where}, from {shown}; "
             "training stopped before the weights were updated"
         )
 
@@ -329,8 +331,10 @@ class MMFuseModule(L.LightningModule):
                 state[key] = value
 
 
-def _has_non_finite_grad(module: nn.Module) -> bool:
-    return any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in module.parameters())
+def _grad_norm64(module: nn.Module) -> float:
+    """The L2 norm of a module's gradients, in float64."""
+    grads = [p.grad.detach().double().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 def _local_only() -> bool:
