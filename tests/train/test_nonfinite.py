@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import yaml
 from scaleout import DDP, run_cli
 
+from mmfuse.cli import main
 from mmfuse.config import load_config, parse_config
 from mmfuse.train.errors import NonFiniteError
 from mmfuse.train.run import load_checkpoint, train
@@ -84,11 +86,12 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("model.") and v.is_floating_point())
 
 
-def test_cli_non_finite_loss_is_one_line_and_exit_1(tmp_path: Path) -> None:
+def test_cli_non_finite_loss_is_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     train_file, val_file = _split_files(tmp_path / "data", bad_rows=(5,))
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(_config(train_file, val_file)))
-    proc = run_cli(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")], tmp_path, timeout=240)
-    _assert_one_error_line(proc, "train", 1)
+    capsys.readouterr()
+    code = main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")])
+    _assert_one_error_line(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), "train", 1)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from mmfuse.train.history import HistoryCSVLogger
 from mmfuse.train.run import load_checkpoint
 from tiny import run_config, write_dataset
 
-EPOCHS = 4
+EPOCHS = 3
 
 
 def _rows(run_dir: Path) -> dict[tuple[int, int, str], float]:
@@ -68,7 +68,7 @@ def _kill_after_first_checkpoint(args: list[str], cwd: Path, run_dir: Path, time
 
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_keeps_the_whole_history(tmp_path: Path) -> None:
-    records = write_dataset(tmp_path / "data", n=240)  # 120 training records: 15 steps an epoch
+    records = write_dataset(tmp_path / "data", n=160)  # 80 training records: 10 steps an epoch
     cfg = run_config(records, max_epochs=EPOCHS, log_every_n_steps=2, balance={"name": "ogm_ge", "noise": False})
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
 

@@ -179,7 +179,7 @@ def test_bad_train_values_are_one_config_line(
 
 
 def test_no_validation_records_keeps_the_last_epoch_and_says_so(tmp_path: Path) -> None:
-    records = write_dataset(tmp_path / "data", n=24)
+    records = write_dataset(tmp_path / "data", n=16)
     cfg = run_config(records, max_epochs=2)
     cfg["data"]["val_fraction"] = 0.0
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
