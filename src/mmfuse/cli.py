@@ -296,6 +296,11 @@ def _usage(msg: str) -> _UsageError:
     return _UsageError(msg)
 
 
+def _error(command: str, err: BaseException) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # under DDP every rank stops with the error: one line, from rank 0
+        print(f"mmfuse {command}: error: {err}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     lib = logging.getLogger("mmfuse")
@@ -319,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from mmfuse.config import ConfigError
     from mmfuse.data.records import DataError
+    from mmfuse.train.errors import NonFiniteError
 
     handlers: dict[str, Any] = {
         "train": cmd_train,
@@ -331,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, _UsageError, FileNotFoundError) as err:
-        print(f"mmfuse {args.command}: error: {err}", file=sys.stderr)
+        _error(args.command, err)
         return 2
+    except NonFiniteError as err:  # training diverged: the last good checkpoint is kept
+        _error(args.command, err)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
         return 130

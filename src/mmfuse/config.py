@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from mmfuse.registry import Registry
 
@@ -88,12 +88,13 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = Field(1.0, ge=0)  # 0 or null: no clipping
     deterministic: bool = True
-    precision: str = "32-true"
-    accelerator: str = "auto"
+    # What is tested: 16-mixed on a GPU (on the CPU Lightning runs it as bf16-mixed, with a warning).
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | str = 1
-    strategy: str = "auto"
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true"] = "auto"
     num_nodes: int = Field(1, gt=0)
     monitor: str | None = None
     weighting: Component = Field(default_factory=lambda: Component(name="equal"))
@@ -103,6 +104,29 @@ class TrainConfig(_Strict):
     compile: bool = False
     log_every_n_steps: int = Field(20, gt=0)
     progress_bar: bool = True
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_alias(cls, value: Any) -> Any:
+        """Lightning's short names: 32 -> 32-true, 16 -> 16-mixed, bf16 -> bf16-mixed."""
+        return _PRECISION_ALIASES.get(str(value), value) if isinstance(value, (int, str)) else value
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and (value >= 1 or value == -1):
+            return value
+        if isinstance(value, str) and (value == "auto" or _is_device_list(value)):
+            return value
+        raise ValueError("expected a count >= 1, -1 (all), 'auto', or device indices such as '0,1'")
+
+
+_PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def _is_device_list(text: str) -> bool:
+    parts = [p.strip() for p in text.split(",")]
+    return all(p.isdigit() for p in parts if p) and any(parts)
 
 
 RUN_NAME_MAX = 100

@@ -3,6 +3,15 @@
 Manual optimisation, so that gradient-based task weightings (PCGrad, GradNorm, ...) and modality
 balancing (OGM-GE scales encoder gradients between backward and step) fit in one place. Under
 DDP every step still makes exactly one backward call, so gradients are synchronised once.
+
+Scale-out rules kept here:
+- Every rank runs the same collectives in the same order whatever its shard holds: the labelled
+  counts of the evaluation epoch are summed over ranks once, and a task's metrics are computed (a
+  collective) on every rank exactly when some rank saw a label of it.
+- Evaluation batches may carry `pad` (B,) bool: rows that only even out DDP shards; they are never counted.
+- Gradients are clipped here, after unscaling, so fused AdamW works with 16-mixed and bf16-mixed.
+- A non-finite loss or gradient norm stops training at the step where it appears (`NonFiniteError`),
+  before the optimiser step; under DDP the flags are summed over ranks so all ranks stop together.
 """
 
 from __future__ import annotations
@@ -13,9 +22,12 @@ from typing import Any
 
 import lightning as L
 import torch
+import torchmetrics
 from torch import nn
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from mmfuse.model import ModelOutput, MultiTaskModel
+from mmfuse.train.errors import NonFiniteError
 
 
 class MMFuseModule(L.LightningModule):
@@ -66,7 +78,14 @@ class MMFuseModule(L.LightningModule):
             )
         self._epoch_losses: dict[str, list[float]] = defaultdict(list)
         self._balance_logs: dict[str, list[float]] = defaultdict(list)
-        self._updated: set[tuple[str, str]] = set()
+        for metric in self.modules():  # they only ever see rows already gathered from every rank (_eval_epoch_end)
+            if isinstance(metric, torchmetrics.Metric):
+                metric.distributed_available_fn = _local_only
+        # split -> {task or "unimodal/<modality>": [(preds, target) per batch]}, and (T, 2) loss sums and counts.
+        self._rows: dict[str, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._step_losses: torch.Tensor | None = None  # (T,) this step's task losses, checked before the step
+        self._batch_idx = 0
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], absent: dict[str, torch.Tensor] | None = None) -> ModelOutput:
@@ -82,7 +101,7 @@ class MMFuseModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         opt, sched = self.optimizers(), self.lr_schedulers()
-        n = len(batch["index"])
+        n, self._batch_idx = len(batch["index"]), batch_idx
         absent = (
             self.balancer.absent(n, batch["index"].device, True, missing=batch.get("absent"))
             if self.balancer is not None
@@ -100,9 +119,8 @@ class MMFuseModule(L.LightningModule):
                 self.model, out, batch["labels"], batch["masks"], self.current_epoch
             ).items():
                 self._balance_logs[k].append(float(v))
-        if self.hp["grad_clip"]:
-            self.clip_gradients(opt, gradient_clip_val=self.hp["grad_clip"], gradient_clip_algorithm="norm")
-        opt.step()
+        self._step_losses = torch.stack([loss.detach().float().reshape(()) for loss in losses.values()])
+        opt.step()  # -> on_before_optimizer_step: unscale, clip, non-finite check
         sched.step()
         weights = weights or {}
         total = sum(weights.get(t, 1.0) * loss for t, loss in losses.items()).detach()
@@ -113,6 +131,53 @@ class MMFuseModule(L.LightningModule):
         self.log_dict({f"train/{t}/loss": loss.detach() for t, loss in losses.items()}, batch_size=n)
         self.log_dict({f"train/weight/{t}": float(w) for t, w in weights.items()}, batch_size=n)
         return total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unscale (16-mixed), clip, and stop on a non-finite loss or gradient norm, before the step is taken."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Lightning leaves unscaling to fused optimisers; clipping needs unscaled gradients first.
+            scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        self._check_finite(norm, grad_checked=scaler is None)  # before clipping, which would zero the evidence
+        if self.hp["grad_clip"]:
+            torch.nn.utils.clip_grads_with_norm_(params, self.hp["grad_clip"], norm, foreach=True)
+
+    def _check_finite(self, grad_norm: torch.Tensor, grad_checked: bool) -> None:
+        """One host sync per step. With a GradScaler (16-mixed) an overflowing gradient is the scaler's to skip."""
+        losses = self._step_losses
+        if losses is None:
+            return
+        grad_bad = ~torch.isfinite(grad_norm.float()).reshape(1).to(losses.device)
+        if not grad_checked:
+            grad_bad = torch.zeros_like(grad_bad)
+        bad = torch.cat([~torch.isfinite(losses), grad_bad])
+        if self.trainer.world_size > 1:  # identical on every rank, so all ranks stop together
+            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum")
+        if bool(bad.any()):
+            raise NonFiniteError(self._non_finite_message(bad.cpu().tolist(), grad_norm))
+
+    def _non_finite_message(self, bad: list[float], grad_norm: torch.Tensor) -> str:
+        names = list(self.model.tasks)
+        tasks = [n for n, b in zip(names, bad) if b]
+        where = f"epoch {self.current_epoch}, step {self._batch_idx} (global step {self.global_step})"
+        if tasks:
+            shown = ", ".join(f"{n!r}" for n in tasks)
+            return f"non-finite loss at {where} in task {shown}; training stopped before the weights were updated"
+        norms = {n: _grad_norm64(h) for n, h in self.model.heads.items()}  # float64: no overflow of its own
+        broken = [n for n, v in norms.items() if not math.isfinite(v)]
+        if broken:
+            shown = "task " + ", ".join(f"{n!r}" for n in broken)
+        else:  # every gradient is finite but their norm overflows float32: name the largest
+            top = max(norms, key=norms.__getitem__)
+            shown = f"task {top!r} (its head's gradient norm {norms[top]:.3g} is the largest)"
+        return (
+            f"non-finite gradient norm ({float(grad_norm):g}) at {where}, from {shown}; "
+            "training stopped before the weights were updated"
+        )
 
     def on_train_epoch_start(self) -> None:
         # Re-seed per epoch (and rank) so that a run resumed from an epoch's checkpoint draws the same
@@ -125,54 +190,74 @@ class MMFuseModule(L.LightningModule):
         if on_end is not None:
             on_end(self.current_epoch, means)
         if self._balance_logs:
-            self.log_dict({f"balance/{k}": sum(v) / len(v) for k, v in self._balance_logs.items()})
+            # Straight to the loggers: metrics logged with self.log here reach them only after this epoch's
+            # checkpoint is written, so a resumed run would lose them.
+            row = {f"balance/{k}": sum(v) / len(v) for k, v in self._balance_logs.items()}
+            for logger in self.loggers:
+                logger.log_metrics({**row, "epoch": self.current_epoch}, step=self.global_step)
         self._epoch_losses.clear()
         self._balance_logs.clear()
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
+        """Keep this rank's labelled rows (never the DDP padding); metrics are computed at the epoch's end."""
         out = self(batch)
-        losses = self.model.losses(out.logits, batch["labels"], batch["masks"])
-        n = len(batch["index"])
-        self.log(f"{split}/loss", sum(losses.values()), batch_size=n, sync_dist=True)
-        for name, task in self.model.tasks.items():
-            mask = batch["masks"][name]
-            if bool(mask.any()):
-                preds, target = task.metric_input(out.logits[name][mask], batch["labels"][name][mask])
-                self.metrics[split][name].update(preds, target)
-                self._updated.add((split, name))
+        real = ~batch["pad"] if "pad" in batch else None  # (B,) rows that are not DDP padding
+        rows = self._rows.setdefault(split, defaultdict(list))
+        sums = self._loss_sums.setdefault(split, torch.zeros(len(self.model.tasks), 2, device=self.device))
+        for i, (name, task) in enumerate(self.model.tasks.items()):
+            mask = batch["masks"][name] if real is None else batch["masks"][name] & real
+            logits, target = out.logits[name][mask], batch["labels"][name][mask]
+            rows[name].append(task.metric_input(logits.detach(), target))  # also when empty: shapes and dtypes
+            n = int(mask.sum())
+            if n:
+                sums[i, 0] += task.loss(logits, target).float() * n
+                sums[i, 1] += n
         if self.unimodal_task is not None:
-            self._update_unimodal(out, batch, split)
+            name = self.unimodal_task
+            mask = batch["masks"][name] if real is None else batch["masks"][name] & real
+            task = self.model.tasks[name]
+            for m, logits in self.balancer.unimodal_logits(self.model, out, name).items():
+                rows[f"unimodal/{m}"].append(task.metric_input(logits[mask].detach(), batch["labels"][name][mask]))
 
-    def _update_unimodal(self, out: ModelOutput, batch: dict[str, Any], split: str) -> None:
-        name = self.unimodal_task
-        mask = batch["masks"][name]
-        if not bool(mask.any()):
-            return
-        task = self.model.tasks[name]
-        for m, logits in self.balancer.unimodal_logits(self.model, out, name).items():
-            preds, target = task.metric_input(logits[mask], batch["labels"][name][mask])
-            self.unimodal[f"{split}_{m}"].update(preds, target)
-        self._updated.add((split, "unimodal"))
+    def _gathered(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (preds, target) rows, concatenated with every other rank's (the same on every rank)."""
+        preds, target = torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts])
+        if self.trainer.world_size > 1:
+            preds, target = torch.cat(gather_all_tensors(preds)), torch.cat(gather_all_tensors(target))
+        return preds, target
 
     def _eval_epoch_end(self, split: str) -> None:
-        values = {}
-        if (split, "unimodal") in self._updated:
-            for m in self.model.modalities:
-                metric = self.unimodal[f"{split}_{m}"]
-                values[f"{split}/unimodal/{m}_accuracy"] = metric.compute()
-                metric.reset()
-            self._updated.discard((split, "unimodal"))
-        for name, coll in self.metrics[split].items():
-            if (split, name) not in self._updated:
-                continue  # no labelled sample of this task in this split
-            for metric, value in coll.compute().items():
-                values[f"{split}/{name}/{metric}"] = value
-            coll.reset()
-            self._updated.discard((split, name))
+        """Gather every task's rows from every rank (the same collectives, in the same order, on every rank,
+        whatever a rank's shard holds), then compute the metrics of the tasks with at least one labelled row."""
+        rows = self._rows.pop(split, {})
+        sums = self._loss_sums.pop(split, torch.zeros(len(self.model.tasks), 2, device=self.device))
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        values: dict[str, torch.Tensor] = {}
+        for name in self.model.tasks if rows else ():  # rows: every rank ran the same number of batches (>= 1)
+            for k, v in self._compute(self.metrics[split][name], *self._gathered(rows[name])).items():
+                values[f"{split}/{name}/{k}"] = v
+        for m in self.model.modalities if rows and self.unimodal_task is not None else ():
+            for v in self._compute(self.unimodal[f"{split}_{m}"], *self._gathered(rows[f"unimodal/{m}"])).values():
+                values[f"{split}/unimodal/{m}_accuracy"] = v
+        labelled = sums[:, 1] > 0
+        if bool(labelled.any()):  # the sum over tasks of each task's mean loss over its labelled rows
+            values[f"{split}/loss"] = (sums[labelled, 0] / sums[labelled, 1]).sum()
+        # Every value is computed from the rows of all ranks, identically on each: log it as it is.
         headline = {k: v for k, v in values.items() if k.split("/")[-1] in self._headline_metrics()}
-        self.log_dict({k: v for k, v in values.items() if k not in headline}, sync_dist=True)
-        self.log_dict(headline, prog_bar=split == "val", sync_dist=True)
+        self.log_dict({k: v for k, v in values.items() if k not in headline})
+        self.log_dict(headline, prog_bar=split == "val")
+
+    @staticmethod
+    def _compute(metric: torchmetrics.Metric, preds: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: value} of a metric collection ({"value": v} of a single metric) on all rows; {} without rows."""
+        if not len(target):
+            return {}
+        metric.update(preds, target)
+        out = metric.compute()
+        metric.reset()
+        return dict(out) if isinstance(out, dict) else {"value": out}
 
     def _headline_metrics(self) -> set[str]:
         """The metrics shown in the progress bar: each task's default one."""
@@ -225,6 +310,9 @@ class MMFuseModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen encoders loaded from files are rebuilt from the config (cache_key names their weights): leave them out.
+        finite = [torch.isfinite(p).all() for p in self.parameters() if p.is_floating_point()]
+        if finite and not bool(torch.stack(finite).all()):
+            raise NonFiniteError(f"non-finite weights at epoch {self.current_epoch}: the checkpoint was not written")
         prefixes = self._frozen_prefixes()
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(tuple(prefixes))]:
@@ -241,3 +329,14 @@ class MMFuseModule(L.LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith(tuple(saved)) and key not in state:
                 state[key] = value
+
+
+def _grad_norm64(module: nn.Module) -> float:
+    """The L2 norm of a module's gradients, in float64."""
+    grads = [p.grad.detach().double().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _local_only() -> bool:
+    """`distributed_available_fn` of the module's metrics: they never sync (their input is already gathered)."""
+    return False

@@ -28,15 +28,15 @@ def metrics_table(metrics: dict[str, dict[str, dict[str, float]]], split: str) -
 def read_epoch_log(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(epoch, value), ...]} from the CSV log (epoch-level rows only)."""
     path = run_dir / "logs" / "metrics.csv"
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[str, dict[int, float]] = {}
     if not path.exists():
-        return series
+        return {}
     with open(path) as f:
         for row in csv.DictReader(f):
             for key, value in row.items():
                 if value and (key.startswith("val/") or key.startswith("balance/")) and row.get("epoch"):
-                    series.setdefault(key, []).append((int(float(row["epoch"])), float(value)))
-    return series
+                    series.setdefault(key, {})[int(float(row["epoch"]))] = float(value)  # one value per epoch
+    return {k: sorted(v.items()) for k, v in series.items()}
 
 
 def balance_table(series: dict[str, list[tuple[int, float]]]) -> list[str]:
@@ -81,6 +81,15 @@ def plot_curves(run_dir: Path, series: dict[str, list[tuple[int, float]]]) -> st
     return name
 
 
+def _selection_line(summary: dict[str, Any]) -> str:
+    if summary["monitor"] is None:
+        return (
+            f"- epochs: {summary['epochs']}; **warning: no validation records, so no model selection**: "
+            f"the weights are the last epoch's ({summary['best_checkpoint']})"
+        )
+    return f"- epochs: {summary['epochs']}, best checkpoint by `{summary['monitor']}`: {summary['best_checkpoint']}"
+
+
 def write_report(run_dir: Path, cfg: RunConfig, summary: dict[str, Any], bad: list[tuple[str, str]]) -> None:
     lines = [f"# mmfuse run: {cfg.name}", ""]
     enc = ", ".join(f"{m}: {c.name} {c.options.get('model', '')}" for m, c in cfg.model.encoders.items())
@@ -89,8 +98,8 @@ def write_report(run_dir: Path, cfg: RunConfig, summary: dict[str, Any], bad: li
         lines.append(f"- balance: {cfg.train.balance.name}")
     lines += [
         f"- records: {summary['records']}, skipped as bad: {summary['bad_records']}",
-        f"- epochs: {summary['epochs']}, best checkpoint by `{summary['monitor']}`: {summary['best_checkpoint']}",
-        f"- device: {summary['device']} x {summary['world_size']}",
+        _selection_line(summary),
+        f"- device: {summary['device']} x {summary['world_size']}, precision {summary.get('precision', '32-true')}",
         "- time (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()),
         "",
     ]

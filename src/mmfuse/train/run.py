@@ -3,6 +3,11 @@
 A run directory holds `config.yaml` (resolved: the classes of every task included),
 `checkpoints/{best,last}.ckpt`, `model.safetensors` (the best weights), `logs/` (CSV and
 TensorBoard), `metrics.json`, `report.md` with plots, and `bad_records.txt` when records were skipped.
+
+Every checkpoint is read with `weights_only=True` (`load_checkpoint`, also for Lightning's resume): a
+file that carries pickled code is refused with one line, never run. Under DDP every rank evaluates
+its shard of the validation and test records (each record once, `train.sharding`) and the metrics are
+reduced over ranks, so they equal a single-process evaluation of the same weights.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mmfuse.builders import build_balancer, build_model_from, build_tasks, build_weighting
 from mmfuse.config import ConfigError, RunConfig, dump_config, load_config
@@ -31,8 +38,11 @@ from mmfuse.train.data import (
     make_loader,
     resolve_classes,
 )
+from mmfuse.train.errors import NonFiniteError
+from mmfuse.train.history import HistoryCSVLogger, KeepHistory, rows_of
 from mmfuse.train.module import MMFuseModule
 from mmfuse.train.report import write_report
+from mmfuse.train.sharding import shard_eval_loader
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +71,49 @@ def monitor_of(cfg: RunConfig, model: MultiTaskModel) -> tuple[str, str]:
     return name, "max" if metrics[parts[2]].higher_is_better else "min"
 
 
-def build_trainer(cfg: RunConfig, run_dir: Path, monitor: str | None, mode: str) -> L.Trainer:
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read safely (pickled code, truncated, not a checkpoint), as one line."""
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint read with `weights_only=True`: tensors and plain containers only, never code."""
+    import pickle
+    import zipfile
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except pickle.UnpicklingError as err:  # weights_only refused an object: never load it
+        shown = str(err).split("\n")[0][:160]
+        raise CheckpointError(f"{path}: refused: it holds pickled objects, not only tensors ({shown})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
+        shown = str(err).split("\n")[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {shown}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not an mmfuse checkpoint (no state_dict)")
+    return ckpt
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, but every load is `load_checkpoint` (weights only, one-line errors).
+
+    Args:
+        preloaded: {path: checkpoint} already read (and checked) by the run, handed over once instead of re-read.
+    """
+
+    def __init__(self, preloaded: dict[str, dict[str, Any]] | None = None) -> None:
+        self.preloaded = dict(preloaded or {})
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        ckpt = self.preloaded.pop(str(path), None)
+        return ckpt if ckpt is not None else load_checkpoint(path)
+
+
+def build_trainer(
+    cfg: RunConfig, run_dir: Path, monitor: str | None, mode: str, resumed: dict[str, Any] | None = None
+) -> L.Trainer:
+    """The fit trainer; `resumed` is the checkpoint a resumed run continues from (its history is kept)."""
     t = cfg.train
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -72,27 +124,48 @@ def build_trainer(cfg: RunConfig, run_dir: Path, monitor: str | None, mode: str)
         save_top_k=1,
         auto_insert_metric_name=False,
         enable_version_counter=False,
+        save_on_train_epoch_end=True,  # after the epoch's validation and epoch-end hooks: a resume repeats nothing
     )
-    callbacks: list[Any] = [ckpt]
+    csv_logger = HistoryCSVLogger(run_dir, rows_of(resumed) if resumed else ())
+    callbacks: list[Any] = [ckpt, KeepHistory(csv_logger)]
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
-    loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="logs", version="")]
-    return L.Trainer(
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        deterministic=t.deterministic,
-        callbacks=callbacks,
-        logger=loggers,
-        log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=run_dir,
-    )
+    # On resume, TensorBoard drops the events of the interrupted epoch (those at or after the checkpoint's step).
+    tb = TensorBoardLogger(run_dir, name="logs", version="", purge_step=resumed["global_step"] if resumed else None)
+    last = str(run_dir / "checkpoints" / "last.ckpt")
+    try:
+        trainer = L.Trainer(
+            max_epochs=t.max_epochs,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            deterministic=t.deterministic,
+            callbacks=callbacks,
+            logger=[csv_logger, tb],
+            log_every_n_steps=t.log_every_n_steps,
+            enable_progress_bar=t.progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=run_dir,
+            plugins=[SafeCheckpointIO({last: resumed} if resumed else None)],
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        shown = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"train (accelerator={t.accelerator!r}, devices={t.devices!r}, strategy={t.strategy!r}, "
+            f"precision={t.precision!r}): {shown}"
+        ) from None
+    if resumed:
+        csv_logger.save()  # the CSV now holds exactly the epochs the checkpoint covers
+    if t.precision == "16-mixed" and trainer.precision != "16-mixed":
+        log.warning(
+            "train.precision=16-mixed runs as %s on %s (float16 autocast needs a GPU)",
+            trainer.precision,
+            trainer.strategy.root_device,
+        )
+    return trainer
 
 
 class Run:
@@ -146,10 +219,16 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train, keep the best and last checkpoints, evaluate the best on the test split, write the report."""
+    """Train, keep the best and last checkpoints, evaluate the best on the val and test splits, write the report.
+
+    Without validation records there is no model selection: the last epoch's weights are kept and
+    evaluated, and the report says so.
+    """
     start = time.perf_counter()
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, resume)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resumed = load_checkpoint(last) if resume else None  # checked before anything starts
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = Run(cfg)
     write_atomic(run_dir / "config.yaml", dump_config(run.cfg))
@@ -158,47 +237,39 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         write_atomic(run_dir / "bad_records.txt", "".join(f"{s}: {r}\n" for s, r in run.bad))
     if "train" not in run.splits or not run.splits["train"]:
         raise ConfigError("data: no training records")
-    monitor, mode = monitor_of(run.cfg, run.model) if run.splits.get("val") else (None, "min")
-    trainer = build_trainer(run.cfg, run_dir, monitor, mode)
-    distributed = trainer.world_size > 1
-    loaders = {
-        s: make_loader(run.cfg, run.model, recs, s, feats, distributed) for s, recs in run.splits.items() if recs
-    }
+    has_val = bool(run.splits.get("val"))
+    if not has_val:
+        log.warning("no validation records: no model selection; the last epoch's weights are kept")
+    monitor, mode = monitor_of(run.cfg, run.model) if has_val else (None, "min")
+    trainer = build_trainer(run.cfg, run_dir, monitor, mode, resumed)
+    del resumed
+    world = trainer.world_size
+    loaders = {s: make_loader(run.cfg, run.model, recs, s, feats, world > 1) for s, recs in run.splits.items() if recs}
+    loaders = {s: loader if s == "train" else shard_eval_loader(loader, world) for s, loader in loaders.items()}
     module = run.module()
     if run.cfg.train.compile:
         run.model.fusion.compile()
         for head in run.model.heads.values():
             head.compile()
     t0 = time.perf_counter()
-    trainer.fit(
-        module,
-        loaders["train"],
-        loaders.get("val"),
-        ckpt_path=str(run_dir / "checkpoints/last.ckpt") if resume else None,
-    )
-    run.timings["fit"] = time.perf_counter() - t0
-    best = trainer.checkpoint_callback.best_model_path or str(run_dir / "checkpoints/last.ckpt")
-    module.load_state_dict(_load_state(best, module), strict=True)
-    export_weights(module.model, run_dir / "model.safetensors")
-    results: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        trainer.strategy.barrier()
-        torch.distributed.destroy_process_group()  # rank 0 evaluates alone: metrics must not wait for the others
-    if trainer.is_global_zero:
-        # One process, every sample once (DDP's sampler would pad), and nothing added to the training logs.
-        evaluator = L.Trainer(
-            accelerator=run.cfg.train.accelerator,
-            devices=1,
-            precision=run.cfg.train.precision,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+    try:
+        trainer.fit(
+            module, loaders["train"], loaders.get("val"), ckpt_path=str(last) if resume else None, weights_only=True
         )
-        for split in ("val", "test"):
-            if split in loaders:
-                results[split] = evaluate_module(evaluator, module, loaders[split], split)
+    except NonFiniteError as err:
+        kept = f"the last good checkpoint is kept: {last}" if last.exists() else "no checkpoint had been written yet"
+        raise NonFiniteError(f"{err}; {kept}") from None
+    run.timings["fit"] = time.perf_counter() - t0
+    best = trainer.checkpoint_callback.best_model_path if has_val else ""
+    best = best or str(last)
+    module.load_state_dict(_load_state(best, module), strict=True)
+    if trainer.is_global_zero:
+        export_weights(module.model, run_dir / "model.safetensors")
+    t0 = time.perf_counter()
+    # Every rank evaluates its shard (each record once) and the metrics are reduced over ranks; nothing of this
+    # goes to the training logs.
+    trainer.loggers = []
+    results = {s: evaluate_module(trainer, module, loaders[s], s) for s in ("val", "test") if s in loaders}
     run.timings["evaluate"] = time.perf_counter() - t0
     run.timings["total"] = time.perf_counter() - start
     summary = {
@@ -211,7 +282,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         "metrics": results,
         "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
         "device": str(trainer.strategy.root_device),
-        "world_size": trainer.world_size,
+        "precision": str(trainer.precision),
+        "world_size": world,
     }
     if trainer.is_global_zero:
         write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2))
@@ -220,8 +292,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
 
 
 def _load_state(path: str, module: MMFuseModule) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    module.on_load_checkpoint(ckpt)
+    ckpt = load_checkpoint(path)
+    try:
+        module.on_load_checkpoint(ckpt)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     return ckpt["state_dict"]
 
 
@@ -267,15 +342,20 @@ def load_run(run_dir: str | Path) -> MultiTaskModel:
             raise ConfigError(f"{run_dir}: not a finished run directory ({name} is missing)")
     cfg = load_config(run_dir / "config.yaml")
     model = build_model_from(cfg.model, build_tasks(cfg.tasks))
-    with safe_open(str(run_dir / "model.safetensors"), "pt") as f:
-        meta = f.metadata() or {}
+    weights = run_dir / "model.safetensors"
+    try:
+        with safe_open(str(weights), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error type (and OSError) for a damaged file
+        shown = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{weights}: not a readable safetensors file (truncated or corrupt?): {shown}") from None
     rebuilt = [m for m in model.encoders if f"frozen.{m}" in meta]
     for m in rebuilt:
         if meta[f"frozen.{m}"] != model.encoders[m].cache_key():
             raise ConfigError(
                 f"{run_dir}/model.safetensors: trained with a different frozen {m} encoder than the config builds"
             )
-    state = load_file(str(run_dir / "model.safetensors"))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # size mismatches
