@@ -203,7 +203,7 @@ def records_from_rows(
 ) -> list[Record]:
     """Parsed rows of one source -> records, with the file-level checks of `read_records` (first)."""
     rows = list(rows)
-    if required:
+    if required and rows:  # (an empty file gets its own error from the caller)
         seen = set(header or ())
         for _, row in rows:
             if isinstance(row, dict):
