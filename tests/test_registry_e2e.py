@@ -95,22 +95,28 @@ def test_encoder_through_train_evaluate_and_predict(name: str, tmp_path: Path, c
     assert capsys.readouterr().out.strip().startswith("label: ")
 
 
-def test_predict_refuses_fields_the_run_does_not_read(tmp_path: Path, capsys) -> None:
-    name = "hf_text"
-    records = write_records(tmp_path, name)
+def test_predict_shorthands_follow_the_configured_field_and_unread_fields_are_refused(tmp_path: Path, capsys) -> None:
+    records = write_records(tmp_path, "hf_text")
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    records.write_text("".join(json.dumps({"caption": r.pop("m"), **r}) + "\n" for r in lines))
+    cfg = yaml.safe_load(write_config(tmp_path, "hf_text", records).read_text())
+    cfg["model"]["encoders"] = {"text": {**cfg["model"]["encoders"]["m"], "field": "caption"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    cfg = write_config(tmp_path, name, records)
-    assert main(["train", str(cfg), "--out", str(run), "--set", "train.max_epochs=1"]) == 0
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(run), "--set", "train.max_epochs=1"]) == 0
     capsys.readouterr()
-    assert main(["predict", str(run), "--image", "x.png", "--field", "m=hello"]) == 2
+    assert main(["predict", str(run), "--text", "apple pie"]) == 0  # --text: the field of the `text` modality
+    assert main(["predict", str(run), "--field", "caption=apple pie"]) == 0
+    assert capsys.readouterr().out.count("label: ") == 2
+    assert main(["predict", str(run), "--image", "x.png", "--text", "apple pie"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "does not read 'image'" in err and "m (field 'm')" in err
+    assert "\n" not in err and "does not read 'image'" in err and "text (field 'caption')" in err
     # records whose fields are misspelled carry none of the run's inputs: refused, or skipped with --skip-bad
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"txt": "hello"}) + "\n" + json.dumps({"m": "apple pie"}) + "\n")
+    bad.write_text(json.dumps({"captoin": "hello"}) + "\n" + json.dumps({"caption": "apple pie"}) + "\n")
     assert main(["predict", str(run), "--input", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("bad.jsonl:1: none of the run's inputs is given; it reads m (field 'm')")
+    assert err.endswith("bad.jsonl:1: none of the run's inputs is given; it reads text (field 'caption')")
     assert main(["predict", str(run), "--input", str(bad), "--skip-bad", "--output", str(tmp_path / "p.jsonl")]) == 0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 1
     assert "skipped" in capsys.readouterr().err
