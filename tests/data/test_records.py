@@ -242,6 +242,12 @@ def test_group_by_a_field(write_jsonl, make_schema):
     assert len(groups["val"]) == 1 and not groups["train"] & groups["val"] and len(splits["val"]) == 10
 
 
+def test_group_by_a_field_no_record_has_is_an_error(write_jsonl, make_schema):
+    path = write_jsonl("r.jsonl", [{"image": f"{i}.png", "text": "x"} for i in range(5)])
+    message = _error(load_record_splits, make_schema(labels=[], group_by="patient"), path=path)
+    assert message.startswith(f"{path}: no field 'patient' to group records by")
+
+
 def test_shared_inputs_warns_about_test_records_seen_in_training(write_jsonl, make_schema):
     train = write_jsonl("train.jsonl", [{"image": f"{i}.png", "text": "x"} for i in range(10)])
     test = write_jsonl("test.jsonl", [{"image": f"{i}.png", "text": "x"} for i in range(8, 14)])

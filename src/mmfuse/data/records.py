@@ -239,6 +239,12 @@ def _check_fields(name: str, schema: Schema, seen: set[str], is_csv: bool) -> No
                 f"{name}: no {what} {' or '.join(map(repr, keys))} for the {modality!r} input ({what}s: {shown}); "
                 f"set model.encoders.{modality}.field, or remove that encoder"
             )
+    group = schema.group_by
+    if group and group not in schema.encoders and group not in seen:
+        raise DataError(
+            f"{name}: no {what} {group!r} to group records by (data.group_by: a modality of the model, "
+            f"{', '.join(schema.encoders)}, or a {what}: {shown})"
+        )
     for task, key in schema.labels.items():
         if key not in seen:
             raise DataError(
