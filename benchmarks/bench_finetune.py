@@ -45,6 +45,7 @@ WITHIN = 0.05
 
 
 def run(s: Settings) -> Result:
+    from mmfuse.builders import loader_options
     from mmfuse.config import parse_config
     from mmfuse.train.data import Features, make_loader
 
@@ -61,7 +62,7 @@ def run(s: Settings) -> Result:
     e2e_records = train_records(4 * n * BATCH)
 
     def e2e_loader(k: int) -> object:
-        return make_loader(cfg, e2e_model, e2e_records, "train", Features())
+        return make_loader(e2e_model, e2e_records, "train", Features(), loader_options(cfg))
 
     def batches(k: int) -> object:
         return list_loader(dyn[:k])

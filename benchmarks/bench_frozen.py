@@ -60,7 +60,7 @@ def run(s: Settings) -> Result:
     feats = run_.prepare()
     extract_s = time.perf_counter() - t0
     records = run_.splits["train"]
-    loader = make_loader(run_.cfg, run_.model, records, "train", feats)
+    loader = make_loader(run_.model, records, "train", feats, run_.loader_options)
     module = run_.module()
     apply_trainer_flags(run_.cfg, s.workdir)
 

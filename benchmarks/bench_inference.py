@@ -25,6 +25,7 @@ from common import (
     Row,
     Settings,
     collate_batches_of,
+    easy_vqa_splits,
     fmt,
     interleave,
     loop_runner,
@@ -54,8 +55,7 @@ def make_run(s: Settings) -> tuple[Path, float]:
 
 
 def run(s: Settings) -> Result:
-    from mmfuse.data.easy_vqa import load_easy_vqa
-    from mmfuse.data.records import Record, read_records
+    from mmfuse.data.records import Record
     from mmfuse.predict import Predictor
 
     run_dir, train_s = make_run(s)
@@ -64,9 +64,9 @@ def run(s: Settings) -> Result:
     load_s = time.perf_counter() - t0
     model = predictor.model
     n = 64 if s.quick else 256
-    test = [Record(r.image, r.text, {}, r.source) for r in load_easy_vqa(seed=0)["test"][:n]]
+    test = [Record(r.inputs, {}, r.source) for r in easy_vqa_splits()["test"][:n]]
     batch_file = s.workdir / "records.jsonl"
-    batch_file.write_text("".join(json.dumps({"image": r.image, "text": r.text}) + "\n" for r in test))
+    batch_file.write_text("".join(json.dumps(r.inputs) + "\n" for r in test))
     one = collate_batches_of(model, test[:1], 1)
     full = collate_batches_of(model, test, PREDICT_BATCH)
 
@@ -78,12 +78,12 @@ def run(s: Settings) -> Result:
         return step
 
     def predict_file(i: int) -> None:
-        records = read_records(batch_file, label_fields=[], required=())
+        records, _ = predictor.check(predictor.records_from_file(batch_file, allow_outside_root=True))
         predictor.predict(records, PREDICT_BATCH)
 
     latency = interleave(
         {
-            "predict": loop_runner(lambda i: predictor.predict([test[i % len(test)]], 1), s.device),
+            "predict": loop_runner(lambda i: predictor.predict(predictor.check([test[i % len(test)]])[0], 1), s.device),
             "forward": loop_runner(forward(one), s.device),
         },
         1,
@@ -145,10 +145,10 @@ def cli_rows(run_dir: Path, batch_file: Path, record: Any, s: Settings) -> list[
     exe = [sys.executable, "-m", "mmfuse.cli"]  # what the `mmfuse` entry point runs, found on any PYTHONPATH
     rows = []
     for what, args in (
-        ("one record", ["--image", record.image, "--text", record.text]),
+        ("one record", ["--image", record.inputs["image"], "--text", record.inputs["text"]]),
         (
             f"file of {sum(1 for _ in open(batch_file))} records",
-            ["--input", str(batch_file), "--output", str(s.workdir / "preds.jsonl")],
+            ["--input", str(batch_file), "--allow-outside-root", "--output", str(s.workdir / "preds.jsonl")],
         ),
     ):
         t0 = time.perf_counter()

@@ -81,7 +81,7 @@ def child(argv: list[str]) -> None:
 
     run = prepared_run(config(device, a.base, a.cache_dir), a.factor)
     feats = run.prepare()
-    loader = make_loader(run.cfg, run.model, run.splits["train"], "train", feats)
+    loader = make_loader(run.model, run.splits["train"], "train", feats, run.loader_options)
     module = run.module()
     rss_before = max_rss_mb()
     _, EpochClock = lightning_callbacks()

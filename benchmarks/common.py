@@ -289,10 +289,18 @@ def build_reference(freeze: bool = False, fusion: dict[str, Any] | None = None) 
     return build_model(model_config(freeze, fusion))
 
 
-def train_records(n: int | None = None) -> list[Any]:
+def easy_vqa_splits(val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[Any]]:
+    """easy-VQA records read through the reference config's encoders (as `mmfuse train` reads them)."""
+    from mmfuse.builders import build_encoders, build_schema
+    from mmfuse.config import parse_config
     from mmfuse.data.easy_vqa import load_easy_vqa
 
-    records = load_easy_vqa(val_fraction=0.1, seed=0)["train"]
+    cfg = parse_config(model_config())
+    return load_easy_vqa(build_schema(cfg, build_encoders(cfg.model)), val_fraction=val_fraction, seed=seed)
+
+
+def train_records(n: int | None = None) -> list[Any]:
+    records = easy_vqa_splits()["train"]
     return records if n is None else records[:n]
 
 
@@ -315,7 +323,7 @@ def pad_to_max(batches: list[dict[str, Any]], records: Sequence[Any], tokenizer:
     """The same batches with the text re-tokenised the notebook way: padding="max_length" (128)."""
     out = []
     for b, batch in enumerate(batches):
-        texts = [r.text for r in records[b * BATCH : (b + 1) * BATCH]]
+        texts = [r.inputs["text"] for r in records[b * BATCH : (b + 1) * BATCH]]
         text = tokenizer(
             texts, padding="max_length", truncation=True, max_length=NOTEBOOK_MAX_LENGTH, return_tensors="pt"
         )

@@ -61,7 +61,7 @@ def _fit(tmp_path: Path, accelerator: str, **trainer: Any) -> tuple[RecordingMod
         num_sanity_val_steps=0,
         **trainer,
     )
-    fitter.fit(module, make_loader(run.cfg, run.model, run.splits["train"], "train", feats))
+    fitter.fit(module, make_loader(run.model, run.splits["train"], "train", feats, run.loader_options))
     return module, before
 
 

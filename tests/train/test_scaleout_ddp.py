@@ -126,7 +126,7 @@ def test_padding_rows_are_never_counted(tmp_path: Path) -> None:
     model = run.model.eval()
     run.splits = {"val": run.splits["val"]}
     feats = run.prepare()
-    plain = make_loader(run.cfg, model, run.splits["val"], "val", feats)
+    plain = make_loader(model, run.splits["val"], "val", feats, run.loader_options)
     n = len(plain.dataset)
     assert n == EVAL_SIZE
     repeats = [n + 0, n + 1, n + 8]  # rows 0 (size, colour), 1 (flag) and 8 (tags) once more

@@ -101,6 +101,7 @@ def write_report(run_dir: Path, cfg: RunConfig, summary: dict[str, Any], bad: li
         _selection_line(summary),
         f"- device: {summary['device']} x {summary['world_size']}, precision {summary.get('precision', '32-true')}",
         "- time (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()),
+        *[f"- warning: {w}" for w in summary.get("warnings", [])],
         "",
     ]
     for split in ("test", "val"):
