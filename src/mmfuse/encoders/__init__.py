@@ -3,8 +3,6 @@
 import mmfuse.encoders.embedding  # noqa: F401  (registration)
 import mmfuse.encoders.tabular  # noqa: F401  (registration)
 from mmfuse.encoders import hf_text, timm_image, torchvision_image  # noqa: F401,E402  (registration)
-from mmfuse.encoders import embedding  # noqa: F401,E402  (registration)
-from mmfuse.encoders import tabular  # noqa: F401,E402  (registration)
 from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
 
 __all__ = ["ENCODERS", "Encoder", "EncoderOutput"]
