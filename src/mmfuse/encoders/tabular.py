@@ -192,18 +192,10 @@ class TabularEncoder(Encoder):
         self._check_stats()
 
     def _check_stats(self) -> None:
-        if self.stats is not None:
-            absent = [col for col in self.numeric_columns if col not in self.stats]
-            if absent:
-                raise ValueError(f"tabular numeric: no mean/std for column(s) {absent}")
-            for col in self.numeric_columns:
-                std = float(self.stats[col].get("std", float("nan")))
-                if not (math.isfinite(std) and std > 0 and math.isfinite(float(self.stats[col].get("mean", "nan")))):
-                    raise ValueError(f"tabular numeric.{col}: mean must be finite and std finite and > 0")
-        if self.vocab is not None:
-            absent = [col for col in self.categorical_columns if col not in self.vocab]
-            if absent:
-                raise ValueError(f"tabular categorical: no vocabulary for column(s) {absent}")
+        for col, stat in (self.stats or {}).items():
+            mean, std = float(stat.get("mean", math.nan)), float(stat.get("std", math.nan))
+            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                raise ValueError(f"tabular numeric.{col}: needs a finite mean and a finite std > 0, got {stat}")
 
     def options(self) -> dict[str, Any]:
         """The fitted `numeric` and `categorical` options, as written into a run's config."""
@@ -220,7 +212,7 @@ class TabularEncoder(Encoder):
         codes = []
         for col in self.categorical_columns:
             key = category_key(raw.get(col), col)
-            codes.append(MISSING if key is None else lookup[col].get(key, UNKNOWN))
+            codes.append(MISSING if key is None else lookup.get(col, {}).get(key, UNKNOWN))
         return {"numeric": numeric, "numeric_present": present, "categorical": torch.tensor(codes, dtype=torch.long)}
 
     def _lookup(self) -> dict[str, dict[str, int]]:
