@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from mmfuse.assets import module_sha256
-from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
+from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError
 
 MISSING, UNKNOWN, FIRST = 0, 1, 2  # categorical indices: missing cell, unseen value, first vocabulary entry
 NumericSpec = list[str] | dict[str, dict[str, float]]
@@ -128,7 +128,7 @@ class TabularEncoder(Encoder):
         freeze: no gradients and always eval mode.
     """
 
-    modality = "table"
+    modality = "tabular"
 
     def __init__(
         self,
@@ -202,6 +202,50 @@ class TabularEncoder(Encoder):
         return {"numeric": dict(self.stats or {}), "categorical": dict(self.vocab or {})}
 
     # ------------------------------------------------------------------ data side
+    @property
+    def columns(self) -> list[str]:
+        """Numeric then categorical columns: the order of the cells in a reference and of the tokens."""
+        return self.numeric_columns + self.categorical_columns
+
+    @property
+    def has_tokens(self) -> bool:
+        return True
+
+    def fields(self, field: str) -> list[str]:
+        """The columns, or `field` when it holds them as one JSON object (`{"table": {"age": 31, ...}}`)."""
+        return [field, *self.columns]
+
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> tuple[float | str | None, ...] | None:
+        """The row's cells in `columns` order (numbers parsed, categories as keys, None where missing), or None
+        when every cell is missing. The cells come from `row[field]` when that is an object, else from the row."""
+        nested = row.get(field)
+        source = nested if isinstance(nested, Mapping) else row
+        try:
+            cells = tuple(parse_number(source.get(c), c) for c in self.numeric_columns) + tuple(
+                category_key(source.get(c), c) for c in self.categorical_columns
+            )
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        return None if all(c is None for c in cells) else cells
+
+    def load(self, ref: Hashable) -> dict[str, Any]:
+        """Cells -> `{column: cell}`, what `preprocess` takes."""
+        return dict(zip(self.columns, ref, strict=True))  # type: ignore[arg-type]
+
+    def placeholder(self) -> dict[str, torch.Tensor]:
+        """A row with every cell missing."""
+        return self.preprocess({})
+
+    def fit(self, refs: Sequence[Hashable]) -> dict[str, Any]:
+        """The training split's statistics and vocabularies, for the columns given by name only ({} when
+        everything is already fitted): `{"numeric": {col: {mean, std}}, "categorical": {col: [values]}}`."""
+        todo_numeric = self.numeric_columns if self.stats is None else []
+        todo_categorical = self.categorical_columns if self.vocab is None else []
+        if not todo_numeric and not todo_categorical:
+            return {}
+        fitted = fit_table((self.load(r) for r in refs), todo_numeric, todo_categorical, self.min_count)
+        return {k: v for k, v in fitted.items() if v}
+
     def preprocess(self, raw: Mapping[str, Any], train: bool = False) -> dict[str, torch.Tensor]:
         """One row `{column: cell}` -> numeric (N,) raw values (0 where missing), numeric_present (N,) bool,
         categorical (C,) indices (0 missing, 1 unknown, 2.. vocabulary). `train` changes nothing."""
