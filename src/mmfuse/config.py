@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from mmfuse.registry import Registry
 
@@ -40,23 +40,36 @@ class Component(BaseModel):
         return dict(self.model_extra or {})
 
 
+class EncoderConfig(Component):
+    """`{name: registry_name, field: record_field, **options}` for one modality."""
+
+    field: str | None = None  # the record field (or field prefix) the encoder reads; default: the modality's name
+
+
 class HeadConfig(_Strict):
     hidden_dims: list[int] = Field(default_factory=list)
     dropout: float = 0.0
 
 
 class ModelConfig(_Strict):
-    encoders: dict[str, Component]
+    encoders: dict[str, EncoderConfig]
     fusion: Component
     head: HeadConfig = Field(default_factory=HeadConfig)
 
 
-class TaskConfig(_Strict):
-    kind: Literal["binary", "multiclass", "multilabel", "regression"]
+class TaskConfig(BaseModel):
+    """`{kind: registry_name, field:, weight:, classes:, **options}`; options are checked against the kind."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str
     classes: list[str] | None = None
     weight: float = 1.0
-    loss: Literal["mse", "l1"] | None = None
     field: str | None = None  # record field holding the label; default: the task's name
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Kind-specific options (e.g. `loss` of a regression); None values are left out."""
+        return {k: v for k, v in (self.model_extra or {}).items() if v is not None}
 
 
 class DataConfig(_Strict):
@@ -65,10 +78,10 @@ class DataConfig(_Strict):
     train: str | None = None
     val: str | None = None
     test: str | None = None
-    image_root: str | None = None
-    image_field: str = "image"
-    text_field: str = "text"
+    root: str | None = Field(None, validation_alias=AliasChoices("root", "image_root"))
+    allow_outside_root: bool = False
     split_field: str = "split"
+    group_by: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0)
@@ -153,7 +166,7 @@ def parse_config(data: Mapping[str, Any]) -> RunConfig:
 
 # ---------------------------------------------------------------- component options
 # Arguments that builders derive from other objects, never written in a config.
-_DERIVED = {"self", "input_dims", "tasks", "modalities", "input_dim", "args", "kwargs"}
+_DERIVED = {"self", "name", "input_dims", "tasks", "modalities", "input_dim", "args", "kwargs"}
 
 
 def component_options(registry: Registry[Any], comp: Component, key: str) -> dict[str, Any]:
@@ -185,14 +198,33 @@ def component_options(registry: Registry[Any], comp: Component, key: str) -> dic
     return {k: getattr(opts, k) for k in comp.options}
 
 
+def check_name(name: str, key: str, what: str) -> None:
+    """A task or modality name must be usable as a module key: not empty, no ".", not a torch.nn.Module attribute."""
+    from torch import nn
+
+    if not name or "." in name or hasattr(nn.ModuleDict(), name):
+        raise ConfigError(
+            f"{key}: {what} name {name!r} cannot name a module (empty, a '.', or a torch.nn.Module attribute such as "
+            f"train/to/type); rename it{' and set field: ' + repr(name) + ' to keep reading the same field' if name else ''}"
+        )
+
+
 def _check_components(cfg: RunConfig) -> None:
     from mmfuse.balance import BALANCERS
     from mmfuse.encoders import ENCODERS
     from mmfuse.fusion import FUSIONS
     from mmfuse.mtl import WEIGHTINGS
 
+    from mmfuse.tasks import TASK_KINDS
+
     for modality, enc in cfg.model.encoders.items():
+        check_name(modality, f"model.encoders.{modality}", "modality")
         component_options(ENCODERS, enc, f"model.encoders.{modality}")
+    for name, tc in cfg.tasks.items():
+        check_name(name, f"tasks.{name}", "task")
+        if tc.kind not in TASK_KINDS:
+            raise ConfigError(f"tasks.{name}.kind: unknown task kind {tc.kind!r}; choose one of: {', '.join(TASK_KINDS.names())}")
+        component_options(TASK_KINDS, Component(name=tc.kind, **tc.options), f"tasks.{name}")
     component_options(FUSIONS, cfg.model.fusion, "model.fusion")
     component_options(WEIGHTINGS, cfg.train.weighting, "train.weighting")
     weighted = [n for n, t in cfg.tasks.items() if t.weight != 1.0]

@@ -1,7 +1,8 @@
-"""Records: one sample as read from a JSONL/JSON or CSV file, before any decoding.
+"""Records: one sample each, read from JSONL/JSON/CSV files (or a built-in set), split into train/val/test.
 
-A record holds an absolute image path, a text and the raw label of each task (None where the
-label is missing or empty: missing labels are not errors, they are masked in the loss later).
+A `Record` holds `inputs: {modality: reference}` and `labels: {task: raw label}`. Which row fields
+become which input is the business of each modality's encoder (`Encoder.read`), told by a `Schema`
+which field it reads; labels are kept raw (each task kind parses its own in validation).
 Every problem in a file is a one-line `DataError` "FILE:ROW: what is wrong", where ROW is the
 1-based line number (for CSV the header is line 1, so the first data row is line 2).
 """
@@ -12,13 +13,16 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmfuse.encoders.base import Encoder
 
 logger = logging.getLogger(__name__)
 
@@ -36,175 +40,262 @@ class Record:
     """One sample.
 
     Attributes:
-        image: absolute image path, or None when the sample has no image.
-        text: the text, or None when the sample has no text.
-        labels: {task: raw label or None (missing)}.
+        inputs: {modality: the input's reference (as its encoder's `read` returns it), or None when missing}.
+        labels: {task: raw label, or None when missing (masked in the loss, never an error)}.
         source: "FILE:ROW" where the record came from, used in every error about it.
         split: "train", "val" or "test" when known.
+        group: the value of the `data.group_by` field, when it names a field rather than a modality.
     """
 
-    image: str | None
-    text: str | None
+    inputs: dict[str, Any]
     labels: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     split: str | None = None
+    group: Hashable | None = None
 
 
-def _label_map(label_fields: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
-    """{task: record field}; a plain list names tasks that read the field of the same name."""
-    if isinstance(label_fields, Mapping):
-        return dict(label_fields)
-    return {name: name for name in label_fields}
+@dataclass
+class Schema:
+    """How rows become records: each modality's encoder and field, each task's label field.
+
+    Args:
+        encoders: {modality: encoder}; only the data side (`fields`, `read`) is used here.
+        fields: {modality: the record field its encoder reads}; default: the modality's name.
+        labels: {task: record field holding its label}.
+        split_field: optional field naming each record's split (train/val/validation/test).
+        group_by: a field whose records stay in one split (a modality's name is handled by `group_key`).
+    """
+
+    encoders: Mapping[str, Encoder]
+    fields: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    split_field: str | None = "split"
+    group_by: str | None = None
+
+    def field_of(self, modality: str) -> str:
+        return self.fields.get(modality, modality)
+
+    def row_keys(self, modality: str) -> list[str]:
+        """The row keys the modality's encoder reads."""
+        return self.encoders[modality].fields(self.field_of(modality))
+
+    def record(self, row: Mapping[str, Any], where: str, root: Any, required: bool) -> Record:
+        """One parsed row -> Record; DataError "WHERE: ..." for a missing required field or a bad value."""
+        from mmfuse.encoders.base import InputError
+
+        inputs: dict[str, Any] = {}
+        for modality, encoder in self.encoders.items():
+            keys = self.row_keys(modality)
+            if required and not any(k in row for k in keys):
+                fields = ", ".join(map(str, row)) or "none"
+                raise DataError(f"{where}: record has no {' or '.join(map(repr, keys))} field (fields: {fields})")
+            try:
+                inputs[modality] = encoder.read(row, self.field_of(modality), root)
+            except InputError as err:
+                raise DataError(f"{where}: {modality}: {err}") from None
+        split = _text(row.get(self.split_field)) if self.split_field else None
+        group = None
+        if self.group_by and self.group_by not in self.encoders:
+            value = row.get(self.group_by)
+            group = value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value)
+        labels = {task: _clean_label(row.get(name)) for task, name in self.labels.items()}
+        return Record(inputs, labels, where, split.lower() if split else None, group)
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
+def _text(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return str(value).strip()
 
 
 def _clean_label(value: Any) -> Any:
-    if _missing(value):
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
     return value.strip() if isinstance(value, str) else value
 
 
-def _string_field(row: Mapping[str, Any], name: str, where: str, required: bool = True) -> str | None:
-    """A modality field's value: null/empty is None (missing modality); an absent key is an error if required."""
-    if name not in row and not required:
-        return None
-    if name not in row:
-        raise DataError(f"{where}: record has no {name!r} field (fields: {', '.join(map(str, row)) or 'none'})")
-    value = row[name]
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__} {value!r:.40}")
-    return value
+# ---------------------------------------------------------------------- reading files
+def _json_value(text: str, where: str) -> Any:
+    """One JSON document -> value, or a DataError for bad JSON, absurd nesting or an oversized number."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        return DataError(f"{where}: bad JSON: {err.msg} (column {err.colno})")
+    except RecursionError:
+        return DataError(f"{where}: JSON nested too deeply")
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        return DataError(f"{where}: bad JSON: {str(err).splitlines()[0][:120]}")
 
 
-def _make_record(
-    row: Mapping[str, Any],
-    where: str,
-    labels: Mapping[str, str],
-    image_root: Path,
-    image_field: str | None,
-    text_field: str | None,
-    split_field: str | None,
-    required: Collection[str],
-) -> Record:
-    image = _string_field(row, image_field, where, "image" in required) if image_field else None
-    if image is not None:
-        image = os.path.abspath(os.path.join(image_root, os.path.expanduser(image.strip())))
-    text = _string_field(row, text_field, where, "text" in required) if text_field else None
-    split = row.get(split_field) if split_field else None
-    split = None if _missing(split) else str(split).strip().lower()
-    raw = {task: _clean_label(row.get(name)) for task, name in labels.items()}
-    return Record(image=image, text=text, labels=raw, source=where, split=split)
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is accepted and dropped
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(row number, parsed value) for a JSON-lines file, or for a JSON array (rows = items)."""
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if path.suffix == ".json" and content.lstrip().startswith("["):
-        try:
-            items = json.loads(content)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: bad JSON: {err.msg} (column {err.colno})") from None
+    """(row number, parsed value or DataError) for a JSON-lines file, or for a JSON array (rows = items)."""
+    content = _read_text(path)
+    if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
+        items = _json_value(content, str(path))
+        if isinstance(items, DataError):
+            raise items
         yield from enumerate(items, start=1)
         return
     for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:  # a bad line is that row's error (skippable), not the file's
-            yield number, DataError(f"{path}:{number}: bad JSON: {err.msg} (column {err.colno})")
+        if line.strip():
+            yield number, _json_value(line, f"{path}:{number}")  # a bad line is that row's error (skippable)
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number of the row's first line, {column: cell}) for a CSV file with a header."""
+def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, Any]]]:
+    """(header, iterator of (line number of the row's first line, {column: cell} or DataError))."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                return
-            header = [h.strip() for h in header]
-            start = reader.line_num + 1
-            for cells in reader:
-                if cells:
-                    if len(cells) != len(header):
-                        yield (
-                            start,
-                            DataError(f"{path}:{start}: row has {len(cells)} cells but the header has {len(header)}"),
-                        )
-                    else:
-                        yield start, dict(zip(header, cells))
-                start = reader.line_num + 1
+        handle = path.open(newline="", encoding="utf-8-sig")
+        reader = csv.reader(handle)
+        header = [h.strip() for h in next(reader, None) or []]
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except csv.Error as err:
-        raise DataError(f"{path}:{reader.line_num}: bad CSV: {err}") from None
+        raise DataError(f"{path}:1: bad CSV header: {err}") from None
+
+    def rows() -> Iterator[tuple[int, Any]]:
+        start = reader.line_num + 1
+        try:
+            for cells in reader:
+                if cells and len(cells) != len(header):
+                    yield start, DataError(f"{path}:{start}: row has {len(cells)} cells but the header has {len(header)}")
+                elif cells:
+                    yield start, dict(zip(header, cells))
+                start = reader.line_num + 1
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except csv.Error as err:
+            raise DataError(f"{path}:{reader.line_num}: bad CSV: {err}") from None
+        finally:
+            handle.close()
+
+    return header, rows()
+
+
+def read_rows(path: str | os.PathLike[str]) -> tuple[list[str] | None, Iterator[tuple[int, Any]]]:
+    """(CSV header or None, (row number, parsed row or DataError)) for a .jsonl/.json/.ndjson/.csv file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: records file not found (looked in {path.resolve().parent})")
+    suffix = path.suffix.lower()
+    if suffix in _JSON_SUFFIXES:
+        return None, _json_rows(path)
+    if suffix == ".csv":
+        return _csv_rows(path)
+    raise DataError(f"{path}: unknown records format {path.suffix!r} (use .jsonl, .json or .csv)")
+
+
+def records_from_rows(
+    rows: Iterator[tuple[int, Any]] | Sequence[tuple[int, Any]],
+    name: str,
+    schema: Schema,
+    root: Any,
+    *,
+    required: bool = True,
+    header: Sequence[str] | None = None,
+    errors: list[tuple[str, str]] | None = None,
+) -> list[Record]:
+    """Parsed rows of one source -> records, with the file-level checks of `read_records`."""
+    records, seen = [], set(header or ())
+    for number, row in rows:
+        where = f"{name}:{number}"
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+            seen.update(row)
+            records.append(schema.record(row, where, root, required))
+        except DataError as err:
+            if errors is None:
+                raise
+            errors.append((where, str(err).removeprefix(f"{where}: ")))
+    if required:
+        _check_fields(name, schema, seen, header is not None)
+    return records
+
+
+def _check_fields(name: str, schema: Schema, seen: set[str], is_csv: bool) -> None:
+    """A file that lacks a modality's field or a task's label field entirely is an error, not a silent drop."""
+    what = "column" if is_csv else "field"
+    shown = ", ".join(sorted(map(str, seen))) or "none"
+    for modality in schema.encoders:
+        keys = schema.row_keys(modality)
+        if not any(k in seen for k in keys):
+            raise DataError(
+                f"{name}: no {what} {' or '.join(map(repr, keys))} for the {modality!r} input ({what}s: {shown}); "
+                f"set model.encoders.{modality}.field, or remove that encoder"
+            )
+    for task, key in schema.labels.items():
+        if key not in seen:
+            raise DataError(
+                f"{name}: no {what} {key!r} for the labels of task {task!r} ({what}s: {shown}); add it (empty cells "
+                f"are missing labels, masked) or set tasks.{task}.field"
+            )
 
 
 def read_records(
     path: str | os.PathLike[str],
+    schema: Schema,
     *,
-    label_fields: Sequence[str] | Mapping[str, str],
-    image_root: str | os.PathLike[str] | None = None,
-    image_field: str | None = "image",
-    text_field: str | None = "text",
-    split_field: str | None = "split",
-    required: Collection[str] = ("image", "text"),
+    root: str | os.PathLike[str] | None = None,
+    allow_outside_root: bool = False,
+    required: bool = True,
     errors: list[tuple[str, str]] | None = None,
 ) -> list[Record]:
     """Read records from a `.jsonl`/`.json` (one object per line, or a JSON array) or `.csv` file.
 
     Args:
         path: the records file.
-        label_fields: task names whose labels sit in fields of the same name, or {task: field}.
-        image_root: folder that relative image paths are joined to; default: the file's folder.
-        image_field: field holding the image path (required in every record); None: no images.
-        text_field: field holding the text (required in every record); None: no text.
-        split_field: optional field naming each record's split (train/val/validation/test).
-        required: the modalities ("image", "text") whose field every record must have; a record may
-            omit the others (None). Prediction inputs pass `()`.
-        errors: when given, a bad row (bad JSON, missing field, non-string text) is appended here as
+        schema: each modality's encoder and field, each task's label field.
+        root: folder that file references are resolved against and confined to; default: the file's folder.
+        allow_outside_root: accept file references outside `root` (absolute paths, `~`, `..`).
+        required: training/evaluation data: every record must have every modality's field (null is a missing
+            input), and the file must have every task's label field. Prediction inputs pass False.
+        errors: when given, a bad row (bad JSON, missing field, bad value) is appended here as
             (FILE:ROW, reason) and skipped instead of raising.
 
     Raises:
-        DataError: "FILE:ROW: ..." for a missing file, an unknown extension, bad JSON, a record that
-            is not an object or lacks a required image or text field.
+        DataError: "FILE:ROW: ..." for a missing file, an unknown extension, bad JSON, a record that is
+            not an object or lacks a required field; "FILE: ..." for a field no record has.
     """
+    from mmfuse.encoders.base import DataRoot
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: records file not found (looked in {path.resolve().parent})")
-    suffix = path.suffix.lower()
-    if suffix in _JSON_SUFFIXES:
-        rows: Iterator[tuple[int, Any]] = _json_rows(path)
-    elif suffix == ".csv":
-        rows = _csv_rows(path)
-    else:
-        raise DataError(f"{path}: unknown records format {path.suffix!r} (use .jsonl, .json or .csv)")
-    root = Path(image_root).expanduser() if image_root is not None else path.parent
-    labels = _label_map(label_fields)
-    records = []
-    for number, row in rows:
-        where = f"{path}:{number}"
-        try:
-            if isinstance(row, DataError):
-                raise row
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
-            records.append(_make_record(row, where, labels, root, image_field, text_field, split_field, required))
-        except DataError as err:
-            if errors is None:
-                raise
-            errors.append((where, str(err).removeprefix(f"{where}: ")))
+    header, rows = read_rows(path)
+    data_root = DataRoot(Path(root).expanduser() if root is not None else path.parent, allow_outside_root)
+    records = records_from_rows(rows, str(path), schema, data_root, required=required, header=header, errors=errors)
     logger.debug("read %d records from %s", len(records), path)
     return records
+
+
+# ---------------------------------------------------------------------- splits
+def group_key(record: Record, group_by: str | None) -> Hashable:
+    """The key whose records share a split: a modality's reference, the group field's value, or the record."""
+    if group_by is None:
+        return id(record)
+    if group_by in record.inputs:
+        value = record.inputs[group_by]
+    else:
+        value = record.group
+    return id(record) if value is None else (group_by, value)
+
+
+def default_group_by(records: Sequence[Record], encoders: Mapping[str, Encoder]) -> str | None:
+    """The first modality whose encoder `groups_records` (files) and whose references repeat, else None."""
+    for modality, encoder in encoders.items():
+        if not encoder.groups_records:
+            continue
+        refs = [r.inputs.get(modality) for r in records if r.inputs.get(modality) is not None]
+        if len(set(refs)) < len(refs):
+            return modality
+    return None
 
 
 def split_records(
@@ -218,18 +309,19 @@ def split_records(
 
     Args:
         records: the records to split; each keeps its file order inside its split.
-        val_fraction: share of records (or groups) for "val".
-        test_fraction: share of records (or groups) for "test".
+        val_fraction: share of groups (records, when not grouped) for "val".
+        test_fraction: share of groups for "test".
         seed: seed of the shuffle.
-        group_by: a Record attribute (e.g. "image") whose records stay together in one split.
+        group_by: a modality (records with the same reference) or a field (`Record.group`) whose records stay
+            together in one split; None: every record is its own group.
 
     Returns:
         {"train": [...], "val": [...], "test": [...]}, records copied with `split` set.
     """
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be >= 0, sum < 1")
-    keys = [getattr(r, group_by) if group_by else i for i, r in enumerate(records)]
-    groups = list(dict.fromkeys(keys)) if group_by else keys
+    keys = [group_key(r, group_by) for r in records]
+    groups = list(dict.fromkeys(keys))
     order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
     n_val, n_test = _split_size(len(groups), val_fraction), _split_size(len(groups), test_fraction)
@@ -266,17 +358,37 @@ def _by_split_field(records: list[Record], split_field: str) -> dict[str, list[R
     return out
 
 
+def carve_splits(
+    splits: dict[str, list[Record]],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    group_by: str | None,
+) -> dict[str, list[Record]]:
+    """Carve the empty val/test splits (by their fractions) out of train, groups kept whole."""
+    carve_val = val_fraction if not splits.get("val") else 0.0
+    carve_test = test_fraction if not splits.get("test") else 0.0
+    if not (carve_val or carve_test):
+        return splits
+    carved = split_records(splits["train"], carve_val, carve_test, seed, group_by)
+    out = dict(splits)
+    out["train"] = carved["train"]
+    if carve_val:
+        out["val"] = carved["val"]
+    if carve_test:
+        out["test"] = carved["test"]
+    return out
+
+
 def load_record_splits(
+    schema: Schema,
     *,
     train: str | os.PathLike[str] | None = None,
     val: str | os.PathLike[str] | None = None,
     test: str | os.PathLike[str] | None = None,
     path: str | os.PathLike[str] | None = None,
-    label_fields: Sequence[str] | Mapping[str, str],
-    image_root: str | os.PathLike[str] | None = None,
-    image_field: str | None = "image",
-    text_field: str | None = "text",
-    split_field: str | None = "split",
+    root: str | os.PathLike[str] | None = None,
+    allow_outside_root: bool = False,
     val_fraction: float = 0.1,
     test_fraction: float = 0.0,
     seed: int = 0,
@@ -284,67 +396,66 @@ def load_record_splits(
 ) -> dict[str, list[Record]]:
     """Load train/val/test records from one file per split, or from one file.
 
-    With separate files, a split without a file is carved out of train by its fraction (seeded).
-    With one `path`, records that carry a split field are grouped by it (train/val/validation/test;
-    if no record is marked val, val is carved out of train); without a split field the records are
-    split at random by `val_fraction`/`test_fraction` and `seed`.
+    With separate files, a split without a file is carved out of train by its fraction (seeded, groups kept
+    whole). With one `path`, records that carry a split field are grouped by it (train/val/validation/test;
+    if no record is marked val, val is carved out of train); without a split field the records are split at
+    random by `val_fraction`/`test_fraction` and `seed`. Groups (`schema.group_by`, default: the repeated
+    file input, see `default_group_by`) never straddle two random splits.
 
     Returns:
         {"train": [...], "val": [...], "test": [...]} (val/test may be empty).
     """
-    read = dict(
-        label_fields=label_fields,
-        image_root=image_root,
-        image_field=image_field,
-        text_field=text_field,
-        split_field=split_field,
-        errors=errors,
-    )
+    read = dict(root=root, allow_outside_root=allow_outside_root, errors=errors)
     if path is not None and any(p is not None for p in (train, val, test)):
         raise ValueError("give either one records `path` or separate train/val/test files, not both")
     if path is not None:
-        records = read_records(path, **read)
+        records = read_records(path, schema, **read)
         if not records:
             raise DataError(f"{path}: no records")
-        if split_field and any(r.split is not None for r in records):
-            splits = _by_split_field(records, split_field)
-            if not splits["val"] and val_fraction > 0:
-                logger.info("%s: no record is marked val; holding out %.0f%% of train", path, 100 * val_fraction)
-                carved = split_records(splits["train"], val_fraction, 0.0, seed)
-                splits["train"], splits["val"] = carved["train"], carved["val"]
+        group_by = schema.group_by or default_group_by(records, schema.encoders)
+        if schema.split_field and any(r.split is not None for r in records):
+            splits = _by_split_field(records, schema.split_field)
             if not splits["train"]:
                 raise DataError(f"{path}: no record is marked train")
+            if not splits["val"] and val_fraction > 0:
+                logger.info("%s: no record is marked val; holding out %.0f%% of train", path, 100 * val_fraction)
+                splits = carve_splits(splits, val_fraction, 0.0, seed, group_by)
             return splits
-        return split_records(records, val_fraction, test_fraction, seed)
+        return split_records(records, val_fraction, test_fraction, seed, group_by)
     if train is None:
         raise ValueError("give a records `path` or at least a `train` file")
-    splits = {"train": _with_split(read_records(train, **read), "train")}
+    splits = {"train": _with_split(read_records(train, schema, **read), "train")}
     if not splits["train"]:
         raise DataError(f"{train}: no records")
-    carve_val = val_fraction if val is None else 0.0
-    carve_test = test_fraction if test is None else 0.0
-    if carve_val or carve_test:
-        splits.update(split_records(splits["train"], carve_val, carve_test, seed))
     for name, file in (("val", val), ("test", test)):
+        splits[name] = []
         if file is not None:
-            splits[name] = _with_split(read_records(file, **read), name)
-        splits.setdefault(name, [])
-    return splits
+            splits[name] = _with_split(read_records(file, schema, **read), name)
+            if not splits[name]:
+                raise DataError(f"{file}: no records (data.{name} names an empty file)")
+    group_by = schema.group_by or default_group_by(splits["train"], schema.encoders)
+    return carve_splits(
+        splits, val_fraction if val is None else 0.0, test_fraction if test is None else 0.0, seed, group_by
+    )
 
 
-def _label_names(value: Any, multilabel: bool) -> list[str]:
-    if isinstance(value, (list, tuple, set)):
-        return [str(v).strip() for v in value]
-    text = str(value).strip()
-    return [s.strip() for s in text.split("|") if s.strip()] if multilabel else [text]
+def shared_inputs(splits: Mapping[str, Sequence[Record]], modalities: Sequence[str]) -> list[str]:
+    """Warnings about val/test records whose input (of a file-backed modality) also occurs in training records.
 
-
-def infer_classes(records: Sequence[Record], task: str, multilabel: bool = False) -> list[str]:
-    """Sorted distinct non-missing label strings of `task` (lists and, if multilabel, "a|b" split)."""
-    names: set[str] = set()
-    for r in records:
-        value = r.labels.get(task)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
-        names.update(_label_names(value, multilabel))
-    return sorted(names)
+    Such a split measures partly on seen inputs: model selection and test metrics come out optimistic.
+    """
+    notes = []
+    train = splits.get("train") or []
+    for modality in modalities:
+        seen = {r.inputs.get(modality) for r in train} - {None}
+        for split in ("val", "test"):
+            records = splits.get(split) or []
+            shared = [r for r in records if r.inputs.get(modality) in seen]
+            if shared:
+                count = Counter(r.inputs.get(modality) for r in shared)
+                notes.append(
+                    f"{len(shared)} of {len(records)} {split} records share their {modality!r} input with training "
+                    f"records ({len(count)} distinct, e.g. {str(next(iter(count)))[:80]}): {split} metrics are "
+                    "optimistic; set data.group_by or separate the files"
+                )
+    return notes

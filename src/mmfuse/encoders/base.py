@@ -1,11 +1,38 @@
-"""Encoder contract.
+"""Encoder contract: the network side (`forward -> EncoderOutput`) and the data side (everything
+modality-specific about an input, from a record's field to a collated batch).
 
 Shapes: B batch, T tokens, D feature size.
+
+The data path never branches on a modality's name; it asks the modality's encoder:
+
+```
+row (parsed JSONL object / CSV row)
+  -> encoder.read(row, field, root)   -> reference (hashable: a path, a string, a tuple of cells) or None (missing)
+  -> encoder.check(ref)               -> None, or a one-line reason the reference is bad (validated up front)
+  -> encoder.content_hash(ref)        -> key of the feature cache (file bytes for a path, the value otherwise)
+  -> encoder.load(ref)                -> raw sample (a decoded PIL image, the string, ...)
+  -> encoder.preprocess(raw, train)   -> one item (a tensor, a string, ...)
+  -> encoder.collate(items)           -> the batch input of `forward`
+  -> encoder(batch)                   -> EncoderOutput
+```
+
+A missing input (`read` returned None) becomes `encoder.placeholder()` in the batch, and the model turns
+it into exact zeros through the batch's `absent` mask. `length(ref)` orders batches by length; `fit(refs)`
+learns options from the training split (standardisation statistics, vocabularies) that are written into
+the run's resolved config, so the config alone rebuilds the same encoder.
+
+The data-side methods run in DataLoader worker processes and in threads: they must not use or change the
+network's weights, and they must only read files under the data root (`DataRoot.resolve`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +41,87 @@ from torch import nn
 from mmfuse.registry import Registry
 
 ENCODERS: Registry[type[Encoder]] = Registry("encoder")
+
+MAX_NAME_BYTES = 255  # a longer file or folder name cannot exist on common file systems
+MAX_PATH_BYTES = 4096
+
+
+class InputError(ValueError):
+    """A bad input reference, as one line without the file and row (the data layer adds "FILE:ROW: ")."""
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    """The folder that file references in records are resolved against and confined to.
+
+    Args:
+        path: the data folder (relative references are joined to it).
+        allow_outside: also accept absolute paths, `~` and `..` that leave the folder (`data.allow_outside_root`).
+    """
+
+    path: Path
+    allow_outside: bool = False
+
+    def resolve(self, value: str, what: str = "file") -> str:
+        """A record's file reference -> an absolute, normalised path inside the data folder.
+
+        Raises:
+            InputError: for an absolute path, `~` or `..` that leaves the folder (unless `allow_outside`),
+                a name over 255 bytes, a NUL byte.
+        """
+        text = value.strip()
+        if "\x00" in text:
+            raise InputError(f"{what} path {text[:60]!r} contains a NUL byte")
+        encoded = os.fsencode(text) if _encodable(text) else None
+        if encoded is None:
+            raise InputError(f"{what} path {text[:60]!r} is not valid UTF-8 (a lone surrogate)")
+        if len(encoded) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")):
+            raise InputError(f"{what} path {text[:60]!r}... is too long (a name over {MAX_NAME_BYTES} bytes)")
+        root = os.path.abspath(self.path)
+        if self.allow_outside:
+            return os.path.normpath(os.path.join(root, os.path.expanduser(text)))
+        # Lexical confinement (as werkzeug's safe_join): links that the user placed in the folder are followed.
+        full = os.path.normpath(os.path.join(root, text))
+        if text.startswith("~") or os.path.commonpath([root, full]) != root:
+            raise InputError(
+                f"{what} path {text[:80]!r} is outside the data folder {root} "
+                "(set data.allow_outside_root: true to allow it)"
+            )
+        return full
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def field_value(row: Mapping[str, Any], field: str) -> Any:
+    """The value of `field` in a parsed row; None when the key is absent, null, or an empty/blank string."""
+    value = row.get(field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return value
+
+
+def hash_value(value: Any) -> str:
+    """A stable content hash of a plain value (str, number, bool, or tuples/lists of them)."""
+    if isinstance(value, str):
+        data = value.encode("utf-8", "surrogatepass")
+    else:
+        data = json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def hash_file(path: str) -> str:
+    """A content hash of a file's bytes (so a renamed copy hits the cache, an edited file misses it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:32]
 
 
 @dataclass
@@ -55,15 +163,27 @@ class EncoderOutput:
 
 
 class Encoder(nn.Module):
-    """Base class of every encoder: a plain module that also owns its preprocessing.
+    """Base class of every encoder: a plain module that also owns everything about its input.
 
-    Subclasses set `output_dim` from the built network (tokens, when given, have that size too),
-    implement `forward(inputs) -> EncoderOutput`,
-    `preprocess(raw)` for one sample (a PIL image, a string) and `collate(items)` for a list of
-    preprocessed samples. `modality` is "image" or "text".
+    Network side: set `output_dim` from the built network (tokens, when given, have that size too) and
+    implement `forward(inputs) -> EncoderOutput`, `cache_key()` and `weights_identity()`.
+
+    Data side (see the module docstring for the flow): `read`, `check`, `load`, `content_hash`, `length`,
+    `placeholder`, `fit`, `preprocess`, `collate`. The defaults below suit an input that is one plain value
+    in one field; a file-backed input overrides `read` (resolve the path with `root.resolve`), `check`,
+    `load` and `content_hash`.
+
+    Class attributes:
+        modality: the kind of input ("image", "text", "tabular", "embedding"); informational (`mmfuse list`,
+            messages). The model's modality NAMES are the config's keys and may be anything.
+        groups_records: references name shared objects (image files): records with the same reference
+            are split together by default and reported when they leak from train into test.
+        augment: preprocessing is random in training (such an encoder's features cannot be cached).
     """
 
     modality: str = ""
+    groups_records: bool = False
+    augment: bool = False
     output_dim: int
 
     def __init__(self, freeze: bool = False) -> None:
@@ -82,13 +202,84 @@ class Encoder(nn.Module):
         # A frozen encoder stays in eval mode so BatchNorm statistics and dropout do not move.
         return super().train(mode and not self.frozen)
 
+    # ------------------------------------------------------------------ data side
+    def fields(self, field: str) -> list[str]:
+        """The row keys (JSONL keys, CSV columns) this encoder reads when configured with `field`.
+
+        Used to name what a record lacks and to refuse a file that has none of them. Default: `[field]`.
+        """
+        return [field]
+
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> Hashable | None:
+        """The reference to this input in one parsed row, or None when the row lacks it (a missing input).
+
+        A reference must be hashable and cheap (a path, a string, a tuple of cells): records are grouped,
+        deduplicated and cached by it. Only check the value's form here (type, path confinement); decoding
+        belongs in `check`.
+
+        Args:
+            row: the parsed record: a JSON object, or a CSV row {column: cell string}.
+            field: the configured field (`model.encoders.<modality>.field`, default the modality's name).
+            root: resolve and confine file paths with `root.resolve(value)`.
+
+        Raises:
+            InputError: one line saying what is wrong with the value.
+        """
+        value = field_value(row, field)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise InputError(f"field {field!r} must be a string, got {type(value).__name__} {value!r:.40}")
+        return value
+
+    def check(self, ref: Hashable) -> str | None:
+        """None when `ref` can be loaded and preprocessed, else a one-line reason (run once per distinct
+        reference before training, possibly in threads). Default: always fine."""
+        return None
+
+    def load(self, ref: Hashable) -> Any:
+        """Reference -> the raw sample `preprocess` takes (decode a file, convert cells). Default: `ref` itself."""
+        return ref
+
+    def content_hash(self, ref: Hashable) -> str:
+        """A hash of the input's content, the feature cache's key (with `cache_key()`).
+
+        Default: a hash of the value; a file reference hashes the file's bytes (`hash_file`).
+        """
+        return hash_value(ref)
+
+    def length(self, ref: Hashable) -> int | None:
+        """The input's length, for batches of similar length (less padding), or None: no notion of length."""
+        return None
+
+    def placeholder(self) -> Any:
+        """A preprocessed item that stands in for a missing input in `collate` (its features are zeroed)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what a missing input looks like")
+
+    def fit(self, refs: Sequence[Hashable]) -> dict[str, Any]:
+        """Options learned from the training split's (non-missing) references, e.g. {"stats": {...}}.
+
+        The builder rebuilds the encoder with these options added to its config options and writes them into
+        the run's resolved config.yaml, so `load_run` rebuilds the same encoder without the data. Return {}
+        when nothing needs learning, and when the options are already set (a resumed or loaded run): the
+        encoder must therefore be constructible without them. Default: {}.
+        """
+        return {}
+
     def preprocess(self, raw: Any, train: bool = False) -> Any:
         """One raw sample (PIL image, string) -> what `collate` takes; `train` enables augmentation."""
         raise NotImplementedError
 
     def collate(self, items: list[Any]) -> Any:
+        """Preprocessed items (placeholders included) -> the input of `forward`."""
         raise NotImplementedError
 
+    @property
+    def has_tokens(self) -> bool:
+        """Whether `forward` returns tokens (the feature cache keeps them when a fusion reads tokens)."""
+        return False
+
+    # ------------------------------------------------------------------ network side
     def cache_key(self) -> str:
         """A string naming everything that decides this encoder's output for a given input."""
         raise NotImplementedError
