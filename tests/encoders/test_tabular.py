@@ -248,3 +248,50 @@ def test_unfitted_encoder_refuses_to_run() -> None:
 def test_bad_options_raise(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         TabularEncoder(**{"numeric": STATS, "categorical": VOCAB, "dim": D, "heads": 2, **kwargs})
+
+
+# ---------------------------------------------------------------------- data side
+def test_read_takes_flat_csv_cells_or_a_nested_object(tmp_path) -> None:
+    from mmfuse.encoders.base import DataRoot
+
+    encoder, root = build(), DataRoot(tmp_path)
+    assert encoder.modality == "tabular" and encoder.has_tokens
+    assert encoder.fields("table") == ["table", "age", "income", "city", "plan"]
+    csv_row = {"age": "30", "income": "5.5", "city": " paris ", "plan": "", "other": "x"}
+    json_row = {"table": {"age": 30, "income": 5.5, "city": "paris", "plan": None}}
+    ref = encoder.read(csv_row, "table", root)
+    assert ref == (30.0, 5.5, "paris", None) == encoder.read(json_row, "table", root)
+    assert encoder.content_hash(ref) == encoder.content_hash(encoder.read(json_row, "table", root))
+    assert encoder.read({"age": "", "other": 1}, "table", root) is None  # every cell missing: a missing input
+    item = encoder.preprocess(encoder.load(ref))
+    direct = encoder.preprocess(csv_row)
+    assert all(torch.equal(item[k], direct[k]) for k in item)
+
+
+def test_read_refuses_a_bad_cell_with_one_line(tmp_path) -> None:
+    from mmfuse.encoders.base import DataRoot, InputError
+
+    with pytest.raises(InputError, match=r"^column 'income': 'lots' is not a number$"):
+        build().read({"age": 3, "income": "lots"}, "table", DataRoot(tmp_path))
+
+
+def test_fit_on_references_then_rebuild_from_the_options(tmp_path) -> None:
+    from mmfuse.encoders.base import DataRoot
+
+    root = DataRoot(tmp_path)
+    unfitted = TabularEncoder(numeric=["age", "income"], categorical=["city", "plan"], dim=D, heads=2)
+    refs = [r for r in (unfitted.read(row, "table", root) for row in ROWS) if r is not None]
+    options = unfitted.fit(refs)
+    ages, incomes = np.array([30.0, 52.0, 41.5]), np.array([5.5, 1.0])
+    assert options["numeric"]["age"] == {"mean": pytest.approx(ages.mean()), "std": pytest.approx(ages.std())}
+    assert options["numeric"]["income"] == {"mean": pytest.approx(incomes.mean()), "std": pytest.approx(incomes.std())}
+    assert options["categorical"] == {"city": ["oslo", "paris", "rome", "tokyo"], "plan": ["free", "pro"]}
+    fitted = TabularEncoder(**options, dim=D, heads=2)
+    assert fitted.fitted and fitted.fit(refs) == {}  # a loaded run is not fitted again
+    partly = TabularEncoder(numeric=STATS, categorical=["city"], dim=D, heads=2)
+    partly_refs = [partly.read(row, "table", root) for row in ROWS]
+    assert partly.fit(partly_refs) == {"categorical": {"city": ["oslo", "paris", "rome", "tokyo"]}}  # stats kept
+    items = [fitted.preprocess(fitted.load(r)) for r in refs] + [fitted.placeholder()]
+    out = fitted(fitted.collate(items))
+    assert out.pooled.shape == (len(refs) + 1, D) and torch.isfinite(out.pooled).all()
+    assert fitted.placeholder()["numeric_present"].tolist() == [False, False]

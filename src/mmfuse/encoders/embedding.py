@@ -116,7 +116,8 @@ class EmbeddingEncoder(Encoder):
 
     def _values(self, raw: Any, what: str) -> tuple[float, ...]:
         try:
-            return tuple(float(x) for x in as_vector(raw, self.dim))
+            as_vector(raw, self.dim)  # validates; the reference keeps the numbers as given (float64)
+            return tuple(float(x) for x in raw)
         except ValueError as err:
             raise InputError(f"{what}: {err}") from None
 
