@@ -124,6 +124,23 @@ def test_golden_transformer_output_with_fixed_weights() -> None:
     torch.testing.assert_close(out.pooled, expected[:, 0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kwargs", [{"numeric": None}, {"categorical": None}], ids=["categorical-only", "numeric-only"])
+def test_one_kind_of_column_only(seed, kwargs) -> None:
+    encoder = build(**kwargs)
+    out = encoder(batch(encoder))
+    n = len(encoder.columns)
+    assert n == 2 and encoder.output_dim == D and out.tokens.shape == (4, 1 + n, D)
+    out.pooled.pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+
+
+def test_large_values_keep_their_precision() -> None:
+    """Standardisation runs in float64: timestamps around 1.7e9 s, one second apart, stay one second apart."""
+    encoder = TabularEncoder(numeric={"t": {"mean": 1.7e9, "std": 1.0}}, dim=D, heads=2)
+    z = [float(encoder.preprocess({"t": 1.7e9 + k})["numeric"][0]) for k in (0, 1, 2)]
+    assert z == [0.0, 1.0, 2.0]
+
+
 @pytest.mark.parametrize("layers", [0, 2])
 def test_gradient_reaches_every_parameter(seed, layers: int) -> None:
     encoder = build(layers=layers)

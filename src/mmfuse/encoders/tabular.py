@@ -2,8 +2,9 @@
 
 Shapes: B batch, N numeric columns, C categorical columns, D token size.
 
-Numeric column j: standardised with the training split's mean and std, then `x_j * W_j + b_j`
-(a per-column linear tokenizer); a missing cell is the column's learned "missing" token instead.
+Numeric column j: standardised with the training split's mean and std (in `preprocess`, in float64),
+then `z_j * W_j + b_j` (a per-column linear tokenizer); a missing cell is the column's learned
+"missing" token instead, so no NaN ever reaches the network.
 Categorical column j: its own embedding table over index 0 = missing, 1 = unknown (a value not
 seen in training), 2.. = the training vocabulary. A [CLS] token is prepended and `layers`
 pre-norm transformer layers mix the columns; the [CLS] output is the pooled vector. With
@@ -163,7 +164,7 @@ class TabularEncoder(Encoder):
         )
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False) if layers else None
         self.norm = nn.LayerNorm(dim) if layers else None
-        self.output_dim = int(self.num_weight.shape[-1])
+        self.output_dim = int((self.num_weight if self.numeric_columns else self.cat_embedding.weight).shape[-1])
         self.finish_init()
 
     @property
@@ -175,19 +176,14 @@ class TabularEncoder(Encoder):
 
     def _build_tokenizer(self, dim: int) -> None:
         n, c = len(self.numeric_columns), len(self.categorical_columns)
-        self.num_weight = nn.Parameter(torch.randn(n, dim) / math.sqrt(dim))  # (N, D)
-        self.num_bias = nn.Parameter(torch.randn(n, dim) / math.sqrt(dim))  # (N, D)
-        self.num_missing = nn.Parameter(torch.randn(n, dim) / math.sqrt(dim))  # (N, D)
-        stats = self.stats or {}
-        mean = [float(stats.get(col, {}).get("mean", 0.0)) for col in self.numeric_columns]
-        std = [float(stats.get(col, {}).get("std", 1.0)) for col in self.numeric_columns]
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(n))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(n))
+        if n:
+            self.num_weight = nn.Parameter(torch.randn(n, dim) / math.sqrt(dim))  # (N, D)
+            self.num_bias = nn.Parameter(torch.randn(n, dim) / math.sqrt(dim))  # (N, D)
+            self.num_missing = nn.Parameter(torch.randn(n, dim) / math.sqrt(dim))  # (N, D)
         sizes = [FIRST + len((self.vocab or {}).get(col, [])) for col in self.categorical_columns]
-        offsets = [sum(sizes[:j]) for j in range(c)]
-        self.register_buffer("cat_offsets", torch.tensor(offsets, dtype=torch.long).reshape(c))
-        self.cat_embedding = nn.Embedding(max(sum(sizes), 1), dim) if c else None
-        if self.cat_embedding is not None:
+        self.register_buffer("cat_offsets", torch.tensor([sum(sizes[:j]) for j in range(c)], dtype=torch.long))
+        if c:
+            self.cat_embedding = nn.Embedding(sum(sizes), dim)  # (sum of the columns' sizes, D)
             nn.init.normal_(self.cat_embedding.weight, std=1 / math.sqrt(dim))
         self._check_stats()
 
@@ -247,17 +243,25 @@ class TabularEncoder(Encoder):
         return {k: v for k, v in fitted.items() if v}
 
     def preprocess(self, raw: Mapping[str, Any], train: bool = False) -> dict[str, torch.Tensor]:
-        """One row `{column: cell}` -> numeric (N,) raw values (0 where missing), numeric_present (N,) bool,
-        categorical (C,) indices (0 missing, 1 unknown, 2.. vocabulary). `train` changes nothing."""
+        """One row `{column: cell}` -> numeric (N,) standardised values (0 where missing), numeric_present (N,)
+        bool, categorical (C,) indices (0 missing, 1 unknown, 2.. vocabulary). `train` changes nothing.
+
+        Standardisation happens here, in float64, so large values (timestamps, prices) keep their precision.
+        """
+        stats = self.stats or {}
         values = [parse_number(raw.get(c), c) for c in self.numeric_columns]
-        numeric = torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float32)
-        present = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        z = [0.0 if v is None or c not in stats else (v - stats[c]["mean"]) / stats[c]["std"]
+             for c, v in zip(self.numeric_columns, values, strict=True)]  # fmt: skip
         lookup = self._lookup()
         codes = []
         for col in self.categorical_columns:
             key = category_key(raw.get(col), col)
             codes.append(MISSING if key is None else lookup.get(col, {}).get(key, UNKNOWN))
-        return {"numeric": numeric, "numeric_present": present, "categorical": torch.tensor(codes, dtype=torch.long)}
+        return {
+            "numeric": torch.tensor(z, dtype=torch.float32),
+            "numeric_present": torch.tensor([v is not None for v in values], dtype=torch.bool),
+            "categorical": torch.tensor(codes, dtype=torch.long),
+        }
 
     def _lookup(self) -> dict[str, dict[str, int]]:
         if self._lookup_memo is None:
@@ -276,11 +280,10 @@ class TabularEncoder(Encoder):
             raise RuntimeError("tabular encoder is not fitted: give the column statistics or fit it on training rows")
         parts = []
         if self.numeric_columns:
-            z = (inputs["numeric"] - self.mean) / self.std  # (B, N)
-            tok = z.unsqueeze(-1) * self.num_weight + self.num_bias  # (B, N, D)
+            tok = inputs["numeric"].unsqueeze(-1) * self.num_weight + self.num_bias  # (B, N, D)
             present = inputs["numeric_present"].unsqueeze(-1)  # (B, N, 1)
             parts.append(torch.where(present, tok, self.num_missing.expand_as(tok)))
-        if self.cat_embedding is not None:
+        if self.categorical_columns:
             parts.append(self.cat_embedding(inputs["categorical"] + self.cat_offsets))  # (B, C, D)
         return torch.cat(parts, dim=1)
 
