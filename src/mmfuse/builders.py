@@ -1,29 +1,54 @@
-"""Builders: turn a validated config into modules, passing flat arguments (torchtune's rule:
-configs never intrude into the classes)."""
+"""Builders: turn a validated config into objects, passing flat arguments (torchtune's rule: configs never
+intrude into the classes). The only readers of a `RunConfig` below the CLI."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mmfuse.config import Component, ConfigError, ModelConfig, RunConfig, TaskConfig, component_options, parse_config
+from mmfuse.config import (
+    Component,
+    ConfigError,
+    DataConfig,
+    EncoderConfig,
+    ModelConfig,
+    RunConfig,
+    TaskConfig,
+    component_options,
+    parse_config,
+)
+from mmfuse.data.records import Record, Schema, load_record_splits, shared_inputs
 from mmfuse.encoders.base import Encoder
 from mmfuse.fusion.base import Fusion
 from mmfuse.model import MultiTaskModel
-from mmfuse.tasks import MLPHead, Task, build_task
+from mmfuse.tasks import TASK_KINDS, MLPHead, Task, build_task
+
+log = logging.getLogger(__name__)
+
+# What an encoder's or a task's constructor raises for a bad option value (an unknown model, a missing file).
+_BUILD_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError)
 
 
-def build_encoder(modality: str, comp: Component) -> Encoder:
+# ---------------------------------------------------------------------- encoders, tasks, model
+def build_encoder(modality: str, comp: EncoderConfig) -> Encoder:
+    """One encoder; a bad option value (unknown model, missing weights file) is one ConfigError line."""
     from mmfuse.encoders import ENCODERS
 
     opts = component_options(ENCODERS, comp, f"model.encoders.{modality}")
-    encoder = ENCODERS.get(comp.name)(**opts)
-    if encoder.modality and encoder.modality != modality and modality in ("image", "text"):
-        raise ConfigError(f"model.encoders.{modality}: encoder {comp.name!r} is a {encoder.modality} encoder")
-    return encoder
+    try:
+        return ENCODERS.get(comp.name)(**opts)
+    except _BUILD_ERRORS as err:
+        raise ConfigError(f"model.encoders.{modality}: {_one_line(err)}") from None
+
+
+def build_encoders(model_cfg: ModelConfig) -> dict[str, Encoder]:
+    return {m: build_encoder(m, comp) for m, comp in model_cfg.encoders.items()}
 
 
 def build_fusion(comp: Component, input_dims: Mapping[str, int]) -> Fusion:
@@ -40,23 +65,25 @@ def build_tasks(tasks: Mapping[str, TaskConfig], classes: Mapping[str, list[str]
     """Tasks from their configs; `classes` fills in class lists the config leaves out."""
     out: dict[str, Task] = {}
     for name, tc in tasks.items():
-        opts: dict[str, Any] = {"weight": tc.weight}
+        opts: dict[str, Any] = {"weight": tc.weight, **tc.options}
         cls = tc.classes if tc.classes is not None else (classes or {}).get(name)
-        if tc.kind != "regression":
-            if cls is None and tc.kind != "binary":
-                raise ConfigError(f"tasks.{name}.classes: required for a {tc.kind} task (or infer them from data)")
+        if cls is not None:
             opts["classes"] = cls
-        elif tc.loss is not None:
-            opts["loss"] = tc.loss
         try:
             out[name] = build_task(name, tc.kind, **opts)
-        except ValueError as err:
-            raise ConfigError(f"tasks.{name}: {err}") from None
+        except KeyError as err:
+            raise ConfigError(f"tasks.{name}.kind: {err.args[0]}") from None
+        except (ValueError, TypeError) as err:
+            hint = "" if cls is not None else " (or let them be inferred from training records)"
+            raise ConfigError(f"tasks.{name}: {err}{hint}") from None
     return out
 
 
-def build_model_from(model_cfg: ModelConfig, tasks: Mapping[str, Task]) -> MultiTaskModel:
-    encoders = {m: build_encoder(m, comp) for m, comp in model_cfg.encoders.items()}
+def build_model_from(
+    model_cfg: ModelConfig, tasks: Mapping[str, Task], encoders: Mapping[str, Encoder] | None = None
+) -> MultiTaskModel:
+    """The model from its config section; `encoders` (already built and fitted) are used when given."""
+    encoders = dict(encoders) if encoders is not None else build_encoders(model_cfg)
     fusion = build_fusion(model_cfg.fusion, {m: e.output_dim for m, e in encoders.items()})
     head = model_cfg.head
     heads = {n: MLPHead(fusion.output_dim, t.out_dim, head.hidden_dims, head.dropout) for n, t in tasks.items()}
@@ -81,6 +108,163 @@ def build_model(
     return build_model_from(cfg.model, build_tasks(cfg.tasks, classes))
 
 
+# ---------------------------------------------------------------------- data
+def build_schema(cfg: RunConfig, encoders: Mapping[str, Encoder]) -> Schema:
+    """How the records' rows become records: each modality's encoder and field, each task's label field."""
+    group_by = cfg.data.group_by
+    return Schema(
+        encoders=dict(encoders),
+        fields={m: comp.field or m for m, comp in cfg.model.encoders.items()},
+        labels={name: tc.field or name for name, tc in cfg.tasks.items()},
+        split_field=cfg.data.split_field or None,
+        group_by=group_by,
+    )
+
+
+def load_splits(
+    cfg: RunConfig, schema: Schema, errors: list[tuple[str, str]] | None = None
+) -> dict[str, list[Record]]:
+    """The records of each split ("train", "val", "test" where present), labels keyed by task name.
+
+    With `errors` (data.skip_bad), unreadable rows are listed there and skipped instead of raising.
+    """
+    d = cfg.data
+    _check_group_by(cfg)
+    if d.source == "easy_vqa":
+        from mmfuse.data.easy_vqa import load_easy_vqa
+
+        return load_easy_vqa(schema, val_fraction=d.val_fraction, seed=cfg.seed, limit=d.limit, errors=errors)
+    if d.path is None and d.train is None:
+        raise ConfigError("data: give data.path (one records file) or data.train (and data.val/test)")
+    if d.path is not None and any(p is not None for p in (d.train, d.val, d.test)):
+        raise ConfigError("data: give either data.path or data.train/val/test, not both")
+    splits = load_record_splits(
+        schema,
+        train=d.train,
+        val=d.val,
+        test=d.test,
+        path=d.path,
+        root=d.root,
+        allow_outside_root=d.allow_outside_root,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=cfg.seed,
+        errors=errors,
+    )
+    if d.limit:  # a seeded sample of each split, for quick runs
+        rng = random.Random(cfg.seed)
+        splits = {k: rng.sample(v, min(d.limit, len(v))) for k, v in splits.items()}
+    return splits
+
+
+def _check_group_by(cfg: RunConfig) -> None:
+    g = cfg.data.group_by
+    if g is not None and not g.strip():
+        raise ConfigError("data.group_by: empty; name a modality or a record field")
+
+
+def known_classes(cfg: RunConfig) -> dict[str, list[str]]:
+    """Class vocabularies that the data source fixes (easy-VQA's answers), for tasks that leave them out."""
+    if cfg.data.source != "easy_vqa":
+        return {}
+    from mmfuse.data.easy_vqa import EASY_VQA_TASKS
+
+    return {n: list(EASY_VQA_TASKS[n]["classes"]) for n in cfg.tasks if n in EASY_VQA_TASKS}
+
+
+def fit_config(
+    cfg: RunConfig, encoders: Mapping[str, Encoder], train: Sequence[Record]
+) -> tuple[RunConfig, dict[str, Encoder]]:
+    """Learn what the config leaves to the training split: each encoder's `fit` and each task kind's `fit`.
+
+    Returns the resolved config (the learned options written in, so it alone rebuilds the model) and the
+    encoders, rebuilt where `fit` learned options.
+    """
+    data = cfg.model_dump(mode="json")
+    encoders = dict(encoders)
+    for m, enc in encoders.items():
+        learned = enc.fit([r.inputs[m] for r in train if r.inputs.get(m) is not None])
+        if learned:
+            data["model"]["encoders"][m].update(learned)
+            comp = EncoderConfig.model_validate(data["model"]["encoders"][m])
+            encoders[m] = build_encoder(m, comp)
+            log.info("%s encoder: fitted %s on %d training records", m, ", ".join(learned), len(train))
+    fixed = known_classes(cfg)
+    for name, tc in cfg.tasks.items():
+        options = {"classes": tc.classes if tc.classes is not None else fixed.get(name), **tc.options}
+        labels = [r.labels[name] for r in train if r.labels.get(name) is not None]
+        learned = TASK_KINDS.get(tc.kind).fit(labels, options)
+        if options["classes"] is not None and tc.classes is None:
+            learned = {"classes": options["classes"], **learned}
+        if "classes" in learned and not learned["classes"]:
+            raise ConfigError(f"tasks.{name}: no labels for it in the training records; set tasks.{name}.classes")
+        data["tasks"][name].update(learned)
+    return parse_config(data), encoders
+
+
+@dataclass
+class RunData:
+    """Everything the data side of a run needs, built from the config."""
+
+    cfg: RunConfig  # resolved: learned classes and encoder options written in
+    encoders: dict[str, Encoder]
+    splits: dict[str, list[Record]]
+    warnings: list[str]
+
+
+def build_run_data(
+    cfg: RunConfig, encoders: Mapping[str, Encoder] | None = None, errors: list[tuple[str, str]] | None = None
+) -> RunData:
+    """Read the records through the encoders, fit encoders and tasks on the training split, look for leaks."""
+    encoders = dict(encoders) if encoders is not None else build_encoders(cfg.model)
+    splits = load_splits(cfg, build_schema(cfg, encoders), errors)
+    cfg, encoders = fit_config(cfg, encoders, splits.get("train", []))
+    leak_modalities = [m for m, e in encoders.items() if e.groups_records or m == cfg.data.group_by]
+    warnings = shared_inputs(splits, leak_modalities)
+    for note in warnings:
+        log.warning("data: %s", note)
+    return RunData(cfg, encoders, splits, warnings)
+
+
+@dataclass
+class LoaderOptions:
+    """Plain batching and caching options for `mmfuse.train.data`."""
+
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int | None = None
+    bucket_by_length: bool = True
+    skip_bad: bool = False
+    cache: bool = True
+    cache_dir: str | None = None
+    seed: int = 0
+
+
+def loader_options(cfg: RunConfig) -> LoaderOptions:
+    d: DataConfig = cfg.data
+    return LoaderOptions(
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        num_workers=d.num_workers,
+        bucket_by_length=d.bucket_by_length,
+        skip_bad=d.skip_bad,
+        cache=cfg.train.cache,
+        cache_dir=cfg.train.cache_dir,
+        seed=cfg.seed,
+    )
+
+
+def trained_for_missing_inputs(cfg: RunConfig) -> bool:
+    """Whether the run's training hid whole modalities (a balancer that drops them), so the model expects
+    missing inputs at prediction time."""
+    if cfg.train.balance is None:
+        return False
+    from mmfuse.balance import BALANCERS
+
+    return bool(getattr(BALANCERS.get(cfg.train.balance.name), "drops_modalities", False))
+
+
+# ---------------------------------------------------------------------- training components
 def build_weighting(comp: Component, tasks: Mapping[str, Task]) -> Any:
     """The task weighting; per-task `weight`s from the config turn `equal` into `static`."""
     from mmfuse.mtl import WEIGHTINGS
@@ -112,3 +296,8 @@ def build_balancer(comp: Component | None, model: MultiTaskModel) -> Any:
     except ValueError as err:
         raise ConfigError(f"train.balance: {err}") from None
     return balancer
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

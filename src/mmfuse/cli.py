@@ -23,7 +23,7 @@ EPILOG_TRAIN = """examples:
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="mmfuse", description="Multi-task, multi-modal (image + text) learning.")
+    p = argparse.ArgumentParser(prog="mmfuse", description="Multi-task, multi-modal learning (images, texts and any other modality with an encoder).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -72,15 +72,36 @@ def _parser() -> argparse.ArgumentParser:
         "predict",
         help="predict with a finished run",
         formatter_class=fmt,
+        description="Predict every task of a run from its inputs: a records file, or field values given here.",
         epilog="examples:\n  mmfuse predict runs/easy_vqa --image shape.png --text 'what color is the shape?'\n"
         "  mmfuse predict runs/easy_vqa --input records.jsonl --output preds.jsonl\n"
-        "  mmfuse predict runs/easy_vqa --text 'is there a circle?'    # text only",
+        "  mmfuse predict runs/products --field price_band=high --field photo=shoe.jpg   # any input field\n"
+        "  mmfuse predict runs/easy_vqa --text 'is there a circle?' --allow-missing     # text only",
     )
     pr.add_argument("run", help="run directory")
-    pr.add_argument("--image", help="one image file")
-    pr.add_argument("--text", help="one text")
-    pr.add_argument("--input", help="records file (.jsonl or .csv) with image and/or text fields")
-    pr.add_argument("--image-root", help="directory that image paths in --input are relative to (default: its folder)")
+    pr.add_argument("--image", help="shorthand for --field image=PATH")
+    pr.add_argument("--text", help="shorthand for --field text=TEXT")
+    pr.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input field of one record (repeatable); a value starting with [ or { is read as JSON",
+    )
+    pr.add_argument("--input", help="records file (.jsonl, .json or .csv) with the run's input fields")
+    pr.add_argument(
+        "--root",
+        "--image-root",
+        dest="root",
+        help="folder that file paths in --input are relative to and confined to (default: its folder)",
+    )
+    pr.add_argument("--allow-outside-root", action="store_true", help="accept paths in --input outside --root")
+    pr.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="predict records that lack some of the run's inputs (a warning if the model was not trained for it)",
+    )
+    pr.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping, and list them")
     pr.add_argument("--output", help="write predictions as JSONL here instead of printing them")
     pr.add_argument("--batch-size", type=int, default=64, help="records per forward pass (default 64)")
     pr.add_argument("--top", type=int, default=3, help="classes shown per task in the terminal (default 3)")
@@ -169,44 +190,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _field_values(args: argparse.Namespace) -> dict[str, Any]:
+    """{field: value} from --image, --text and --field NAME=VALUE (JSON for values starting with [ or {)."""
+    fields: dict[str, Any] = {}
+    if args.image is not None:
+        fields["image"] = args.image
+    if args.text is not None:
+        fields["text"] = args.text
+    for item in args.field:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise _usage(f"--field {item!r}: expected NAME=VALUE, e.g. --field caption='a red boot'")
+        if name.strip() in fields:
+            raise _usage(f"--field {name.strip()!r} is given twice")
+        if value.lstrip()[:1] in ("[", "{"):
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError):
+                raise _usage(f"--field {name.strip()}: the value starts like JSON but is not valid JSON") from None
+        fields[name.strip()] = value
+    return fields
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mmfuse.data.records import Record, read_records
     from mmfuse.predict import Predictor
 
-    if args.input and (args.image or args.text):
-        raise _usage("give either --input or --image/--text, not both")
-    if not (args.input or args.image or args.text):
-        raise _usage("give --image and/or --text, or --input FILE")
+    fields = _field_values(args)
+    if args.input and fields:
+        raise _usage("give either --input or field values (--image/--text/--field), not both")
+    if not (args.input or fields):
+        raise _usage("give --input FILE, or the inputs of one record (--image, --text, --field NAME=VALUE)")
     predictor = Predictor(args.run)
+    bad: list[tuple[str, str]] = []
+    errors = bad if args.skip_bad else None
     if args.input:
-        records = read_records(args.input, label_fields=[], image_root=args.image_root, required=())
+        records = predictor.records_from_file(args.input, args.root, args.allow_outside_root, errors)
     else:
-        records = [
-            Record(
-                image=os.path.abspath(args.image) if args.image else None,
-                text=args.text,
-                labels={},
-                source="command line",
-            )
-        ]
+        records = predictor.records_from_fields(fields)
+    records, skipped = predictor.check(records, allow_missing=args.allow_missing, skip_bad=args.skip_bad)
+    bad += skipped
     results = predictor.predict(records, args.batch_size)
+    for source, reason in bad:
+        print(f"skipped {source}: {reason}", file=sys.stderr)
     if args.output:
         with open(args.output, "w") as f:
             for rec, res in zip(records, results):
                 f.write(json.dumps({"source": rec.source, **res}) + "\n")
-        print(f"wrote {len(results)} predictions to {args.output}")
+        print(f"wrote {len(results)} predictions to {args.output}" + (f" ({len(bad)} records skipped)" if bad else ""))
         return 0
     for rec, res in zip(records, results):
         if len(records) > 1:
             print(f"{rec.source}:")
-        for task, r in res.items():
-            if "value" in r:
-                print(f"  {task}: {r['value']:.4f}")
-                continue
-            top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[: args.top]
-            shown = ", ".join(f"{c} {p:.3f}" for c, p in top)
-            label = r.get("label", r.get("labels"))
-            print(f"  {task}: {label}   ({shown})")
+        for line in predictor.format(res, args.top):
+            print(f"  {line}")
     return 0
 
 
@@ -287,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        if args.command in ("train", "evaluate", "predict", "bench"):
+        if args.command in ("train", "evaluate", "bench"):
             import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: override them after)
 
             for name in ("lightning.pytorch", "lightning.fabric"):

@@ -1,44 +1,147 @@
-"""Predictions from a finished run directory: per task, the class (or value) and the probabilities."""
+"""Predictions from a finished run directory, without the trainer: per task, what its kind describes
+(a class and probabilities, a set of labels, a value).
+
+Inputs come as records (a JSONL/CSV file) or as field values (the command line); each modality's encoder
+reads its own field(s), exactly as in training. A record is refused (one line, skippable) when it has
+none of the run's inputs, and when it lacks one while the model was never trained without it, unless
+`allow_missing` is set (then a warning is logged).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from mmfuse.builders import build_schema, trained_for_missing_inputs
 from mmfuse.data.collate import Collator
 from mmfuse.data.dataset import MultiModalDataset, validate_records
-from mmfuse.data.records import Record
-from mmfuse.model import MultiTaskModel
-from mmfuse.train.run import load_run
+from mmfuse.data.records import DataError, Record, read_records
+from mmfuse.encoders.base import DataRoot
+from mmfuse.runs import open_run
 from mmfuse.utils import move_to
+
+log = logging.getLogger(__name__)
 
 
 class Predictor:
-    """Loads a run once; predicts for records with an image, a text, or both.
+    """Loads a run once; predicts for records that carry some or all of its inputs.
+
+    Args:
+        run_dir: a finished run directory.
+        device: "cpu", "cuda", ...; default: CUDA when available.
 
     Example:
         >>> p = Predictor("runs/easy_vqa")
-        >>> p.predict([Record(image="shape.png", text="what color is the shape?", labels={}, source="cli")])
+        >>> records = p.records_from_fields({"image": "shape.png", "text": "what color is the shape?"})
+        >>> p.predict(records)
         [{"answer": {"label": "blue", "probabilities": {...}}, ...}]
     """
 
     def __init__(self, run_dir: str | Path, device: str | None = None) -> None:
-        self.model: MultiTaskModel = load_run(run_dir)
+        run = open_run(run_dir)
+        self.model, self.config = run.model, run.config
+        self.schema = build_schema(self.config, self.model.encoders)
+        self.schema.labels, self.schema.split_field, self.schema.group_by = {}, None, None
+        self.trained_for_missing = trained_for_missing_inputs(self.config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
 
+    @property
+    def input_fields(self) -> dict[str, list[str]]:
+        """{modality: the record fields its encoder reads}."""
+        return {m: self.schema.row_keys(m) for m in self.model.encoders}
+
+    def describe_inputs(self) -> str:
+        return ", ".join(f"{m} (field {' or '.join(map(repr, keys))})" for m, keys in self.input_fields.items())
+
+    # ------------------------------------------------------------------ reading inputs
+    def records_from_file(
+        self,
+        path: str | os.PathLike[str],
+        root: str | os.PathLike[str] | None = None,
+        allow_outside_root: bool = False,
+        errors: list[tuple[str, str]] | None = None,
+    ) -> list[Record]:
+        """Records of a JSONL/JSON/CSV file; file paths in it are confined to `root` (default: its folder)."""
+        rows_errors: list[tuple[str, str]] | None = errors
+        records = read_records(
+            path, self.schema, root=root, allow_outside_root=allow_outside_root, required=False, errors=rows_errors
+        )
+        return records
+
+    def records_from_fields(self, fields: Mapping[str, Any], source: str = "command line") -> list[Record]:
+        """One record from field values given directly (paths relative to the current folder, not confined).
+
+        Raises:
+            DataError: for a field that none of the run's encoders reads.
+        """
+        known = {k for keys in self.input_fields.values() for k in keys}
+        unused = [f for f in fields if f not in known]
+        if unused:
+            raise DataError(
+                f"{source}: this run does not read {', '.join(map(repr, unused))}; its inputs: {self.describe_inputs()}"
+            )
+        root = DataRoot(Path.cwd(), allow_outside=True)
+        return [self.schema.record(dict(fields), source, root, required=False)]
+
+    # ------------------------------------------------------------------ checking
+    def check(
+        self, records: Sequence[Record], allow_missing: bool = False, skip_bad: bool = False
+    ) -> tuple[list[Record], list[tuple[str, str]]]:
+        """Refuse records with none of the run's inputs, or lacking one the model cannot do without.
+
+        Returns:
+            (good records, [(source, reason)] of the skipped ones when `skip_bad`).
+
+        Raises:
+            DataError: "SOURCE: reason" for the first bad record, unless `skip_bad`.
+        """
+        good, bad, lacking = [], [], 0
+        for record in records:
+            problem = self._problem(record, allow_missing)
+            if problem is None:
+                good.append(record)
+                lacking += any(v is None for v in record.inputs.values())
+            elif skip_bad:
+                bad.append((record.source, problem))
+            else:
+                raise DataError(f"{record.source}: {problem}")
+        if lacking and not self.trained_for_missing:
+            log.warning(
+                "%d record(s) lack an input, and the model was trained with every input present: "
+                "their predictions may be poor (train with train.balance: {name: modality_dropout} to fix that)",
+                lacking,
+            )
+        good, more = validate_records(good, {}, dict(self.model.encoders), skip_bad, allow_missing=True)
+        return good, bad + more
+
+    def _problem(self, record: Record, allow_missing: bool) -> str | None:
+        missing = [m for m in self.model.encoders if record.inputs.get(m) is None]
+        if len(missing) == len(self.model.encoders):
+            return f"none of the run's inputs is given; it reads {self.describe_inputs()}"
+        if missing and not (allow_missing or self.trained_for_missing):
+            names = ", ".join(f"{m} (field {' or '.join(map(repr, self.input_fields[m]))})" for m in missing)
+            return (
+                f"no {names}; the model was trained with every input present: give it, or pass --allow-missing "
+                "to predict without it"
+            )
+        return None
+
+    # ------------------------------------------------------------------ predicting
     def batches(self, records: Sequence[Record], batch_size: int) -> Iterator[dict[str, Any]]:
-        modalities = [m for m in self.model.encoders if any(getattr(r, m) is not None for r in records)]
-        validate_records(records, {}, modalities, allow_missing=True)
-        dataset = MultiModalDataset(records, {}, dict(self.model.encoders), train=False)
-        yield from DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(dict(self.model.encoders), {}))
+        encoders = dict(self.model.encoders)
+        dataset = MultiModalDataset(records, {}, encoders, train=False)
+        yield from DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(encoders, {}))
 
     @torch.inference_mode()
     def predict(self, records: Sequence[Record], batch_size: int = 64) -> list[dict[str, Any]]:
+        """Per record, {task: the task kind's description of its prediction}. Check records first (`check`)."""
         results: list[dict[str, Any]] = []
         for batch in self.batches(records, batch_size):
             inputs = move_to(batch["inputs"], self.device)
@@ -46,16 +149,9 @@ class Predictor:
             out = self.model(inputs, absent=absent or None)
             per_task = {name: task.predict(out.logits[name]) for name, task in self.model.tasks.items()}
             for i in range(len(batch["index"])):
-                results.append({name: self._describe(name, p, i) for name, p in per_task.items()})
+                results.append({n: self.model.tasks[n].describe(p, i) for n, p in per_task.items()})
         return results
 
-    def _describe(self, name: str, pred: dict[str, torch.Tensor], i: int) -> dict[str, Any]:
-        task = self.model.tasks[name]
-        if task.kind == "regression":
-            return {"value": float(pred["prediction"][i])}
-        probs = pred["probabilities"][i].tolist()
-        classes = task.classes
-        if task.kind == "multilabel":
-            labels = [c for c, on in zip(classes, pred["prediction"][i].tolist()) if on]
-            return {"labels": labels, "probabilities": dict(zip(classes, probs))}
-        return {"label": classes[int(pred["prediction"][i])], "probabilities": dict(zip(classes, probs))}
+    def format(self, result: Mapping[str, Any], top: int = 3) -> list[str]:
+        """Terminal lines of one record's result: "task: <the kind's short form>"."""
+        return [f"{name}: {self.model.tasks[name].format(r, top)}" for name, r in result.items()]

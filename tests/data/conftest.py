@@ -11,7 +11,34 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from mmfuse.data import Schema
+from mmfuse.encoders import Encoder
+from mmfuse.encoders.hf_text import HFTextEncoder
+from mmfuse.encoders.torchvision_image import TorchvisionImageEncoder
 from mmfuse.tasks import Task, build_task
+
+TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+LABELS = ["label", "flag", "tags", "score"]
+
+
+@pytest.fixture(scope="session")
+def encoders() -> dict[str, Encoder]:
+    """A tiny image encoder (8x8 inputs) and a tiny text encoder; the data tests use their data side."""
+    return {
+        "image": TorchvisionImageEncoder("resnet18", image_size=8),
+        "text": HFTextEncoder(config=TINY_BERT, max_length=64),
+    }
+
+
+@pytest.fixture(scope="session")
+def make_schema(encoders: dict[str, Encoder]) -> Callable[..., Schema]:
+    """make_schema(labels=LABELS, modalities=("image", "text"), **kwargs) -> Schema."""
+
+    def make(labels: Any = LABELS, modalities: tuple[str, ...] = ("image", "text"), **kwargs: Any) -> Schema:
+        labels = labels if isinstance(labels, dict) else {n: n for n in labels}
+        return Schema({m: encoders[m] for m in modalities}, labels=labels, **kwargs)
+
+    return make
 
 
 @pytest.fixture
@@ -25,7 +52,8 @@ def make_image(tmp_path: Path) -> Callable[..., Path]:
     def make(name: str, mode: str = "RGB", size: tuple[int, int] = (12, 10), truncate: bool = False) -> Path:
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        color: Any = 128 if mode in ("L", "P") else tuple(range(40, 40 + 40 * len(mode), 40))
+        bands = Image.getmodebands(mode)
+        color: Any = 128 if bands == 1 else tuple(range(40, 40 + 40 * bands, 40))
         image = Image.effect_noise((64, 64), 60).convert(mode) if truncate else Image.new(mode, size, color)
         image.save(path)
         if truncate:

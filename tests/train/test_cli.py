@@ -69,8 +69,12 @@ def test_predict_one_record_a_file_and_one_modality(trained: Path, data: Path, t
     assert main(["predict", str(trained), "--image", str(image), "--text", "is this a square?"]) == 0
     out = capsys.readouterr().out
     assert "color:" in out and "is_question:" in out and "size:" in out
-    assert main(["predict", str(trained), "--text", "is this a square?"]) == 0  # text only
-    assert main(["predict", str(trained), "--image", str(image)]) == 0  # image only
+    # one modality only: refused on a model trained with both, unless asked for (then a warning)
+    assert main(["predict", str(trained), "--text", "is this a square?"]) == 2
+    assert "--allow-missing" in capsys.readouterr().err
+    assert main(["predict", str(trained), "--text", "is this a square?", "--allow-missing"]) == 0
+    assert "trained with every input present" in capsys.readouterr().err
+    assert main(["predict", str(trained), "--image", str(image), "--allow-missing"]) == 0
     preds = tmp_path / "preds.jsonl"
     assert main(["predict", str(trained), "--input", str(data), "--output", str(preds)]) == 0
     rows = [json.loads(line) for line in preds.read_text().splitlines()]

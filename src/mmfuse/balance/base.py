@@ -84,14 +84,6 @@ def fusion_decomposes(fusion: nn.Module) -> bool:
     return set(out.contributions) == set(fusion.input_dims)
 
 
-def true_class_probability(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """(B,) probability given to the true class: softmax for multiclass (B, C), sigmoid for binary (B, 1)."""
-    if kind == "binary":
-        p = torch.sigmoid(logits.reshape(-1))
-        return torch.where(target.reshape(-1) > 0.5, p, 1 - p)
-    return logits.softmax(-1).gather(1, target.long().reshape(-1, 1)).squeeze(1)
-
-
 class Balancer(nn.Module):
     """Base class of every modality balancer; every hook defaults to doing nothing.
 
@@ -102,6 +94,8 @@ class Balancer(nn.Module):
     Args:
         modalities: the modality names, in the model's order.
     """
+
+    drops_modalities = False  # hides whole modalities in training: the model learns to predict without them
 
     def __init__(self, modalities: list[str]) -> None:
         super().__init__()

@@ -31,6 +31,8 @@ class ModalityDropout(Balancer):
         seed: seeds the sampling (None: torch's global RNG).
     """
 
+    drops_modalities = True
+
     def __init__(self, modalities: list[str], p: float | dict[str, float] = 0.2, seed: int | None = None) -> None:
         super().__init__(modalities)
         rates = dict(p) if isinstance(p, dict) else {m: float(p) for m in self.modalities}

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmfuse.balance.base import BALANCERS, Balancer, fusion_decomposes, linear_head, true_class_probability
+from mmfuse.balance.base import BALANCERS, Balancer, fusion_decomposes, linear_head
 
 if TYPE_CHECKING:
     from mmfuse.model import ModelOutput, MultiTaskModel
@@ -83,7 +83,7 @@ class OGMGE(Balancer):
 
     def setup(self, model: MultiTaskModel) -> None:
         super().setup(model)
-        scorable = [n for n, t in model.tasks.items() if t.kind in ("binary", "multiclass")]
+        scorable = [n for n, t in model.tasks.items() if t.scores_classes]
         if self.task is None:
             if not scorable:
                 raise ValueError(f"ogm_ge needs a binary or multiclass task; tasks: {list(model.tasks)}")
@@ -128,10 +128,10 @@ class OGMGE(Balancer):
         """(M,) summed true-class probabilities per modality over the labelled samples, and their count."""
         logits = self.unimodal_logits(model, out, self.task)
         mask = mask.bool()
-        kind = model.tasks[self.task].kind
+        task = model.tasks[self.task]
         ref = logits[self.modalities[0]]
         stats = torch.stack(
-            [true_class_probability(logits[m][mask], target[mask], kind).sum() for m in self.modalities]
+            [task.true_class_probability(logits[m][mask], target[mask]).sum() for m in self.modalities]
             + [mask.sum().to(ref.dtype)]
         ).float()
         if dist.is_available() and dist.is_initialized():

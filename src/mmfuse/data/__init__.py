@@ -1,32 +1,31 @@
-"""Data: records (JSONL/CSV/easy-VQA), up-front validation, the dataset and the batch collator."""
+"""Data: records (JSONL/CSV/easy-VQA) read through each modality's encoder, up-front validation, the dataset
+and the batch collator. Nothing here branches on a modality's or a task kind's name."""
 
 from mmfuse.data.collate import Collator
-from mmfuse.data.dataset import MultiModalDataset, check_image, encode_labels, validate_records
-from mmfuse.data.easy_vqa import EASY_VQA_TASKS, image_labels, label_coverage, load_easy_vqa, question_type
+from mmfuse.data.dataset import MultiModalDataset, check_inputs, encode_labels, validate_records
 from mmfuse.data.records import (
     DataError,
     Record,
-    infer_classes,
+    Schema,
+    default_group_by,
     load_record_splits,
     read_records,
+    shared_inputs,
     split_records,
 )
 
 __all__ = [
-    "EASY_VQA_TASKS",
     "Collator",
     "DataError",
     "MultiModalDataset",
     "Record",
-    "check_image",
+    "Schema",
+    "check_inputs",
+    "default_group_by",
     "encode_labels",
-    "image_labels",
-    "infer_classes",
-    "label_coverage",
-    "load_easy_vqa",
     "load_record_splits",
-    "question_type",
     "read_records",
+    "shared_inputs",
     "split_records",
     "validate_records",
 ]

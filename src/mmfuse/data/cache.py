@@ -24,7 +24,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mmfuse.encoders.base import Encoder, EncoderOutput
@@ -38,18 +37,6 @@ SHARD_ITEMS = 4096
 def default_cache_dir() -> Path:
     env = os.environ.get("MMFUSE_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "mmfuse" / "features"
-
-
-def content_hash(modality: str, raw: str) -> str:
-    """Hash of an input's content: the file's bytes for an image path, the string for a text."""
-    h = hashlib.sha256()
-    if modality == "image":
-        with open(raw, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:
-        h.update(raw.encode("utf-8"))
-    return h.hexdigest()[:32]
 
 
 def encoder_key(encoder: Encoder, tokens: bool) -> str:
@@ -119,7 +106,7 @@ class FeatureCache:
 
     Args:
         encoder: the frozen encoder.
-        modality: "image" (inputs are file paths) or "text" (inputs are strings).
+        modality: the modality's name (in messages); inputs are its encoder's references (`Encoder.read`).
         root: cache directory (default `~/.cache/mmfuse/features` or `$MMFUSE_CACHE_DIR`).
         tokens: also keep token features (for fusions that read tokens).
     """
@@ -147,7 +134,7 @@ class FeatureCache:
 
     def build(self, raws: Sequence[str], batch_size: int = 32) -> tuple[FeatureTable, torch.Tensor]:
         """Encode what is missing, then return the table of distinct inputs and each raw's row (N,)."""
-        hash_of = {r: content_hash(self.modality, r) for r in dict.fromkeys(raws)}  # each distinct input once
+        hash_of = {r: self.encoder.content_hash(r) for r in dict.fromkeys(raws)}  # each distinct input once
         hashes = [hash_of[r] for r in raws]
         distinct = list(dict.fromkeys(hashes))
         if any(h not in self.index for h in distinct):
@@ -189,10 +176,7 @@ class FeatureCache:
             shard_no += 1
 
     def _load_raw(self, raw: str) -> object:
-        if self.modality == "image":
-            with Image.open(raw) as im:
-                return im.convert("RGB")
-        return raw
+        return self.encoder.load(raw)
 
     def _write_shard(self, shard_no: int, tensors: dict[str, torch.Tensor], hashes: list[str]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

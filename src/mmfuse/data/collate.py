@@ -1,12 +1,11 @@
-"""Batching: processor collation (dynamic padding), absent-modality flags, labels and label masks.
+"""Batching: each encoder collates its modality (placeholders where missing), each task its labels.
 
-Shapes: B batch, C classes of a multilabel task.
+Shapes: B batch.
 
 A batch is `{"index": (B,) long, "inputs": {modality: collated}, "absent": {modality: (B,) bool},
 "labels": {task: tensor}, "masks": {task: (B,) bool}}`. `absent` only names modalities that at
-least one sample lacks; such a sample gets a placeholder input (zeros for an image, the empty
-string for a text) that the model replaces by exact zeros through `absent`. A missing label
-is stored as 0 and masked out (mask False).
+least one sample lacks; such a sample gets its encoder's `placeholder()`, which the model replaces by
+exact zeros through `absent`. A missing label gets its task's filler and is masked out (mask False).
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
-from mmfuse.data.dataset import preprocess
+from mmfuse.encoders.base import Encoder
 from mmfuse.tasks import Task
 
 
@@ -25,26 +23,27 @@ class Collator:
     """collate_fn for a DataLoader over `MultiModalDataset`; plain attributes only, so it pickles.
 
     Args:
-        processors: {modality: obj with `collate(items)`} (and `preprocess` for placeholders).
-        tasks: {task name: Task}; decides each label tensor's dtype and shape.
+        encoders: {modality: encoder} whose inputs the samples carry (`collate`, `placeholder`).
+        tasks: {task name: Task}; each collates its own labels (dtype, shape, filler).
     """
 
-    def __init__(self, processors: Mapping[str, Any], tasks: Mapping[str, Task]) -> None:
-        self.processors = dict(processors)
+    def __init__(self, encoders: Mapping[str, Encoder], tasks: Mapping[str, Task]) -> None:
+        self.encoders = dict(encoders)
         self.tasks = dict(tasks)
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         inputs, absent = {}, {}
-        for modality, processor in self.processors.items():
+        for modality, encoder in self.encoders.items():
             items = [s["inputs"][modality] for s in samples]
             missing = [item is None for item in items]
             if any(missing):
                 absent[modality] = torch.tensor(missing, dtype=torch.bool)
-                items = self._fill(modality, items)
-            inputs[modality] = processor.collate(items)
+                fill = encoder.placeholder()
+                items = [fill if item is None else item for item in items]
+            inputs[modality] = encoder.collate(items)
         labels, masks = {}, {}
         for name, task in self.tasks.items():
-            labels[name], masks[name] = _label_tensor(task, [s["labels"].get(name) for s in samples])
+            labels[name], masks[name] = task.collate([s["labels"].get(name) for s in samples])
         return {
             "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
             "inputs": inputs,
@@ -52,27 +51,3 @@ class Collator:
             "labels": labels,
             "masks": masks,
         }
-
-    def _fill(self, modality: str, items: list[Any]) -> list[Any]:
-        """Replace None items by a placeholder: zeros shaped like a present image, or an empty text."""
-        present = next((item for item in items if item is not None), None)
-        if modality == "image" and isinstance(present, torch.Tensor):
-            placeholder = torch.zeros_like(present)
-        else:
-            raw = "" if modality == "text" else Image.new("RGB", (32, 32))
-            placeholder = preprocess(self.processors[modality], raw, train=False)
-            if isinstance(placeholder, torch.Tensor):
-                placeholder = torch.zeros_like(placeholder)
-        return [placeholder if item is None else item for item in items]
-
-
-def _label_tensor(task: Task, values: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(labels, mask): multiclass (B,) long, multilabel (B, C) float, others (B,) float; missing -> 0."""
-    mask = torch.tensor([v is not None for v in values], dtype=torch.bool)
-    if task.kind == "multilabel":
-        filler: Any = [0.0] * task.out_dim
-        dtype = torch.float32
-    else:
-        filler = 0
-        dtype = torch.long if task.kind == "multiclass" else torch.float32
-    return torch.tensor([filler if v is None else v for v in values], dtype=dtype), mask

@@ -1,56 +1,49 @@
-"""Up-front record validation and the map-style dataset that feeds the processors.
+"""Up-front record validation and the map-style dataset; both ask each modality's encoder, never its name.
 
-`validate_records` finds every bad record before training starts (a missing or truncated image,
-an empty text, a label its task rejects), so a run never dies at step 9,000 on one broken file.
+`validate_records` finds every bad record before training starts (a missing or truncated file, an empty
+text, a label its task rejects), so a run never dies at step 9,000 on one broken input.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torch.utils.data import Dataset
 
 from mmfuse.data.records import DataError, Record
+from mmfuse.encoders.base import Encoder
 from mmfuse.tasks import LabelError, Task
 
 logger = logging.getLogger(__name__)
 
-MODALITIES = ("image", "text")
 
-
-def check_image(path: str) -> str | None:
-    """None if `path` is an image file that decodes fully, else the reason it is not."""
-    p = Path(path)
-    if not p.is_file():
-        where = "is a folder" if p.is_dir() else "not found"
-        return f"image {p.name!r} {where} (looked in {p.parent})"
-    try:
-        with Image.open(p) as im:
-            im.load()
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        return f"image {p.name!r} cannot be decoded ({type(err).__name__}: {err}) at {p}"
-    return None
-
-
-def _check_images(paths: Collection[str], workers: int) -> dict[str, str | None]:
-    paths = list(paths)
-    if workers <= 1 or len(paths) < 64:
-        return {p: check_image(p) for p in paths}
+def check_inputs(
+    encoder: Encoder, refs: Sequence[Hashable], workers: int | None = None
+) -> dict[Hashable, str | None]:
+    """{reference: None or the reason it is bad} for each distinct reference, checked in a small thread pool."""
+    distinct = list(dict.fromkeys(refs))
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    if workers <= 1 or len(distinct) < 64:
+        return {r: _check(encoder, r) for r in distinct}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip(paths, pool.map(check_image, paths, chunksize=32)))
+        return dict(zip(distinct, pool.map(lambda r: _check(encoder, r), distinct, chunksize=32)))
 
 
-def _encode_error(task: Task, raw: Any) -> str | None:
+def _check(encoder: Encoder, ref: Hashable) -> str | None:
+    try:
+        return encoder.check(ref)
+    except Exception as err:  # an encoder's check must give a reason, never stop the whole validation
+        return f"{type(err).__name__}: {str(err)[:160]}"
+
+
+def label_problem(task: Task, raw: Any) -> str | None:
     try:
         task.encode(raw)
-    except (LabelError, TypeError, ValueError) as err:
+    except (LabelError, TypeError, ValueError, OverflowError) as err:
         return f"task {task.name!r}: {err}"
     return None
 
@@ -58,27 +51,19 @@ def _encode_error(task: Task, raw: Any) -> str | None:
 def _record_problem(
     record: Record,
     tasks: Mapping[str, Task],
-    modalities: Collection[str],
-    images: Mapping[str, str | None],
+    checked: Mapping[str, Mapping[Hashable, str | None]],
     allow_missing: bool,
 ) -> str | None:
-    if "image" in modalities:
-        if record.image is None:
+    for modality in checked:
+        ref = record.inputs.get(modality)
+        if ref is None:
             if not allow_missing:
-                return "image is empty or missing"
-        elif images[record.image] is not None:
-            return images[record.image]
-    if "text" in modalities:
-        if record.text is None:
-            if not allow_missing:
-                return "text is empty or missing"
-        elif not isinstance(record.text, str):
-            return f"text must be a string, got {type(record.text).__name__}"
-        elif not record.text.strip():
-            return "text is empty or missing"
+                return f"{modality} is empty or missing"
+        elif (problem := checked[modality][ref]) is not None:
+            return problem if problem.startswith(modality) else f"{modality}: {problem}"
     for name, task in tasks.items():
         raw = record.labels.get(name)
-        if raw is not None and (problem := _encode_error(task, raw)):
+        if raw is not None and (problem := label_problem(task, raw)):
             return problem
     return None
 
@@ -86,23 +71,23 @@ def _record_problem(
 def validate_records(
     records: Sequence[Record],
     tasks: Mapping[str, Task],
-    modalities: Collection[str],
+    encoders: Mapping[str, Encoder],
     skip_bad: bool = False,
     *,
     allow_missing: bool = False,
     workers: int | None = None,
 ) -> tuple[list[Record], list[tuple[str, str]]]:
-    """Check every record: its image decodes fully, its text is non-empty, its labels encode.
+    """Check every record: each input passes its encoder's `check`, each label its task's `encode`.
 
-    Each distinct image path is decoded once (in a small thread pool).
+    Each distinct input reference is checked once (in a small thread pool).
 
     Args:
         records: the records to check.
         tasks: {task name: Task}; every non-missing label must be accepted by `task.encode`.
-        modalities: the modalities the model reads ("image", "text"); only those are checked.
+        encoders: {modality: encoder} of the inputs the model reads; only those are checked.
         skip_bad: return the bad records' reasons instead of raising on the first one.
-        allow_missing: a record without an image or text (None) is fine (prediction time).
-        workers: threads decoding images; default min(4, CPU count).
+        allow_missing: a record may lack inputs (None): prediction time, or a model trained to do without.
+        workers: threads checking inputs; default min(4, CPU count).
 
     Returns:
         (good records, [(source, reason), ...] for the bad ones).
@@ -110,11 +95,13 @@ def validate_records(
     Raises:
         DataError: "SOURCE: reason" for the first bad record, unless `skip_bad`.
     """
-    paths = {r.image for r in records if r.image is not None} if "image" in modalities else set()
-    images = _check_images(paths, workers if workers is not None else min(4, os.cpu_count() or 1))
+    checked = {
+        m: check_inputs(enc, [r.inputs[m] for r in records if r.inputs.get(m) is not None], workers)
+        for m, enc in encoders.items()
+    }
     good, bad = [], []
     for record in records:
-        problem = _record_problem(record, tasks, modalities, images, allow_missing)
+        problem = _record_problem(record, tasks, checked, allow_missing)
         if problem is None:
             good.append(record)
         elif skip_bad:
@@ -129,21 +116,6 @@ def validate_records(
     return good, bad
 
 
-def takes_train(processor: Any) -> bool:
-    """Whether `processor.preprocess` takes a `train` argument."""
-    try:
-        return "train" in inspect.signature(processor.preprocess).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def preprocess(processor: Any, raw: Any, train: bool, takes: bool | None = None) -> Any:
-    """processor.preprocess(raw, train=train), or (raw) for a processor without a `train` argument."""
-    if takes if takes is not None else takes_train(processor):
-        return processor.preprocess(raw, train=train)
-    return processor.preprocess(raw)
-
-
 def encode_labels(record: Record, tasks: Mapping[str, Task]) -> dict[str, Any]:
     """{task: encoded label or None}; DataError "SOURCE: task 'x': ..." for a label a task rejects."""
     out = {}
@@ -154,7 +126,7 @@ def encode_labels(record: Record, tasks: Mapping[str, Task]) -> dict[str, Any]:
             continue
         try:
             out[name] = task.encode(raw)
-        except (LabelError, TypeError, ValueError) as err:
+        except (LabelError, TypeError, ValueError, OverflowError) as err:
             raise DataError(f"{record.source}: task {name!r}: {err}") from None
     return out
 
@@ -165,23 +137,19 @@ class MultiModalDataset(Dataset):
     Args:
         records: the samples (validate them first with `validate_records`).
         tasks: {task name: Task}; labels are encoded once, here.
-        processors: {"image": obj with preprocess(PIL image), "text": obj with preprocess(str)}; a
-            modality is loaded when its key is present. `preprocess` gets `train=` when it takes it.
-        train: passed to the processors (augmentation on or off).
+        encoders: {modality: encoder}; each input is `encoder.preprocess(encoder.load(ref), train)`. Modalities
+            left out (e.g. served from the feature cache) are not loaded.
+        train: passed to `preprocess` (augmentation on or off).
     """
 
     def __init__(
-        self, records: Sequence[Record], tasks: Mapping[str, Task], processors: Mapping[str, Any], train: bool = False
+        self, records: Sequence[Record], tasks: Mapping[str, Task], encoders: Mapping[str, Encoder], train: bool = False
     ) -> None:
-        unknown = set(processors) - set(MODALITIES)
-        if unknown:
-            raise ValueError(f"unknown modalities {sorted(unknown)} (known: {', '.join(MODALITIES)})")
         self.records = list(records)
         self.tasks = dict(tasks)
-        self.processors = dict(processors)
+        self.encoders = dict(encoders)
         self.train = train
         self.labels = [encode_labels(r, self.tasks) for r in self.records]
-        self._takes_train = {m: takes_train(p) for m, p in self.processors.items()}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -189,17 +157,7 @@ class MultiModalDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         inputs: dict[str, Any] = {}
-        for modality, processor in self.processors.items():
-            raw = self._raw(record, modality)
-            takes = self._takes_train[modality]
-            inputs[modality] = None if raw is None else preprocess(processor, raw, self.train, takes)
+        for modality, encoder in self.encoders.items():
+            ref = record.inputs.get(modality)
+            inputs[modality] = None if ref is None else encoder.preprocess(encoder.load(ref), train=self.train)
         return {"index": index, "inputs": inputs, "labels": dict(self.labels[index])}
-
-    @staticmethod
-    def _raw(record: Record, modality: str) -> Any:
-        if modality == "text":
-            return record.text
-        if record.image is None:
-            return None
-        with Image.open(record.image) as im:
-            return im.convert("RGB")

@@ -9,6 +9,7 @@ and attached to every question of the image, or None where no question reveals t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -18,7 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mmfuse.data.records import DataError, Record, split_records
+from mmfuse.data.records import DataError, Record, Schema, default_group_by, records_from_rows, split_records
+from mmfuse.encoders.base import DataRoot
 
 logger = logging.getLogger(__name__)
 
@@ -110,40 +112,57 @@ def image_labels(questions: Iterable[list[Any]], where: str = "easy_vqa") -> dic
     return {i: {a: f.value(a, f"{where} image {i}") for a in ("shape", "color")} for i, f in facts.items()}
 
 
-def _official_split(split: str) -> list[Record]:
+def easy_vqa_rows(split: str) -> list[tuple[int, dict[str, Any]]]:
+    """(question number, row) of an official split: `image` (relative to `easy_vqa_root()`), `text` and the
+    four tasks' labels (`shape`/`color` None where the image's questions do not reveal them)."""
     folder = easy_vqa_root() / split
     questions = json.loads((folder / "questions.json").read_text())
     known = image_labels(questions, f"easy_vqa/{split}")
-    records = []
+    rows = []
     for number, (text, answer, image_id) in enumerate(questions, start=1):
-        labels = {"answer": answer, "question_type": question_type(answer), **known[image_id]}
-        image = str(folder / "images" / f"{image_id}.png")
-        records.append(Record(image, text, labels, f"easy_vqa/{split}/questions.json:{number}", split))
-    return records
+        row = {"image": f"{split}/images/{image_id}.png", "text": text, "answer": answer}
+        rows.append((number, {**row, "question_type": question_type(answer), **known[image_id]}))
+    return rows
 
 
-def label_coverage(records: list[Record], task: str) -> tuple[float, float]:
-    """(share of distinct images, share of records) whose `task` label is known."""
-    by_image = {r.image: r.labels.get(task) is not None for r in records}
-    images = sum(by_image.values()) / max(len(by_image), 1)
+def label_coverage(records: list[Record], task: str, modality: str = "image") -> tuple[float, float]:
+    """(share of distinct inputs of `modality`, share of records) whose `task` label is known."""
+    by_input = {r.inputs.get(modality): r.labels.get(task) is not None for r in records}
+    inputs = sum(by_input.values()) / max(len(by_input), 1)
     rows = sum(r.labels.get(task) is not None for r in records) / max(len(records), 1)
-    return images, rows
+    return inputs, rows
 
 
-def load_easy_vqa(val_fraction: float = 0.1, seed: int = 0, limit: int | None = None) -> dict[str, list[Record]]:
-    """easy-VQA as {"train", "val", "test"} records.
+def load_easy_vqa(
+    schema: Schema,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    limit: int | None = None,
+    errors: list[tuple[str, str]] | None = None,
+) -> dict[str, list[Record]]:
+    """easy-VQA as {"train", "val", "test"} records, read through `schema` like any records file.
+
+    The rows have the fields `image`, `text`, `answer`, `question_type`, `shape` and `color`.
 
     Args:
-        val_fraction: share of the official train IMAGES held out as "val" (all their questions).
+        schema: the modalities' encoders and fields, the tasks' label fields.
+        val_fraction: share of the official train groups (by default: images, with all their questions)
+            held out as "val".
         seed: seed of the train/val split and of the `limit` shuffle.
         limit: keep only the first `limit` records of each split after a seeded shuffle.
+        errors: collects bad rows instead of raising (`data.skip_bad`).
     """
-    train = _official_split("train")
-    splits = split_records(train, val_fraction, 0.0, seed, group_by="image")
-    splits["test"] = _official_split("test")
+    root = DataRoot(easy_vqa_root())
+    read = {"schema": schema, "root": root, "errors": errors}
+    train = records_from_rows(easy_vqa_rows("train"), "easy_vqa/train/questions.json", **read)
+    group_by = schema.group_by or default_group_by(train, schema.encoders)
+    splits = split_records(train, val_fraction, 0.0, seed, group_by)
+    test = records_from_rows(easy_vqa_rows("test"), "easy_vqa/test/questions.json", **read)
+    splits["test"] = [dataclasses.replace(r, split="test") for r in test]
     for task in ("shape", "color"):
-        img, rows = label_coverage(train, task)
-        logger.info("easy-VQA train: %s known for %.1f%% of images (%.1f%% of questions)", task, 100 * img, 100 * rows)
+        if task in schema.labels and group_by:
+            share, rows = label_coverage(train, task, group_by)
+            logger.info("easy-VQA train: %s known for %.1f%% of %ss (%.1f%% of questions)", task, 100 * share, group_by, 100 * rows)
     if limit is not None:
         for name, records in splits.items():
             shuffled = list(records)

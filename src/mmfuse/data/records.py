@@ -201,8 +201,15 @@ def records_from_rows(
     header: Sequence[str] | None = None,
     errors: list[tuple[str, str]] | None = None,
 ) -> list[Record]:
-    """Parsed rows of one source -> records, with the file-level checks of `read_records`."""
-    records, seen = [], set(header or ())
+    """Parsed rows of one source -> records, with the file-level checks of `read_records` (first)."""
+    rows = list(rows)
+    if required and rows:  # (an empty file gets its own error from the caller)
+        seen = set(header or ())
+        for _, row in rows:
+            if isinstance(row, dict):
+                seen.update(row)
+        _check_fields(name, schema, seen, header is not None)
+    records = []
     for number, row in rows:
         where = f"{name}:{number}"
         try:
@@ -210,14 +217,11 @@ def records_from_rows(
                 raise row
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
-            seen.update(row)
             records.append(schema.record(row, where, root, required))
         except DataError as err:
             if errors is None:
                 raise
             errors.append((where, str(err).removeprefix(f"{where}: ")))
-    if required:
-        _check_fields(name, schema, seen, header is not None)
     return records
 
 

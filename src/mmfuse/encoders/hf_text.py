@@ -9,14 +9,14 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmfuse.assets import dir_sha256, minilm_dir, module_sha256
-from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
+from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError, field_value
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,15 @@ def _build_tokenizer(directory: Path) -> Any:
     if not tokenizer.is_fast:
         logger.warning("no fast tokenizer in %s; using the slow one", directory)
     return tokenizer
+
+
+def text_problem(text: str) -> str | None:
+    """None when `text` is valid Unicode text, else why not (a lone surrogate: no tokenizer takes it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"text has an invalid character {text[err.start]!r} (a lone surrogate) at position {err.start}"
+    return None
 
 
 @ENCODERS.register("hf_text")
@@ -122,6 +131,35 @@ class HFTextEncoder(Encoder):
                 out = self.model.eval()(**{k: probe[k] for k in self._input_keys if k in probe})
             if getattr(out, "pooler_output", None) is None:
                 raise ValueError(f"pooling='pooler': {type(self.model).__name__} has no pooler_output; use cls or mean")
+
+    @property
+    def has_tokens(self) -> bool:
+        return True
+
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | None:
+        """The stripped text; None when the field is null or blank."""
+        value = field_value(row, field)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise InputError(f"text field {field!r} must be a string, got {type(value).__name__} {value!r:.40}")
+        problem = text_problem(value)
+        if problem:
+            raise InputError(problem)
+        return value.strip()
+
+    def check(self, ref: Hashable) -> str | None:
+        if not isinstance(ref, str):
+            return f"text must be a string, got {type(ref).__name__}"
+        if not ref.strip():
+            return "text is empty or missing"
+        return text_problem(ref)
+
+    def length(self, ref: Hashable) -> int:
+        return len(ref)  # characters: a cheap stand-in for tokens when batching by length
+
+    def placeholder(self) -> str:
+        return ""
 
     def preprocess(self, raw: Any, train: bool = False) -> str:
         """One text -> the stripped string (`train` is accepted for a uniform call and changes nothing)."""

@@ -5,18 +5,18 @@ Shapes: B batch, C channels, H/W image or feature-map size, T = h*w spatial toke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms import v2
 
 from mmfuse.assets import file_sha256, module_sha256
-from mmfuse.encoders.base import Encoder
+from mmfuse.encoders.base import DataRoot, Encoder, InputError, field_value, hash_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,16 +24,62 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENT_SCALE = (0.5, 1.0)
 
 
+_HIGH_DEPTH = ("I", "F")  # 32-bit integer and float images (16-bit modes "I;16*" open as these or convert to "I")
+
+
+def _unit_scale(values: np.ndarray, mode: str) -> np.ndarray:
+    """High-depth pixel values -> [0, 1]: by the mode's range when it is known, else by the data's own range.
+
+    "I;16*" is 16-bit. For "I" and "F" the range is read off the values: within [0, 1] (float) is taken as
+    is, within [0, 255] as 8-bit, within [0, 65535] as 16-bit; anything else (negative, larger) is stretched
+    from its minimum to its maximum. NaN and infinities become 0.
+    """
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if mode.startswith("I;16"):
+        return values / 65535.0
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low >= 0 and high <= 1 and mode == "F":
+        return values
+    for top in (255.0, 65535.0):
+        if low >= 0 and high <= top:
+            return values / top
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
 def to_rgb_image(raw: Any) -> Image.Image:
-    """A PIL image, an image file path or an (H, W[, C]) uint8 array, as an RGB PIL image."""
+    """A PIL image, an image file path or an (H, W[, C]) uint8 array, as an upright 8-bit RGB PIL image.
+
+    EXIF orientation is applied. Every mode PNG, TIFF and JPEG files carry converts: 1, L, LA, P, PA, RGB,
+    RGBA, CMYK, YCbCr as Pillow converts them (alpha dropped), and 16-bit, 32-bit integer and float images
+    (I;16, I, F) scaled to 8 bits by their range (`_unit_scale`), not clipped.
+    """
     if isinstance(raw, (str, Path)):
         with Image.open(raw) as img:
-            return img.convert("RGB")
+            return to_rgb_image(img)
     if isinstance(raw, np.ndarray):
         raw = Image.fromarray(raw)
     if not isinstance(raw, Image.Image):
         raise TypeError(f"expected a PIL image, an image path or a uint8 array, got {type(raw).__name__}")
-    return raw.convert("RGB")
+    image = ImageOps.exif_transpose(raw) or raw
+    if image.mode.startswith("I;16") or image.mode in _HIGH_DEPTH:
+        unit = _unit_scale(np.asarray(image), image.mode)
+        image = Image.fromarray(np.round(unit * 255.0).clip(0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def check_image(path: str) -> str | None:
+    """None if `path` is an image file that decodes fully (and converts to RGB), else the reason it is not."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            where = "is a folder" if p.is_dir() else "not found"
+            return f"image {p.name!r} {where} (looked in {p.parent})"
+        with Image.open(p) as im:
+            im.load()
+            to_rgb_image(im)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        return f"image {p.name!r} cannot be decoded ({type(err).__name__}: {str(err)[:120]}) at {p}"
+    return None
 
 
 class ImagePreprocessor:
@@ -98,11 +144,45 @@ class ImageEncoder(Encoder):
     """
 
     modality = "image"
+    groups_records = True
     net: nn.Module
     model_name: str
     weights: str | None
     processor: ImagePreprocessor
     tokens: bool
+
+    @property
+    def augment(self) -> bool:  # type: ignore[override]
+        return self.processor.augment
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.tokens
+
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | None:
+        """The image file's absolute path, confined to the data folder; None when the field is null or empty."""
+        value = field_value(row, field)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise InputError(f"field {field!r} must be an image path, got {type(value).__name__} {value!r:.40}")
+        return root.resolve(value, "image")
+
+    def check(self, ref: Hashable) -> str | None:
+        """None if the file decodes fully, else why not (missing, a folder, truncated, not an image)."""
+        return check_image(str(ref))
+
+    def load(self, ref: Hashable) -> Image.Image:
+        """The image file, decoded as upright 8-bit RGB (`to_rgb_image`)."""
+        return to_rgb_image(str(ref))
+
+    def content_hash(self, ref: Hashable) -> str:
+        return hash_file(str(ref))
+
+    def placeholder(self) -> torch.Tensor:
+        """(3, S, S) zeros (the model zeroes a missing image's features anyway)."""
+        size = self.processor.image_size
+        return torch.zeros(3, size, size)
 
     def preprocess(self, raw: Any, train: bool = False) -> torch.Tensor:
         """One PIL image (or path, or uint8 array) -> (3, S, S)."""

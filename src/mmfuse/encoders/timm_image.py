@@ -120,6 +120,9 @@ class TimmImageEncoder(ImageEncoder):
     ) -> None:
         super().__init__(freeze)
         self.model_name, self.tokens = model, tokens
+        if not timm.is_model(model):
+            close = timm.list_models(f"{model[:6]}*")[:8]
+            raise ValueError(f"unknown timm model {model!r}" + (f"; similar: {', '.join(close)}" if close else ""))
         self.weights = _resolve_weights(model, weights)
         self.net = timm.create_model(model, pretrained=False, num_classes=0)
         if self.weights is not None:

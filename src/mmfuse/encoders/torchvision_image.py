@@ -104,7 +104,10 @@ class TorchvisionImageEncoder(ImageEncoder):
         super().__init__(freeze)
         self.model_name, self.weights, self.tokens = model, weights, tokens
         if model not in torchvision.models.list_models(module=torchvision.models):
-            raise ValueError(f"unknown torchvision classification model {model!r}")
+            close = [m for m in torchvision.models.list_models(module=torchvision.models) if m.startswith(model[:6])]
+            raise ValueError(
+                f"unknown torchvision classification model {model!r}" + (f"; similar: {', '.join(close[:8])}" if close else "")
+            )
         self._weights_id: str | None = None
         if weights is not None and not looks_like_path(weights):
             self.net, self._weights_id = _build_pretrained(model, weights)

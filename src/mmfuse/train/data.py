@@ -1,4 +1,8 @@
-"""From a run config to DataLoaders: records, label vocabularies, validation, feature cache, batching."""
+"""From built objects to DataLoaders: validation, the feature cache of frozen encoders, batching.
+
+Everything here takes the model, the records and plain options (`LoaderOptions`); the run config is read by
+`mmfuse.builders` only. No function branches on a modality's or a task kind's name: it asks the encoders.
+"""
 
 from __future__ import annotations
 
@@ -12,71 +16,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from mmfuse.config import ConfigError, RunConfig
+from mmfuse.builders import LoaderOptions
+from mmfuse.config import ConfigError
 from mmfuse.data.cache import FeatureCache, FeatureTable
 from mmfuse.data.collate import Collator
 from mmfuse.data.dataset import MultiModalDataset, validate_records
-from mmfuse.data.records import Record, infer_classes, load_record_splits
+from mmfuse.data.records import Record
 from mmfuse.model import MultiTaskModel
 
 log = logging.getLogger(__name__)
-
-
-def load_splits(cfg: RunConfig, errors: list[tuple[str, str]] | None = None) -> dict[str, list[Record]]:
-    """The records of each split ("train", "val", "test" where present), labels keyed by task name.
-
-    With `errors` (data.skip_bad), unreadable rows are listed there and skipped instead of raising.
-    """
-    d = cfg.data
-    if d.source == "easy_vqa":
-        from mmfuse.data.easy_vqa import load_easy_vqa
-
-        return load_easy_vqa(val_fraction=d.val_fraction, seed=cfg.seed, limit=d.limit)
-    fields = {name: tc.field or name for name, tc in cfg.tasks.items()}
-    splits = load_record_splits(
-        train=d.train,
-        val=d.val,
-        test=d.test,
-        path=d.path,
-        label_fields=fields,
-        image_root=d.image_root,
-        image_field=d.image_field,
-        text_field=d.text_field,
-        split_field=d.split_field,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        seed=cfg.seed,
-        errors=errors,
-    )
-    if d.limit:  # a seeded sample of each split, for quick runs
-        rng = random.Random(cfg.seed)
-        splits = {k: rng.sample(v, min(d.limit, len(v))) for k, v in splits.items()}
-    return splits
-
-
-def resolve_classes(cfg: RunConfig, splits: Mapping[str, list[Record]]) -> RunConfig:
-    """Fill in every classification task's classes (from easy-VQA's vocabulary or the training
-    records), so the saved config alone rebuilds the model."""
-    tasks = {}
-    for name, tc in cfg.tasks.items():
-        if tc.classes is None and tc.kind in ("multiclass", "multilabel"):
-            if cfg.data.source == "easy_vqa":
-                from mmfuse.data.easy_vqa import EASY_VQA_TASKS
-
-                if name not in EASY_VQA_TASKS:
-                    raise ConfigError(
-                        f"tasks.{name}: easy_vqa has no task {name!r}; it has {', '.join(EASY_VQA_TASKS)}"
-                    )
-                classes = list(EASY_VQA_TASKS[name]["classes"])
-            else:
-                classes = infer_classes(splits.get("train", []), name, multilabel=tc.kind == "multilabel")
-                if not classes:
-                    raise ConfigError(
-                        f"tasks.{name}: no labels for it in the training records; set tasks.{name}.classes"
-                    )
-            tc = tc.model_copy(update={"classes": classes})
-        tasks[name] = tc
-    return cfg.model_copy(update={"tasks": tasks})
 
 
 @dataclass
@@ -88,12 +36,13 @@ class Features:
     rows: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def cached_modalities(cfg: RunConfig, model: MultiTaskModel) -> list[str]:
+def cached_modalities(model: MultiTaskModel, cache: bool) -> list[str]:
+    """The modalities whose frozen encoders' features come from the feature cache."""
     out = []
     for m, enc in model.encoders.items():
-        if not (enc.frozen and cfg.train.cache):
+        if not (enc.frozen and cache):
             continue
-        if getattr(enc, "augment", False):
+        if enc.augment:
             raise ConfigError(
                 f"model.encoders.{m}: random augmentation and the feature cache exclude each other "
                 "(cached features are computed once); set augment: false or train.cache=false"
@@ -103,27 +52,25 @@ def cached_modalities(cfg: RunConfig, model: MultiTaskModel) -> list[str]:
 
 
 def build_features(
-    cfg: RunConfig, model: MultiTaskModel, splits: Mapping[str, list[Record]], modalities: list[str]
+    model: MultiTaskModel, splits: Mapping[str, list[Record]], modalities: list[str], cache_dir: str | None = None
 ) -> Features:
+    """Encode (or read back) the distinct inputs of the cached modalities; each record gets its row."""
     feats = Features(rows={s: {} for s in splits})
     for m in modalities:
         enc = model.encoders[m]
-        tokens = model.fusion.needs_tokens and (enc.modality == "text" or bool(getattr(enc, "tokens", False)))
-        cache = FeatureCache(enc, m, cfg.train.cache_dir, tokens=tokens)
-        raws, bounds = [], {}
+        cache = FeatureCache(enc, m, cache_dir, tokens=model.fusion.needs_tokens and enc.has_tokens)
+        refs, bounds = [], {}
         for s, records in splits.items():
-            start = len(raws)
-            raws += [getattr(r, m) for r in records]
-            bounds[s] = (start, len(raws))
-        if any(r is None for r in raws):
+            start = len(refs)
+            refs += [r.inputs.get(m) for r in records]
+            bounds[s] = (start, len(refs))
+        if any(r is None for r in refs):
             raise ConfigError(f"train.cache: some records have no {m}; set train.cache=false to train on them")
-        if m == "text":
-            raws = [enc.preprocess(r) for r in raws]
-        table, rows = cache.build(raws)
+        table, rows = cache.build(refs)
         feats.tables[m] = table
         for s, (a, b) in bounds.items():
             feats.rows[s][m] = rows[a:b]
-        log.info("%s features: %d distinct inputs for %d records (cache %s)", m, len(table), len(raws), cache.dir)
+        log.info("%s features: %d distinct inputs for %d records (cache %s)", m, len(table), len(refs), cache.dir)
     return feats
 
 
@@ -189,50 +136,66 @@ class LengthBucketSampler(Sampler[list[int]]):
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
 
 
-def default_workers(cfg: RunConfig, uncached: list[str]) -> int:
-    if cfg.data.num_workers is not None:
-        return cfg.data.num_workers
+def default_workers(options: LoaderOptions, uncached: list[str]) -> int:
+    if options.num_workers is not None:
+        return options.num_workers
     if not uncached:
         return 0  # batches are gathered from memory: workers would only add overhead
     return min(2, os.cpu_count() or 1)
 
 
+def record_lengths(model: MultiTaskModel, records: list[Record], modalities: list[str]) -> list[int] | None:
+    """Per record, the summed `length` of its inputs of `modalities`; None when no encoder has lengths."""
+    encoders = {m: model.encoders[m] for m in modalities}
+    lengths, any_length = [], False
+    for r in records:
+        total = 0
+        for m, enc in encoders.items():
+            ref = r.inputs.get(m)
+            n = enc.length(ref) if ref is not None else None
+            if n is not None:
+                total, any_length = total + n, True
+        lengths.append(total)
+    return lengths if any_length else None
+
+
 def make_loader(
-    cfg: RunConfig,
     model: MultiTaskModel,
     records: list[Record],
     split: str,
     features: Features,
+    options: LoaderOptions,
     distributed: bool = False,
 ) -> DataLoader:
+    """A DataLoader of one split: uncached inputs loaded by their encoders, cached ones gathered by row."""
     cached = set(features.tables)
     uncached = [m for m in model.encoders if m not in cached]
-    processors = {m: model.encoders[m] for m in uncached}
+    encoders = {m: model.encoders[m] for m in uncached}
     train = split == "train"
-    dataset = MultiModalDataset(records, model.tasks, processors, train=train)
-    collate = CachedCollator(Collator(processors, model.tasks), features.tables, features.rows.get(split, {}))
-    workers = default_workers(cfg, uncached)
+    dataset = MultiModalDataset(records, model.tasks, encoders, train=train)
+    collate = CachedCollator(Collator(encoders, model.tasks), features.tables, features.rows.get(split, {}))
+    workers = default_workers(options, uncached)
     common: dict[str, Any] = dict(
         collate_fn=collate,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
-    batch_size = cfg.data.batch_size if train else cfg.data.eval_batch_size
-    if train and "text" in uncached and cfg.data.bucket_by_length and not distributed:
-        lengths = [len(r.text or "") for r in records]
-        return DataLoader(dataset, batch_sampler=LengthBucketSampler(lengths, batch_size, cfg.seed), **common)
-    sampler = EpochShuffleSampler(len(dataset), cfg.seed) if train and not distributed else None
+    batch_size = options.batch_size if train else options.eval_batch_size
+    lengths = record_lengths(model, records, uncached) if train and options.bucket_by_length else None
+    if lengths is not None and not distributed:
+        return DataLoader(dataset, batch_sampler=LengthBucketSampler(lengths, batch_size, options.seed), **common)
+    sampler = EpochShuffleSampler(len(dataset), options.seed) if train and not distributed else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and distributed, **common)
 
 
 def check_records(
-    cfg: RunConfig, model: MultiTaskModel, splits: dict[str, list[Record]]
+    model: MultiTaskModel, splits: dict[str, list[Record]], skip_bad: bool = False
 ) -> tuple[dict[str, list[Record]], list[tuple[str, str]]]:
-    """Validate every record up front; with data.skip_bad, drop and list the bad ones."""
+    """Validate every record up front; with `skip_bad`, drop and list the bad ones."""
     bad_all: list[tuple[str, str]] = []
     for s in list(splits):
-        good, bad = validate_records(splits[s], model.tasks, list(model.encoders), skip_bad=cfg.data.skip_bad)
+        good, bad = validate_records(splits[s], model.tasks, dict(model.encoders), skip_bad=skip_bad)
         splits[s] = good
         bad_all += bad
     return splits, bad_all

@@ -56,7 +56,7 @@ class MMFuseModule(L.LightningModule):
         )
         # Per-modality ("unimodal") accuracy of the balancer's scored task, when a balancer is used.
         self.unimodal_task = getattr(balancer, "task", None) or getattr(balancer, "probe_task", None)
-        if self.unimodal_task is not None and model.tasks[self.unimodal_task].kind not in ("binary", "multiclass"):
+        if self.unimodal_task is not None and not model.tasks[self.unimodal_task].scores_classes:
             self.unimodal_task = None
         self.unimodal = nn.ModuleDict()
         if self.unimodal_task is not None:

@@ -92,6 +92,7 @@ def write_report(run_dir: Path, cfg: RunConfig, summary: dict[str, Any], bad: li
         f"- epochs: {summary['epochs']}, best checkpoint by `{summary['monitor']}`: {summary['best_checkpoint']}",
         f"- device: {summary['device']} x {summary['world_size']}",
         "- time (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()),
+        *[f"- warning: {w}" for w in summary.get("warnings", [])],
         "",
     ]
     for split in ("test", "val"):

@@ -19,18 +19,18 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from mmfuse.builders import build_balancer, build_model_from, build_tasks, build_weighting
+from mmfuse.builders import (
+    build_balancer,
+    build_model_from,
+    build_run_data,
+    build_tasks,
+    build_weighting,
+    loader_options,
+)
 from mmfuse.config import ConfigError, RunConfig, dump_config, load_config
 from mmfuse.model import MultiTaskModel
-from mmfuse.train.data import (
-    Features,
-    build_features,
-    cached_modalities,
-    check_records,
-    load_splits,
-    make_loader,
-    resolve_classes,
-)
+from mmfuse.runs import load_run  # noqa: F401  (re-exported: it moved to mmfuse.runs, which needs no trainer)
+from mmfuse.train.data import Features, build_features, cached_modalities, check_records, make_loader
 from mmfuse.train.module import MMFuseModule
 from mmfuse.train.report import write_report
 
@@ -102,20 +102,22 @@ class Run:
         self.timings: dict[str, float] = {}
         self.bad: list[tuple[str, str]] = []
         t0 = time.perf_counter()
-        self.splits = load_splits(cfg, self.bad if cfg.data.skip_bad else None)
-        self.cfg = resolve_classes(cfg, self.splits)
+        data = build_run_data(cfg, model.encoders if model is not None else None, self.bad if cfg.data.skip_bad else None)
+        self.splits, self.cfg, self.warnings = data.splits, data.cfg, data.warnings
+        self.loader_options = loader_options(self.cfg)
         self.timings["load_records"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.model = model if model is not None else build_model_from(self.cfg.model, build_tasks(self.cfg.tasks))
+        self.model = model or build_model_from(self.cfg.model, build_tasks(self.cfg.tasks), data.encoders)
         self.timings["build_model"] = time.perf_counter() - t0
 
     def prepare(self) -> Features:
         t0 = time.perf_counter()
-        self.splits, bad = check_records(self.cfg, self.model, self.splits)
+        self.splits, bad = check_records(self.model, self.splits, self.cfg.data.skip_bad)
         self.bad += bad
         self.timings["validate_records"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        feats = build_features(self.cfg, self.model, self.splits, cached_modalities(self.cfg, self.model))
+        cached = cached_modalities(self.model, self.cfg.train.cache)
+        feats = build_features(self.model, self.splits, cached, self.cfg.train.cache_dir)
         self.timings["features"] = time.perf_counter() - t0
         return feats
 
@@ -162,7 +164,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     trainer = build_trainer(run.cfg, run_dir, monitor, mode)
     distributed = trainer.world_size > 1
     loaders = {
-        s: make_loader(run.cfg, run.model, recs, s, feats, distributed) for s, recs in run.splits.items() if recs
+        s: make_loader(run.model, recs, s, feats, run.loader_options, distributed) for s, recs in run.splits.items() if recs
     }
     module = run.module()
     if run.cfg.train.compile:
@@ -208,6 +210,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         "epochs": trainer.current_epoch,
         "records": {s: len(r) for s, r in run.splits.items()},
         "bad_records": len(run.bad),
+        "warnings": run.warnings,
         "metrics": results,
         "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
         "device": str(trainer.strategy.root_device),
@@ -254,42 +257,6 @@ def export_weights(model: MultiTaskModel, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_run(run_dir: str | Path) -> MultiTaskModel:
-    """Rebuild a trained model from a run directory (config.yaml + model.safetensors) alone."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        raise ConfigError(f"{run_dir}: pass the run directory (it holds config.yaml and model.safetensors)")
-    for name in ("config.yaml", "model.safetensors"):
-        if not (run_dir / name).exists():
-            raise ConfigError(f"{run_dir}: not a finished run directory ({name} is missing)")
-    cfg = load_config(run_dir / "config.yaml")
-    model = build_model_from(cfg.model, build_tasks(cfg.tasks))
-    with safe_open(str(run_dir / "model.safetensors"), "pt") as f:
-        meta = f.metadata() or {}
-    rebuilt = [m for m in model.encoders if f"frozen.{m}" in meta]
-    for m in rebuilt:
-        if meta[f"frozen.{m}"] != model.encoders[m].cache_key():
-            raise ConfigError(
-                f"{run_dir}/model.safetensors: trained with a different frozen {m} encoder than the config builds"
-            )
-    state = load_file(str(run_dir / "model.safetensors"))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # size mismatches
-        detail = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err).splitlines()[0])
-        raise ConfigError(f"{run_dir}/model.safetensors does not match config.yaml: {detail}") from None
-    missing = [k for k in missing if not k.startswith(tuple(f"encoders.{m}." for m in rebuilt))]
-    if missing or unexpected:
-        raise ConfigError(
-            f"{run_dir}/model.safetensors does not match config.yaml "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    return model.eval()
-
-
 def evaluate(
     run_dir: str | Path, split: str = "test", overrides: list[str] | None = None
 ) -> dict[str, dict[str, float]]:
@@ -302,7 +269,7 @@ def evaluate(
         raise ConfigError(f"{run_dir}: the data has no {split!r} split (splits: {', '.join(run.splits)})")
     run.splits = {split: run.splits[split]}
     feats = run.prepare()
-    loader = make_loader(run.cfg, model, run.splits[split], split, feats)
+    loader = make_loader(model, run.splits[split], split, feats, run.loader_options)
     trainer = L.Trainer(
         accelerator=cfg.train.accelerator,
         devices=1,
