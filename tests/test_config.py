@@ -34,7 +34,9 @@ def test_unknown_keys_are_named_with_the_allowed_ones() -> None:
     msg = error_of({**base(), "train": {"max_epoch": 3}})
     assert msg.startswith("train.max_epoch: unknown key") and "max_epochs" in msg
     msg = error_of({**base(), "tasks": {"y": {"kind": "binary", "clases": ["a", "b"]}}})
-    assert msg.startswith("tasks.y.clases: unknown key") and "classes" in msg
+    assert msg.startswith("tasks.y.clases: unknown option for task kind 'binary'") and "classes" in msg
+    msg = error_of({**base(), "tasks": {"y": {"kind": "regression", "los": "l1"}}})
+    assert msg.startswith("tasks.y.los: unknown option for task kind 'regression'") and "loss" in msg
 
 
 def test_wrong_types_and_values_are_named() -> None:
@@ -93,3 +95,32 @@ def test_task_weights_need_a_weighting_that_uses_them() -> None:
     assert error_of(data).startswith("tasks.y.weight: per-task weights apply to the equal/static weightings")
     data["train"]["weighting"]["name"] = "equal"
     parse_config(data)
+
+
+@pytest.mark.parametrize("name", ["type", "train", "to", "half", "float", "cuda", "training", "a.b", ""])
+def test_task_and_modality_names_that_cannot_key_a_module_are_one_line(name: str) -> None:
+    msg = error_of({**base(), "tasks": {name: {"kind": "binary"}}})
+    assert msg.startswith(f"tasks.{name}: task name {name!r} cannot name a module")
+    model = tiny_model()
+    model["encoders"] = {name: model["encoders"]["text"]}
+    assert error_of({**base(), "model": model}).startswith(f"model.encoders.{name}: modality name {name!r}")
+
+
+def test_encoder_field_task_options_and_the_root_alias() -> None:
+    model = tiny_model()
+    model["encoders"]["image"]["field"] = "photo"
+    data = {**base(), "model": model, "tasks": {"y": {"kind": "regression", "loss": "l1", "field": "price"}}}
+    cfg = parse_config({**data, "data": {"image_root": "imgs", "group_by": "photo"}})
+    assert cfg.model.encoders["image"].field == "photo" and "field" not in cfg.model.encoders["image"].options
+    assert cfg.tasks["y"].options == {"loss": "l1"} and cfg.tasks["y"].field == "price"
+    assert cfg.data.root == "imgs" and cfg.data.group_by == "photo" and cfg.data.allow_outside_root is False
+
+
+@pytest.mark.parametrize(("name", "model"), [("torchvision", "resnet9000"), ("timm", "resnet9000")])
+def test_an_unknown_model_name_is_one_config_error(name: str, model: str) -> None:
+    data = base()
+    data["model"]["encoders"]["image"] = {"name": name, "model": model}
+    with pytest.raises(ConfigError) as info:
+        build_model(data)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"model.encoders.image: unknown {name}") and "resnet9000" in msg

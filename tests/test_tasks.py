@@ -96,3 +96,74 @@ def test_head_shapes() -> None:
     assert MLPHead(7, 3)(torch.randn(2, 7)).shape == (2, 3)
     mlp = MLPHead(7, 3, hidden_dims=[16, 8], dropout=0.1)
     assert mlp(torch.randn(2, 7)).shape == (2, 3) and len([m for m in mlp.net if isinstance(m, torch.nn.Linear)]) == 3
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw", "words"),
+    [
+        ("multiclass", {"a": 1}, "label is an object"),
+        ("multiclass", ["a"], "label is a list"),
+        ("multiclass", "a" * 1001, "label is 1001 characters long"),
+        ("binary", {"yes": True}, "label is an object"),
+        ("multilabel", [{"x": 1}], "label is an object"),
+        ("multilabel", "x" * 2000, "2000 characters long"),
+        ("regression", True, "regression target True is not a number"),
+        ("regression", [1.0], "regression target list is not a number"),
+        ("regression", 1e308, "overflows float32"),
+        ("regression", 10**400, "too large for float32"),
+        ("regression", 10**5000, "too large for float32"),
+        ("regression", "1e999", "not finite"),
+    ],
+    ids=lambda v: f"int-{v.bit_length()}-bits" if isinstance(v, int) and v.bit_length() > 64 else str(v)[:16],
+)
+def test_labels_of_the_wrong_form_are_one_line_errors(kind: str, raw, words: str) -> None:
+    with pytest.raises(LabelError) as info:
+        make(kind).encode(raw)
+    assert words in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_fit_learns_classes_from_training_labels_and_keeps_given_ones() -> None:
+    mc, ml = TASK_KINDS.get("multiclass"), TASK_KINDS.get("multilabel")
+    labels = ["dog", " cat ", 3, "dog", {"bad": 1}, ["x"], "y" * 5000]
+    assert mc.fit(labels, {"classes": None}) == {"classes": ["3", "cat", "dog"]}  # bad labels left to validation
+    assert mc.fit(labels, {"classes": ["a", "b"]}) == {}
+    assert ml.fit(["b|a", ["c", "a"], "b"], {"classes": None}) == {"classes": ["a", "b", "c"]}
+    assert TASK_KINDS.get("regression").fit([1.0, 2.0], {}) == {}
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS.names())
+def test_collate_gives_the_kind_dtype_the_filler_and_the_mask(kind: str) -> None:
+    task = make(kind)
+    raws = {"binary": ["1", "0"], "multiclass": ["c", "a"], "multilabel": ["x|z", ["y"]], "regression": ["2.5", -1]}
+    encoded = [task.encode(r) for r in raws[kind]]
+    labels, mask = task.collate([encoded[0], None, encoded[1]])
+    assert labels.dtype == task.label_dtype and mask.tolist() == [True, False, True]
+    assert labels.shape[0] == 3 and labels[1].eq(torch.as_tensor(task.filler(), dtype=task.label_dtype)).all()
+    assert labels[0].tolist() == encoded[0] and labels[2].tolist() == encoded[1]
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS.names())
+def test_describe_is_json_and_format_is_one_line(kind: str, seed: int) -> None:
+    import json
+
+    task = make(kind)
+    pred = task.predict(torch.randn(2, task.out_dim))
+    described = task.describe(pred, 1)
+    assert json.loads(json.dumps(described)) == described
+    line = task.format(described, top=2)
+    assert isinstance(line, str) and "\n" not in line
+    if task.classes:
+        probs = described["probabilities"]
+        assert set(probs) == set(task.classes)
+        if "label" in described:
+            assert described["label"] == max(probs, key=probs.get) and described["label"] in line
+
+
+@pytest.mark.parametrize("kind", [k for k in TASK_KINDS.names() if TASK_KINDS.get(k).scores_classes])
+def test_true_class_probability(kind: str, seed: int) -> None:
+    task = make(kind)
+    logits = torch.randn(5, task.out_dim)
+    target = sample_target(task, 5)
+    probs = task.predict(logits)["probabilities"]  # (5, C): the probability of every class
+    expected = probs[torch.arange(5), target.long()]
+    torch.testing.assert_close(task.true_class_probability(logits, target), expected)

@@ -121,9 +121,7 @@ def build_schema(cfg: RunConfig, encoders: Mapping[str, Encoder]) -> Schema:
     )
 
 
-def load_splits(
-    cfg: RunConfig, schema: Schema, errors: list[tuple[str, str]] | None = None
-) -> dict[str, list[Record]]:
+def load_splits(cfg: RunConfig, schema: Schema, errors: list[tuple[str, str]] | None = None) -> dict[str, list[Record]]:
     """The records of each split ("train", "val", "test" where present), labels keyed by task name.
 
     With `errors` (data.skip_bad), unreadable rows are listed there and skipped instead of raising.

@@ -23,7 +23,10 @@ EPILOG_TRAIN = """examples:
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="mmfuse", description="Multi-task, multi-modal learning (images, texts and any other modality with an encoder).")
+    p = argparse.ArgumentParser(
+        prog="mmfuse",
+        description="Multi-task, multi-modal learning (images, texts and any other modality with an encoder).",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 

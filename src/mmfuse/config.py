@@ -203,9 +203,10 @@ def check_name(name: str, key: str, what: str) -> None:
     from torch import nn
 
     if not name or "." in name or hasattr(nn.ModuleDict(), name):
+        keep = f" and set field: {name!r} to keep reading the same field" if name else ""
         raise ConfigError(
             f"{key}: {what} name {name!r} cannot name a module (empty, a '.', or a torch.nn.Module attribute such as "
-            f"train/to/type); rename it{' and set field: ' + repr(name) + ' to keep reading the same field' if name else ''}"
+            f"train/to/type); rename it{keep}"
         )
 
 
@@ -214,7 +215,6 @@ def _check_components(cfg: RunConfig) -> None:
     from mmfuse.encoders import ENCODERS
     from mmfuse.fusion import FUSIONS
     from mmfuse.mtl import WEIGHTINGS
-
     from mmfuse.tasks import TASK_KINDS
 
     for modality, enc in cfg.model.encoders.items():
@@ -223,7 +223,9 @@ def _check_components(cfg: RunConfig) -> None:
     for name, tc in cfg.tasks.items():
         check_name(name, f"tasks.{name}", "task")
         if tc.kind not in TASK_KINDS:
-            raise ConfigError(f"tasks.{name}.kind: unknown task kind {tc.kind!r}; choose one of: {', '.join(TASK_KINDS.names())}")
+            raise ConfigError(
+                f"tasks.{name}.kind: unknown task kind {tc.kind!r}; choose one of: {', '.join(TASK_KINDS.names())}"
+            )
         component_options(TASK_KINDS, Component(name=tc.kind, **tc.options), f"tasks.{name}")
     component_options(FUSIONS, cfg.model.fusion, "model.fusion")
     component_options(WEIGHTINGS, cfg.train.weighting, "train.weighting")

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from mmfuse.data import DataError, MultiModalDataset, Record, read_records, validate_records
@@ -94,7 +93,9 @@ def _truncated_jpeg(folder: Path) -> bytes:
 def test_non_text_text_is_an_error_naming_the_row(write_jsonl, make_image, make_schema):
     path = _bad_file(write_jsonl, make_image, {"image": "a.png", "text": 5})
     schema = make_schema(labels=["label"])
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: text: text field 'text' must be a string, got int"):
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(str(path))}:3: text: text field 'text' must be a string, got int"
+    ):
         read_records(path, schema)
     errors: list = []
     assert len(read_records(path, schema, errors=errors)) == 3
@@ -120,7 +121,9 @@ def test_first_bad_record_is_reported(write_jsonl, make_image, tasks, make_schem
         validate_records(read_records(path, make_schema(labels=["label"])), tasks, encoders)
 
 
-def test_skip_bad_returns_the_good_records_and_lists_the_bad(tmp_path, make_image, write_jsonl, tasks, make_schema, encoders):
+def test_skip_bad_returns_the_good_records_and_lists_the_bad(
+    tmp_path, make_image, write_jsonl, tasks, make_schema, encoders
+):
     make_image("a.png")
     make_image("cut.png", truncate=True)
     rows = [
@@ -179,7 +182,11 @@ def test_dataset_items(records_file, tasks, schema, encoders, monkeypatch):
     seen: list[tuple[str, bool]] = []
     image = encoders["image"]
     real = type(image).preprocess
-    monkeypatch.setattr(type(image), "preprocess", lambda self, raw, train=False: seen.append((raw.mode, train)) or real(self, raw, train))
+    monkeypatch.setattr(
+        type(image),
+        "preprocess",
+        lambda self, raw, train=False: seen.append((raw.mode, train)) or real(self, raw, train),
+    )
     ds = MultiModalDataset(records, tasks, encoders, train=True)
     assert len(ds) == 4
     item = ds[1]

@@ -18,7 +18,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_cfg(path: Path, records: Path, **train) -> Path:
-    cfg = run_config(records, **train)
+    # module-scoped fixtures run before the per-test cache isolation: name a private cache explicitly
+    cfg = run_config(records, **{"cache_dir": str(path.parent / "feature-cache"), **train})
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -21,9 +21,7 @@ from mmfuse.tasks import LabelError, Task
 logger = logging.getLogger(__name__)
 
 
-def check_inputs(
-    encoder: Encoder, refs: Sequence[Hashable], workers: int | None = None
-) -> dict[Hashable, str | None]:
+def check_inputs(encoder: Encoder, refs: Sequence[Hashable], workers: int | None = None) -> dict[Hashable, str | None]:
     """{reference: None or the reason it is bad} for each distinct reference, checked in a small thread pool."""
     distinct = list(dict.fromkeys(refs))
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)

@@ -162,7 +162,13 @@ def load_easy_vqa(
     for task in ("shape", "color"):
         if task in schema.labels and group_by:
             share, rows = label_coverage(train, task, group_by)
-            logger.info("easy-VQA train: %s known for %.1f%% of %ss (%.1f%% of questions)", task, 100 * share, group_by, 100 * rows)
+            logger.info(
+                "easy-VQA train: %s known for %.1f%% of %ss (%.1f%% of questions)",
+                task,
+                100 * share,
+                group_by,
+                100 * rows,
+            )
     if limit is not None:
         for name, records in splits.items():
             shuffled = list(records)

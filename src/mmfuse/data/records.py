@@ -164,7 +164,10 @@ def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, Any]]]:
         try:
             for cells in reader:
                 if cells and len(cells) != len(header):
-                    yield start, DataError(f"{path}:{start}: row has {len(cells)} cells but the header has {len(header)}")
+                    yield (
+                        start,
+                        DataError(f"{path}:{start}: row has {len(cells)} cells but the header has {len(header)}"),
+                    )
                 elif cells:
                     yield start, dict(zip(header, cells))
                 start = reader.line_num + 1

@@ -106,7 +106,8 @@ class TorchvisionImageEncoder(ImageEncoder):
         if model not in torchvision.models.list_models(module=torchvision.models):
             close = [m for m in torchvision.models.list_models(module=torchvision.models) if m.startswith(model[:6])]
             raise ValueError(
-                f"unknown torchvision classification model {model!r}" + (f"; similar: {', '.join(close[:8])}" if close else "")
+                f"unknown torchvision classification model {model!r}"
+                + (f"; similar: {', '.join(close[:8])}" if close else "")
             )
         self._weights_id: str | None = None
         if weights is not None and not looks_like_path(weights):

@@ -19,7 +19,7 @@ def label_names(raw: Any) -> list[str]:
         LabelError: for an object, a nested list or object, or an over-long name.
     """
     if isinstance(raw, str):
-        return [s.strip() for s in raw.split("|") if s.strip()]
+        return [class_name(s) for s in raw.split("|") if s.strip()]
     if isinstance(raw, (list, tuple)):
         return [class_name(v) for v in raw]
     if isinstance(raw, dict):

@@ -102,7 +102,9 @@ class Run:
         self.timings: dict[str, float] = {}
         self.bad: list[tuple[str, str]] = []
         t0 = time.perf_counter()
-        data = build_run_data(cfg, model.encoders if model is not None else None, self.bad if cfg.data.skip_bad else None)
+        data = build_run_data(
+            cfg, model.encoders if model is not None else None, self.bad if cfg.data.skip_bad else None
+        )
         self.splits, self.cfg, self.warnings = data.splits, data.cfg, data.warnings
         self.loader_options = loader_options(self.cfg)
         self.timings["load_records"] = time.perf_counter() - t0
@@ -164,7 +166,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     trainer = build_trainer(run.cfg, run_dir, monitor, mode)
     distributed = trainer.world_size > 1
     loaders = {
-        s: make_loader(run.model, recs, s, feats, run.loader_options, distributed) for s, recs in run.splits.items() if recs
+        s: make_loader(run.model, recs, s, feats, run.loader_options, distributed)
+        for s, recs in run.splits.items()
+        if recs
     }
     module = run.module()
     if run.cfg.train.compile:
