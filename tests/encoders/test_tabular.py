@@ -18,6 +18,7 @@ from mmfuse.encoders.tabular import MISSING, UNKNOWN, TabularEncoder, fit_table
 D = 8
 STATS = {"age": {"mean": 40.0, "std": 10.0}, "income": {"mean": 3.0, "std": 2.0}}
 VOCAB = {"city": ["oslo", "paris", "rome"], "plan": ["free", "pro"]}
+FITTED = {"numeric": list(STATS), "categorical": list(VOCAB), "stats": STATS, "categories": VOCAB}
 ROWS = [
     {"age": 30, "income": "5.5", "city": "paris", "plan": "pro"},
     {"age": None, "income": 1, "city": "tokyo", "plan": ""},  # missing age, unseen city, missing plan
@@ -42,7 +43,7 @@ def fixed_init_(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build(**kwargs) -> TabularEncoder:
-    return TabularEncoder(**{"numeric": STATS, "categorical": VOCAB, "dim": D, "heads": 2, **kwargs})
+    return TabularEncoder(**{**FITTED, "dim": D, "heads": 2, **kwargs})
 
 
 def batch(encoder: TabularEncoder, rows: list[dict] = ROWS) -> dict[str, torch.Tensor]:
@@ -124,7 +125,11 @@ def test_golden_transformer_output_with_fixed_weights() -> None:
     torch.testing.assert_close(out.pooled, expected[:, 0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{"numeric": None}, {"categorical": None}], ids=["categorical-only", "numeric-only"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"numeric": None, "stats": None}, {"categorical": None, "categories": None}],
+    ids=["categorical-only", "numeric-only"],
+)
 def test_one_kind_of_column_only(seed, kwargs) -> None:
     encoder = build(**kwargs)
     out = encoder(batch(encoder))
@@ -136,7 +141,7 @@ def test_one_kind_of_column_only(seed, kwargs) -> None:
 
 def test_large_values_keep_their_precision() -> None:
     """Standardisation runs in float64: timestamps around 1.7e9 s, one second apart, stay one second apart."""
-    encoder = TabularEncoder(numeric={"t": {"mean": 1.7e9, "std": 1.0}}, dim=D, heads=2)
+    encoder = TabularEncoder(numeric=["t"], stats={"t": {"mean": 1.7e9, "std": 1.0}}, dim=D, heads=2)
     z = [float(encoder.preprocess({"t": 1.7e9 + k})["numeric"][0]) for k in (0, 1, 2)]
     assert z == [0.0, 1.0, 2.0]
 
@@ -167,12 +172,12 @@ def test_fit_standardises_with_training_statistics() -> None:
     fitted = fit_table(rows, ["age", "income"], ["city"])
     kept = np.array([a for i, a in enumerate(ages) if i % 7])
     incomes = np.array([i % 3 + 0.25 for i in range(50)])
-    assert fitted["numeric"]["age"]["mean"] == pytest.approx(kept.mean(), rel=1e-12)
-    assert fitted["numeric"]["age"]["std"] == pytest.approx(kept.std(ddof=0), rel=1e-12)
-    assert fitted["numeric"]["income"]["mean"] == pytest.approx(incomes.mean(), rel=1e-12)
-    assert fitted["numeric"]["income"]["std"] == pytest.approx(incomes.std(ddof=0), rel=1e-12)
+    assert fitted["stats"]["age"]["mean"] == pytest.approx(kept.mean(), rel=1e-12)
+    assert fitted["stats"]["age"]["std"] == pytest.approx(kept.std(ddof=0), rel=1e-12)
+    assert fitted["stats"]["income"]["mean"] == pytest.approx(incomes.mean(), rel=1e-12)
+    assert fitted["stats"]["income"]["std"] == pytest.approx(incomes.std(ddof=0), rel=1e-12)
     # the standardised value a token is built from: (x - mean) / std with those statistics
-    encoder = TabularEncoder(numeric=fitted["numeric"], dim=D, heads=2, layers=0)
+    encoder = TabularEncoder(numeric=["age", "income"], stats=fitted["stats"], dim=D, heads=2, layers=0)
     with torch.no_grad():
         encoder.num_weight.fill_(1.0)
         encoder.num_bias.zero_()
@@ -184,8 +189,8 @@ def test_fit_standardises_with_training_statistics() -> None:
 def test_fit_vocabulary_min_count_and_constant_column() -> None:
     rows = [{"c": c, "k": 5} for c in ["b", "a", "b", "c", None, "b", "a"]]
     fitted = fit_table(rows, ["k"], ["c"], min_count=2)
-    assert fitted["categorical"] == {"c": ["a", "b"]}  # "c" seen once: unknown bucket
-    assert fitted["numeric"]["k"] == {"mean": 5.0, "std": 1.0}  # constant column: std 1, no division by zero
+    assert fitted["categories"] == {"c": ["a", "b"]}  # "c" seen once: unknown bucket
+    assert fitted["stats"]["k"] == {"mean": 5.0, "std": 1.0}  # constant column: std 1, no division by zero
     with pytest.raises(ValueError, match="column 'k': no numeric value"):
         fit_table([{"k": None}, {"k": ""}], ["k"], [])
 
@@ -202,7 +207,7 @@ def test_unknown_category_goes_to_the_unknown_bucket(seed) -> None:
 
 
 def test_category_keys_agree_between_csv_and_json() -> None:
-    encoder = TabularEncoder(categorical={"n": ["3", "true"]}, dim=D, heads=2)
+    encoder = TabularEncoder(categorical=["n"], categories={"n": ["3", "true"]}, dim=D, heads=2)
     codes = [int(encoder.preprocess({"n": v})["categorical"][0]) for v in ("3", 3, 3.0, " 3 ", True, "true")]
     assert codes == [2, 2, 2, 2, 3, 3]
 
@@ -234,11 +239,12 @@ def test_bad_numeric_cell_is_one_line(cell, message) -> None:
 
 
 def test_rebuilt_from_the_stored_options_gives_the_same_output(seed, tmp_path) -> None:
-    fitted = fit_table(ROWS, ["age", "income"], ["city", "plan"])
-    encoder = TabularEncoder(**fitted, dim=D, heads=2).eval()
-    options = yaml.safe_load(yaml.safe_dump({"numeric": fitted["numeric"], "categorical": fitted["categorical"]}))
-    assert options == encoder.options()
-    again = TabularEncoder(**options, dim=D, heads=2).eval()
+    columns = {"numeric": ["age", "income"], "categorical": ["city", "plan"], "dim": D, "heads": 2}
+    fitted = fit_table(ROWS, columns["numeric"], columns["categorical"])
+    encoder = TabularEncoder(**columns, **fitted).eval()
+    stored = yaml.safe_load(yaml.safe_dump({**columns, **encoder.options()}))  # as in a run's config.yaml
+    assert stored["stats"] == fitted["stats"] and stored["categories"] == fitted["categories"]
+    again = TabularEncoder(**stored).eval()
     again.load_state_dict(encoder.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(again(batch(again)).pooled, encoder(batch(encoder)).pooled, rtol=0, atol=0)
@@ -255,16 +261,21 @@ def test_unfitted_encoder_refuses_to_run() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"numeric": None, "categorical": None}, "at least one column"),
-        ({"categorical": {"age": ["a"]}}, "both numeric and categorical"),
+        ({"numeric": None, "categorical": None, "stats": None, "categories": None}, "at least one column"),
+        ({"categorical": ["age", "city", "plan"]}, r"column\(s\) \['age'\] are both numeric and categorical"),
         ({"dim": 6, "heads": 4}, "not divisible"),
-        ({"numeric": {"age": {"mean": 1.0, "std": 0.0}}}, r"numeric.age: needs a finite mean and a finite std > 0"),
-        ({"numeric": {"age": {"std": 1.0}}}, r"numeric.age: needs a finite mean"),
+        (
+            {"stats": {**STATS, "age": {"mean": 1.0, "std": 0.0}}},
+            r"stats.age: needs a finite mean and a finite std > 0",
+        ),
+        ({"stats": {**STATS, "age": {"std": 1.0}}}, r"stats.age: needs a finite mean"),
+        ({"stats": {"age": STATS["age"]}}, r"stats has no entry for column\(s\) \['income'\]"),
+        ({"categories": {**VOCAB, "town": ["x"]}}, r"categories names column\(s\) \['town'\] not in `categorical`"),
     ],
 )
 def test_bad_options_raise(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
-        TabularEncoder(**{"numeric": STATS, "categorical": VOCAB, "dim": D, "heads": 2, **kwargs})
+        build(**kwargs)
 
 
 # ---------------------------------------------------------------------- data side
@@ -292,22 +303,31 @@ def test_read_refuses_a_bad_cell_with_one_line(tmp_path) -> None:
         build().read({"age": 3, "income": "lots"}, "table", DataRoot(tmp_path))
 
 
+def test_a_nested_object_without_any_column_is_refused(tmp_path) -> None:
+    from mmfuse.encoders.base import DataRoot, InputError
+
+    with pytest.raises(InputError, match=r"^field 'table' holds an object without any of the columns age, income"):
+        build().read({"table": {"agee": 3}}, "table", DataRoot(tmp_path))
+    assert build().read({"table": {}}, "table", DataRoot(tmp_path)) is None  # an empty object: a missing input
+
+
 def test_fit_on_references_then_rebuild_from_the_options(tmp_path) -> None:
     from mmfuse.encoders.base import DataRoot
 
     root = DataRoot(tmp_path)
-    unfitted = TabularEncoder(numeric=["age", "income"], categorical=["city", "plan"], dim=D, heads=2)
+    columns = {"numeric": ["age", "income"], "categorical": ["city", "plan"], "dim": D, "heads": 2}
+    unfitted = TabularEncoder(**columns)
     refs = [r for r in (unfitted.read(row, "table", root) for row in ROWS) if r is not None]
     options = unfitted.fit(refs)
     ages, incomes = np.array([30.0, 52.0, 41.5]), np.array([5.5, 1.0])
-    assert options["numeric"]["age"] == {"mean": pytest.approx(ages.mean()), "std": pytest.approx(ages.std())}
-    assert options["numeric"]["income"] == {"mean": pytest.approx(incomes.mean()), "std": pytest.approx(incomes.std())}
-    assert options["categorical"] == {"city": ["oslo", "paris", "rome", "tokyo"], "plan": ["free", "pro"]}
-    fitted = TabularEncoder(**options, dim=D, heads=2)
+    assert options["stats"]["age"] == {"mean": pytest.approx(ages.mean()), "std": pytest.approx(ages.std())}
+    assert options["stats"]["income"] == {"mean": pytest.approx(incomes.mean()), "std": pytest.approx(incomes.std())}
+    assert options["categories"] == {"city": ["oslo", "paris", "rome", "tokyo"], "plan": ["free", "pro"]}
+    fitted = TabularEncoder(**columns, **options)  # the builder adds the learned options to the config's
     assert fitted.fitted and fitted.fit(refs) == {}  # a loaded run is not fitted again
-    partly = TabularEncoder(numeric=STATS, categorical=["city"], dim=D, heads=2)
+    partly = TabularEncoder(numeric=list(STATS), stats=STATS, categorical=["city"], dim=D, heads=2)
     partly_refs = [partly.read(row, "table", root) for row in ROWS]
-    assert partly.fit(partly_refs) == {"categorical": {"city": ["oslo", "paris", "rome", "tokyo"]}}  # stats kept
+    assert partly.fit(partly_refs) == {"categories": {"city": ["oslo", "paris", "rome", "tokyo"]}}  # stats kept
     items = [fitted.preprocess(fitted.load(r)) for r in refs] + [fitted.placeholder()]
     out = fitted(fitted.collate(items))
     assert out.pooled.shape == (len(refs) + 1, D) and torch.isfinite(out.pooled).all()

@@ -117,9 +117,9 @@ def test_the_table_statistics_of_the_training_split_are_stored_in_the_run(run: P
     table = yaml.safe_load((run / "config.yaml").read_text())["model"]["encoders"]["table"]
     for col in ("weight_kg", "age_years"):
         values = np.array([r[col] for r in listings["train"] if r[col] is not None], dtype=np.float64)
-        assert table["numeric"][col]["mean"] == pytest.approx(values.mean(), rel=1e-9)
-        assert table["numeric"][col]["std"] == pytest.approx(values.std(), rel=1e-9)
-    assert table["categorical"] == {"material": sorted({r["material"] for r in listings["train"]})}
+        assert table["stats"][col]["mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert table["stats"][col]["std"] == pytest.approx(values.std(), rel=1e-9)
+    assert table["categories"] == {"material": sorted({r["material"] for r in listings["train"]})}
 
 
 def test_each_task_is_learned_from_its_own_input(run: Path, listings, tmp_path: Path) -> None:

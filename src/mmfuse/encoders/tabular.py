@@ -10,9 +10,9 @@ seen in training), 2.. = the training vocabulary. A [CLS] token is prepended and
 pre-norm transformer layers mix the columns; the [CLS] output is the pooled vector. With
 `layers: 0` the tokens are the columns' own tokens and the pooled vector is their mean.
 
-The statistics and vocabularies are options of the encoder (`numeric: {col: {mean, std}}`,
-`categorical: {col: [values]}`), so a run's resolved config rebuilds exactly this encoder;
-`fit_table` computes them from the training rows when the config names only the columns.
+The statistics and vocabularies are options of the encoder (`stats: {col: {mean, std}}`,
+`categories: {col: [values]}`): `fit` learns them from the training split and the builder writes them
+into the run's resolved config, so the config alone rebuilds exactly this encoder.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from mmfuse.assets import module_sha256
 from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError
 
 MISSING, UNKNOWN, FIRST = 0, 1, 2  # categorical indices: missing cell, unseen value, first vocabulary entry
-NumericSpec = list[str] | dict[str, dict[str, float]]
-CategoricalSpec = list[str] | dict[str, list[str]]
 
 
 def is_missing(value: Any) -> bool:
@@ -79,7 +77,7 @@ def category_key(value: Any, column: str) -> str | None:
 def fit_table(
     rows: Iterable[Mapping[str, Any]], numeric: Iterable[str], categorical: Iterable[str], min_count: int = 1
 ) -> dict[str, Any]:
-    """Training rows -> `{"numeric": {col: {"mean", "std"}}, "categorical": {col: [values]}}`.
+    """Training rows -> `{"stats": {col: {"mean", "std"}}, "categories": {col: [values]}}`.
 
     The std is the population std (ddof=0); a constant column gets std 1. Categories seen fewer than
     `min_count` times stay out of the vocabulary (they map to the unknown bucket); the vocabulary is sorted.
@@ -110,7 +108,7 @@ def fit_table(
         std = math.sqrt(var)
         stats[c] = {"mean": shift[c] + s1 / n, "std": std if std > 0 else 1.0}
     vocab = {c: sorted(k for k, n in counts[c].items() if n >= min_count) for c in categorical}
-    return {"numeric": stats, "categorical": vocab}
+    return {"stats": stats, "categories": vocab}
 
 
 @ENCODERS.register("tabular")
@@ -118,8 +116,10 @@ class TabularEncoder(Encoder):
     """A table row: one token per numeric or categorical column plus a pooled [CLS] vector (FT-Transformer).
 
     Args:
-        numeric: numeric column names, or `{column: {mean, std}}` (the fitted form written into a run's config).
-        categorical: categorical column names, or `{column: [training values]}` (the fitted form).
+        numeric: numeric column names.
+        categorical: categorical column names.
+        stats: `{column: {mean, std}}` for every numeric column; learned from the training split by `fit`.
+        categories: `{column: [values]}` for every categorical column; learned from the training split by `fit`.
         dim: token size D (the encoder's output_dim).
         layers: transformer layers over [CLS] + column tokens; 0 keeps the tokenizer only (pooled = mean).
         heads: attention heads per layer (must divide `dim`).
@@ -133,8 +133,10 @@ class TabularEncoder(Encoder):
 
     def __init__(
         self,
-        numeric: NumericSpec | None = None,
-        categorical: CategoricalSpec | None = None,
+        numeric: list[str] | None = None,
+        categorical: list[str] | None = None,
+        stats: dict[str, dict[str, float]] | None = None,
+        categories: dict[str, list[str]] | None = None,
         dim: int = 32,
         layers: int = 1,
         heads: int = 4,
@@ -154,8 +156,8 @@ class TabularEncoder(Encoder):
         if dim % heads:
             raise ValueError(f"tabular dim {dim} is not divisible by heads {heads}")
         self.min_count, self.layers_n = min_count, layers
-        self.stats = dict(numeric) if isinstance(numeric, Mapping) else None
-        self.vocab = {c: list(v) for c, v in categorical.items()} if isinstance(categorical, Mapping) else None
+        self.stats = _for_columns(stats, self.numeric_columns, "stats", "numeric")
+        self.vocab = _for_columns(categories, self.categorical_columns, "categories", "categorical")
         self._lookup_memo: dict[str, dict[str, int]] | None = None
         self._build_tokenizer(dim)
         self.cls = nn.Parameter(torch.randn(dim) * 0.02) if layers else None
@@ -191,11 +193,11 @@ class TabularEncoder(Encoder):
         for col, stat in (self.stats or {}).items():
             mean, std = float(stat.get("mean", math.nan)), float(stat.get("std", math.nan))
             if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-                raise ValueError(f"tabular numeric.{col}: needs a finite mean and a finite std > 0, got {stat}")
+                raise ValueError(f"tabular stats.{col}: needs a finite mean and a finite std > 0, got {stat}")
 
     def options(self) -> dict[str, Any]:
-        """The fitted `numeric` and `categorical` options, as written into a run's config."""
-        return {"numeric": dict(self.stats or {}), "categorical": dict(self.vocab or {})}
+        """The learned `stats` and `categories` options, as written into a run's config."""
+        return {"stats": self.stats, "categories": self.vocab}
 
     # ------------------------------------------------------------------ data side
     @property
@@ -216,6 +218,8 @@ class TabularEncoder(Encoder):
         when every cell is missing. The cells come from `row[field]` when that is an object, else from the row."""
         nested = row.get(field)
         source = nested if isinstance(nested, Mapping) else row
+        if isinstance(nested, Mapping) and nested and not any(c in nested for c in self.columns):
+            raise InputError(f"field {field!r} holds an object without any of the columns {', '.join(self.columns)}")
         try:
             cells = tuple(parse_number(source.get(c), c) for c in self.numeric_columns) + tuple(
                 category_key(source.get(c), c) for c in self.categorical_columns
@@ -233,8 +237,12 @@ class TabularEncoder(Encoder):
         return self.preprocess({})
 
     def fit(self, refs: Sequence[Hashable]) -> dict[str, Any]:
-        """The training split's statistics and vocabularies, for the columns given by name only ({} when
-        everything is already fitted): `{"numeric": {col: {mean, std}}, "categorical": {col: [values]}}`."""
+        """`stats` and `categories` from the training split's references, for what the config leaves out ({} when
+        both are set: a loaded or resumed run keeps its options).
+
+        Raises:
+            ValueError: a numeric column without any value in the training split.
+        """
         todo_numeric = self.numeric_columns if self.stats is None else []
         todo_categorical = self.categorical_columns if self.vocab is None else []
         if not todo_numeric and not todo_categorical:
@@ -307,3 +315,14 @@ class TabularEncoder(Encoder):
             f"{type(self).__name__}:options={self.options()}:columns={self.numeric_columns}+{self.categorical_columns}"
             f":dim={self.output_dim}:layers={self.layers_n}:weights={self.weights_identity()}"
         )
+
+
+def _for_columns(values: Mapping[str, Any] | None, columns: list[str], key: str, kind: str) -> dict[str, Any] | None:
+    """`values` checked to name exactly `columns` (or None: not learned yet)."""
+    if values is None:
+        return None
+    missing, extra = [c for c in columns if c not in values], [c for c in values if c not in columns]
+    if missing or extra:
+        what = f"has no entry for column(s) {missing}" if missing else f"names column(s) {extra} not in `{kind}`"
+        raise ValueError(f"tabular {key} {what}")
+    return {c: (dict(values[c]) if isinstance(values[c], Mapping) else list(values[c])) for c in columns}
