@@ -82,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         "  mmfuse predict runs/easy_vqa --text 'is there a circle?' --allow-missing     # text only",
     )
     pr.add_argument("run", help="run directory")
-    pr.add_argument("--image", help="shorthand for --field image=PATH")
-    pr.add_argument("--text", help="shorthand for --field text=TEXT")
+    pr.add_argument("--image", help="the input of the run's `image` modality (shorthand for --field <its field>=PATH)")
+    pr.add_argument("--text", help="the input of the run's `text` modality (shorthand for --field <its field>=TEXT)")
     pr.add_argument(
         "--field",
         action="append",
@@ -196,10 +196,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _field_values(args: argparse.Namespace) -> dict[str, Any]:
     """{field: value} from --image, --text and --field NAME=VALUE (JSON for values starting with [ or {)."""
     fields: dict[str, Any] = {}
-    if args.image is not None:
-        fields["image"] = args.image
-    if args.text is not None:
-        fields["text"] = args.text
     for item in args.field:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
@@ -219,11 +215,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmfuse.predict import Predictor
 
     fields = _field_values(args)
-    if args.input and fields:
+    shorthands = {m: v for m, v in (("image", args.image), ("text", args.text)) if v is not None}
+    if args.input and (fields or shorthands):
         raise _usage("give either --input or field values (--image/--text/--field), not both")
-    if not (args.input or fields):
+    if not (args.input or fields or shorthands):
         raise _usage("give --input FILE, or the inputs of one record (--image, --text, --field NAME=VALUE)")
     predictor = Predictor(args.run)
+    for modality, value in shorthands.items():  # --image: the field the run's "image" modality reads
+        name = predictor.input_fields.get(modality, [modality])[0]
+        if name in fields:
+            raise _usage(f"--{modality} and --field {name}=... name the same field")
+        fields[name] = value
     bad: list[tuple[str, str]] = []
     errors = bad if args.skip_bad else None
     if args.input:

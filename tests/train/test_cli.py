@@ -229,6 +229,50 @@ def test_bad_record_names_file_and_row(case: str, data: Path, tmp_path: Path, ca
     assert "records.jsonl:5" in (tmp_path / "skip" / "report.md").read_text()
 
 
+BAD_INPUT = {
+    "image outside the data folder": ({"image": "../../../../etc/hostname"}, "outside the data folder"),
+    "absolute image path": ({"image": "/etc/hostname"}, "outside the data folder"),
+    "home image path": ({"image": "~/x.png"}, "outside the data folder"),
+    "image name over 255 bytes": ({"image": "x" * 300 + ".png"}, "too long"),
+    "lone surrogate in a text": ({"text": "bad \ud800 text"}, "surrogate"),
+    "object label": ({"color": {"red": 1}}, "label is an object"),
+    "list label of a multiclass task": ({"color": ["red"]}, "label is a list"),
+    "very long label": ({"color": "r" * 100_000}, "100000 characters long"),
+    "true as a regression target": ({"size": True}, "not a number"),
+    "float32 overflow": ({"size": 1e308}, "overflows float32"),
+    "400-digit target": ({"size": 10**400}, "too large"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_naming_file_and_row(case: str, data: Path, tmp_path: Path, capsys) -> None:
+    change, words = BAD_INPUT[case]
+    records = bad_copy(data, tmp_path, 5, change)
+    cfg = run_config(records)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "records.jsonl:5" in err and words in err, err
+
+
+def test_test_inputs_seen_in_training_are_reported(data: Path, tmp_path: Path) -> None:
+    lines = data.read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:30]) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(lines[25:35]) + "\n")  # 5 of 10 test records were trained on
+    (tmp_path / "val.jsonl").write_text("\n".join(lines[35:]) + "\n")
+    import shutil
+
+    shutil.copytree(data.parent / "images", tmp_path / "images")
+    cfg = run_config(tmp_path / "train.jsonl", max_epochs=1)
+    files = {split: str(tmp_path / f"{split}.jsonl") for split in ("train", "val", "test")}
+    cfg["data"].update(path=None, **files)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 0
+    warnings = json.loads((tmp_path / "run" / "metrics.json").read_text())["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("5 of 10 test records share their 'image' input")
+    assert "- warning: 5 of 10 test records" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_truncated_image_names_file_and_row(data: Path, tmp_path: Path, capsys) -> None:
     records = bad_copy(data, tmp_path, 3, {})
     truncate(tmp_path / "images" / "2.png")
@@ -265,3 +309,25 @@ def test_modality_balancing_is_measured_per_epoch(balance: str, data: Path, tmp_
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## modality balance per epoch" in report
     assert ("coef/image" if balance == "ogm_ge" else "drop/image") in report
+
+
+def test_an_encoder_for_a_modality_the_data_lacks_is_one_line(data: Path, tmp_path: Path, capsys) -> None:
+    cfg = run_config(data)
+    cfg["model"]["encoders"]["audio"] = dict(cfg["model"]["encoders"]["text"])
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{data}: no field 'audio' for the 'audio' input" in err
+
+
+def test_predict_does_not_import_the_trainer() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mmfuse.predict, mmfuse.runs; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') "
+        "or m.startswith('mmfuse.train')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
