@@ -332,3 +332,17 @@ def test_fit_on_references_then_rebuild_from_the_options(tmp_path) -> None:
     out = fitted(fitted.collate(items))
     assert out.pooled.shape == (len(refs) + 1, D) and torch.isfinite(out.pooled).all()
     assert fitted.placeholder()["numeric_present"].tolist() == [False, False]
+
+
+def test_cross_attention_attends_over_the_columns(seed) -> None:
+    from mmfuse.encoders.base import EncoderOutput
+    from mmfuse.fusion.cross_attention import CrossAttentionFusion
+
+    encoder = build()
+    table = encoder(batch(encoder))
+    query = EncoderOutput(pooled=torch.randn(4, 6), tokens=torch.randn(4, 1, 6))
+    fusion = CrossAttentionFusion({"q": 6, "table": D}, 10, direction="q_to_table", num_heads=2, return_weights=True)
+    out = fusion({"q": query, "table": table})
+    weights = out.extras["attention"]  # (B, H, Q, T): one weight per [CLS] + column token
+    assert out.fused.shape == (4, 10) and weights.shape == (4, 2, 1, 1 + 4)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4, 2, 1))
