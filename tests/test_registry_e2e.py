@@ -120,3 +120,66 @@ def test_predict_shorthands_follow_the_configured_field_and_unread_fields_are_re
     assert main(["predict", str(run), "--input", str(bad), "--skip-bad", "--output", str(tmp_path / "p.jsonl")]) == 0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 1
     assert "skipped" in capsys.readouterr().err
+
+
+def test_a_new_task_kind_is_one_class(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A kind defined here (Poisson counts), registered, goes through config, data, training, metrics and predict."""
+    import torch
+    import torch.nn.functional as F
+    import torchmetrics
+
+    from mmfuse.tasks import TASK_KINDS, LabelError, Task
+
+    class CountTask(Task):
+        """Non-negative counts, Poisson loss on a log-rate."""
+
+        kind, default_metric = "count", "mae"
+
+        @property
+        def out_dim(self) -> int:
+            return 1
+
+        def encode(self, raw):
+            if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+                raise LabelError(f"count {raw!r} is not a non-negative integer")
+            return float(raw)
+
+        def loss(self, logits, target):
+            return F.poisson_nll_loss(logits.squeeze(-1), target)
+
+        def metrics(self):
+            return torchmetrics.MetricCollection({"mae": torchmetrics.MeanAbsoluteError()})
+
+        def metric_input(self, logits, target):
+            return logits.squeeze(-1).exp(), target
+
+        def predict(self, logits):
+            return {"prediction": logits.squeeze(-1).exp()}
+
+        def describe(self, pred, i):
+            return {"count": float(pred["prediction"][i])}
+
+        def format(self, described, top=3):
+            return f"{described['count']:.1f}"
+
+    monkeypatch.setitem(TASK_KINDS._items, "count", CountTask)
+    records = write_records(tmp_path, "hf_text")
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    records.write_text("".join(json.dumps({**r, "n": i % 4}) + "\n" for i, r in enumerate(lines)))
+    cfg = yaml.safe_load(write_config(tmp_path, "hf_text", records).read_text())
+    cfg["tasks"]["n"] = {"kind": "count"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(run), "--set", "train.max_epochs=1"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]["test"]
+    assert set(metrics["n"]) == {"mae"} and torch.isfinite(torch.tensor(metrics["n"]["mae"]))
+    capsys.readouterr()
+    assert main(["predict", str(run), "--field", "m=apple pie"]) == 0
+    out = capsys.readouterr().out
+    assert "n: " in out and "label: " in out
+    # its labels are validated by its own rule, with the file and row
+    bad = records.read_text().splitlines()
+    bad[3] = json.dumps({**json.loads(bad[3]), "n": -2})
+    records.write_text("\n".join(bad) + "\n")
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "bad")]) == 2
+    assert "records.jsonl:4: task 'n': count -2 is not a non-negative integer" in capsys.readouterr().err

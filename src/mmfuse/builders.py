@@ -32,7 +32,7 @@ from mmfuse.tasks import TASK_KINDS, MLPHead, Task, build_task
 log = logging.getLogger(__name__)
 
 # What an encoder's or a task's constructor raises for a bad option value (an unknown model, a missing file).
-_BUILD_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError)
+_BUILD_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
 
 
 # ---------------------------------------------------------------------- encoders, tasks, model

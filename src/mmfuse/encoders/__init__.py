@@ -1,8 +1,14 @@
-"""Image and text encoders; importing this package registers them all."""
+"""Encoders, one file per encoder; importing this package imports every module in it, which registers them.
 
-import mmfuse.encoders.embedding  # noqa: F401  (registration)
-import mmfuse.encoders.tabular  # noqa: F401  (registration)
-from mmfuse.encoders import hf_text, timm_image, torchvision_image  # noqa: F401,E402  (registration)
-from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
+Adding a modality is one file here: a subclass of `Encoder` registered with `@ENCODERS.register("name")`.
+"""
 
-__all__ = ["ENCODERS", "Encoder", "EncoderOutput"]
+import importlib
+import pkgutil
+
+from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["ENCODERS", "DataRoot", "Encoder", "EncoderOutput", "InputError"]

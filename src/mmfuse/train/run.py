@@ -109,7 +109,8 @@ class Run:
         self.loader_options = loader_options(self.cfg)
         self.timings["load_records"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.model = model or build_model_from(self.cfg.model, build_tasks(self.cfg.tasks), data.encoders)
+        tasks = build_tasks(self.cfg.tasks)
+        self.model = model if model is not None else build_model_from(self.cfg.model, tasks, data.encoders)
         self.timings["build_model"] = time.perf_counter() - t0
 
     def prepare(self) -> Features:
