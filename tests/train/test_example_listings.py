@@ -164,3 +164,15 @@ def test_predict_new_listings_from_jsonl(run: Path, listings, tmp_path: Path) ->
     assert [p["color"]["label"] for p in preds] == [r["color"] for r in rows]
     for r, p in zip(rows[3:], preds[3:], strict=True):  # complete rows: the price is close
         assert abs(p["price"]["value"] - r["price"]) < 1.0, (r, p)
+
+
+def test_a_table_column_without_training_values_is_one_config_error(listings, tmp_path: Path, capsys) -> None:
+    cfg = example_config(listings["root"])
+    cfg["model"]["encoders"]["table"]["numeric"] = ["weight_kg", "weight_lbs"]  # not in the records
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "mmfuse train: error: model.encoders.table: column 'weight_lbs': no numeric value in the training split, "
+        "so it cannot be standardised"
+    )
