@@ -84,7 +84,9 @@ def test_bad_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_builds(path: Path) -> None:
     cfg = load_config(path)
-    classes = {n: ["a", "b", "c"] for n, t in cfg.tasks.items() if t.classes is None and t.kind != "binary"}
+    classes = {
+        n: ["a", "b", "c"] for n, t in cfg.tasks.items() if t.classes is None and t.kind in ("multiclass", "multilabel")
+    }
     model = build_model(cfg, classes)
     assert set(model.heads) == set(cfg.tasks)
     assert model.fusion.input_dims == {m: e.output_dim for m, e in model.encoders.items()}

@@ -181,7 +181,10 @@ def fit_config(
     data = cfg.model_dump(mode="json")
     encoders = dict(encoders)
     for m, enc in encoders.items():
-        learned = enc.fit([r.inputs[m] for r in train if r.inputs.get(m) is not None])
+        try:
+            learned = enc.fit([r.inputs[m] for r in train if r.inputs.get(m) is not None])
+        except ValueError as err:  # e.g. a table column without any value in the training split
+            raise ConfigError(f"model.encoders.{m}: {_one_line(err)}") from None
         if learned:
             data["model"]["encoders"][m].update(learned)
             comp = EncoderConfig.model_validate(data["model"]["encoders"][m])

@@ -1,0 +1,215 @@
+"""Precomputed vectors (CLIP, audio or any other embeddings) as a modality, without re-encoding.
+
+Shapes: B batch, E input vector size (`dim`), D output size (`project`, or E without a projection).
+
+A record's vector is a list of numbers (JSONL), a `.npy` file under the data root, or a group of CSV
+columns (`columns: [e0, e1, ...]` or `prefix: e`). It goes through an optional projection
+(Linear, then LayerNorm if asked) or through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmfuse.assets import module_sha256
+from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError, hash_file, hash_value
+
+VectorRef = str | tuple[float, ...]  # an absolute .npy path, or the vector's values
+
+
+def as_vector(raw: Any, dim: int) -> np.ndarray:
+    """A sequence of numbers or an array -> a float32 (dim,) array.
+
+    Raises:
+        ValueError: one line saying what is wrong (not numbers, wrong length, a non-finite value).
+    """
+    if isinstance(raw, str | bytes) or not isinstance(raw, Sequence | np.ndarray | torch.Tensor):
+        raise ValueError(f"expected a vector of {dim} numbers, got {type(raw).__name__}")
+    if isinstance(raw, Sequence) and any(isinstance(x, bool) or not isinstance(x, int | float) for x in raw):
+        raise ValueError(f"expected a vector of {dim} numbers, got a list holding non-numbers")
+    array = np.asarray(raw.detach().cpu().numpy() if isinstance(raw, torch.Tensor) else raw)
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"expected a vector of {dim} numbers, got an array of dtype {array.dtype}")
+    if array.ndim != 1 or array.shape[0] != dim:
+        raise ValueError(f"expected a vector of {dim} numbers, got shape {tuple(array.shape)}")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        bad = int(np.flatnonzero(~np.isfinite(array))[0])
+        raise ValueError(f"vector element {bad} is {array[bad]} (not finite)")
+    return array
+
+
+@ENCODERS.register("embedding")
+class EmbeddingEncoder(Encoder):
+    """Precomputed vectors of size `dim`, through an optional Linear (+ LayerNorm) projection.
+
+    Args:
+        dim: the size E of every input vector; a vector of another size is refused.
+        project: output size of a Linear projection; None passes the vectors on unchanged.
+        layer_norm: a LayerNorm after the projection (or on the raw vectors without one).
+        columns: in CSV files, the columns that hold the vector, in order.
+        prefix: in CSV files, instead of `columns`: every column named prefix + a number, by that number.
+        freeze: no gradients and always eval mode.
+
+    The output has one token (B, 1, D) besides the pooled vector, so attention fusions can use it.
+    """
+
+    modality = "embedding"
+
+    def __init__(
+        self,
+        dim: int,
+        project: int | None = None,
+        layer_norm: bool = False,
+        columns: list[str] | None = None,
+        prefix: str | None = None,
+        freeze: bool = False,
+    ) -> None:
+        super().__init__(freeze)
+        if dim < 1 or (project is not None and project < 1):
+            raise ValueError(f"embedding dim ({dim}) and project ({project}) must be positive")
+        if columns is not None and prefix is not None:
+            raise ValueError("embedding: give `columns` or `prefix`, not both")
+        if columns is not None and len(columns) != dim:
+            raise ValueError(f"embedding: {len(columns)} columns for vectors of dim {dim}")
+        self.dim, self.columns, self.prefix = dim, columns, prefix
+        self.proj = nn.Linear(dim, project) if project is not None else nn.Identity()
+        out = project if project is not None else dim
+        self.norm = nn.LayerNorm(out) if layer_norm else nn.Identity()
+        self.output_dim = int(self.proj.out_features) if project is not None else dim
+        self.finish_init()
+
+    # ------------------------------------------------------------------ data side
+    @property
+    def has_tokens(self) -> bool:
+        return True
+
+    def fields(self, field: str) -> list[str]:
+        """`columns`, or the first columns of a `prefix` group (numbered from 0 or 1), or `field`."""
+        if self.columns is not None:
+            return list(self.columns)
+        if self.prefix is not None:
+            return [f"{self.prefix}0", f"{self.prefix}1"]
+        return [field]
+
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> VectorRef | None:
+        """A list of numbers -> its values; a string -> the `.npy` path under the data root; a column group ->
+        its cells as numbers. None when the vector is missing (null, empty, or every cell of the group empty)."""
+        if self.columns is not None or self.prefix is not None:
+            return self._read_columns(row)
+        value = row.get(field)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, str):
+            path = root.resolve(value, "embedding")
+            if not path.lower().endswith(".npy"):
+                raise InputError(f"field {field!r}: {value.strip()[:80]!r} is not a .npy file (give a list of numbers)")
+            return path
+        if not isinstance(value, list):
+            raise InputError(f"field {field!r}: expected {self.dim} numbers or a .npy path, got {type(value).__name__}")
+        return self._values(value, f"field {field!r}")
+
+    def _values(self, raw: Any, what: str) -> tuple[float, ...]:
+        try:
+            as_vector(raw, self.dim)  # validates; the reference keeps the numbers as given (float64)
+            return tuple(float(x) for x in raw)
+        except ValueError as err:
+            raise InputError(f"{what}: {err}") from None
+
+    def _group(self, row: Mapping[str, Any]) -> list[str]:
+        if self.columns is not None:
+            return list(self.columns)
+        numbered = [
+            (int(k[len(self.prefix) :]), k)
+            for k in row
+            if k.startswith(self.prefix) and k[len(self.prefix) :].isdigit()
+        ]
+        return [k for _, k in sorted(numbered)]
+
+    def _read_columns(self, row: Mapping[str, Any]) -> tuple[float, ...] | None:
+        names = self._group(row)
+        what = f"columns {names[0]}..{names[-1]}" if names else f"columns {self.prefix}<n>"
+        cells = [row.get(n) for n in names]
+        empty = [n for n, c in zip(names, cells, strict=True) if c is None or (isinstance(c, str) and not c.strip())]
+        if len(empty) == len(names):
+            return None
+        if empty:
+            raise InputError(f"{what}: cell {empty[0]!r} is empty (a vector is all present or all empty)")
+        numbers = []
+        for name, cell in zip(names, cells, strict=True):
+            if isinstance(cell, bool) or not _is_float(cell):
+                raise InputError(f"{what}: cell {name!r} = {cell!r:.40} is not a number")
+            numbers.append(float(cell))
+        return self._values(numbers, what)
+
+    def check(self, ref: Hashable) -> str | None:
+        """A `.npy` path: the file must hold a numeric (dim,) array of finite values, loadable without pickle."""
+        if not isinstance(ref, str):
+            return None
+        try:
+            as_vector(self._load_npy(ref), self.dim)
+        except ValueError as err:
+            return f"{ref}: {err}"
+        return None
+
+    @staticmethod
+    def _load_npy(path: str) -> np.ndarray:
+        """Read a `.npy` file strictly: the npy format only (no zip archives), never unpickling objects."""
+        try:
+            with open(path, "rb") as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except FileNotFoundError:
+            raise ValueError("file not found") from None
+        except (OSError, EOFError, ValueError) as err:
+            raise ValueError(f"not a readable .npy array ({str(err).splitlines()[0][:100]})") from None
+
+    def load(self, ref: Hashable) -> np.ndarray:
+        """Reference -> the vector as an array."""
+        return self._load_npy(ref) if isinstance(ref, str) else np.asarray(ref, dtype=np.float32)
+
+    def content_hash(self, ref: Hashable) -> str:
+        """A `.npy` file's bytes, or the values."""
+        return hash_file(ref) if isinstance(ref, str) else hash_value(ref)
+
+    def placeholder(self) -> torch.Tensor:
+        """A zero vector (a missing vector's features are zeroed by the model anyway)."""
+        return torch.zeros(self.dim)
+
+    def preprocess(self, raw: Any, train: bool = False) -> torch.Tensor:
+        """One vector (a list of numbers or an array) -> (E,) float32. `train` changes nothing."""
+        return torch.from_numpy(as_vector(raw, self.dim))
+
+    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """(E,) vectors -> (B, E)."""
+        return torch.stack(items)
+
+    # ------------------------------------------------------------------ network side
+    def forward(self, inputs: torch.Tensor) -> EncoderOutput:
+        """(B, E) vectors -> pooled (B, D) and one token (B, 1, D)."""
+        pooled = self.norm(self.proj(inputs))  # (B, D)
+        return EncoderOutput(pooled=pooled, tokens=pooled.unsqueeze(1))
+
+    def weights_identity(self) -> str:
+        if self._weights_id is None:
+            self._weights_id = "random:" + module_sha256(self)
+        return self._weights_id
+
+    def cache_key(self) -> str:
+        """Class, sizes, projection, normalisation and the weights' hash."""
+        return (
+            f"{type(self).__name__}:dim={self.dim}:out={self.output_dim}:proj={type(self.proj).__name__}:"
+            f"norm={type(self.norm).__name__}:weights={self.weights_identity()}"
+        )
+
+
+def _is_float(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
