@@ -531,8 +531,55 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _predicted_answer(line: str, where: str) -> str:
+    try:
+        value = json.loads(line).get("answer")
+    except (ValueError, AttributeError):
+        raise DataError(f"{where}: not a JSON object") from None
+    value = value.get("label") if isinstance(value, dict) else value
+    if not isinstance(value, str):
+        raise DataError(
+            f'{where}: no answer prediction (expected {{"answer": {{"label": ...}}}} or {{"answer": "..."}})'
+        )
+    return value
+
+
+def score_predictions(
+    out_dir: str | os.PathLike[str], split: str, predictions: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """Answer accuracy, overall and per question type, of predictions for one split file.
+
+    `predictions` is what `mmfuse predict RUN --input DIR/SPLIT.jsonl --output PREDICTIONS` writes: line i is the
+    prediction for record i, its answer under `{"answer": {"label": ...}}` (a plain `{"answer": "..."}` works too).
+    """
+    records, path = load_split(out_dir, split), Path(predictions)
+    if not path.is_file():
+        raise DataError(f"{path}: predictions file not found")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(lines) != len(records):
+        raise DataError(f"{path}: {len(lines)} predictions for the {len(records)} records of {split}.jsonl")
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for number, (line, r) in enumerate(zip(lines, records), start=1):
+        hits[r["question_type"]].append(_predicted_answer(line, f"{path}:{number}") == r["answer"])
+    every = [h for hs in hits.values() for h in hs]
+    return {
+        "split": split,
+        "questions": len(every),
+        "accuracy": sum(every) / len(every) if every else 0.0,
+        "by_type": {t: {"questions": len(h), "accuracy": sum(h) / len(h)} for t, h in sorted(hits.items())},
+    }
+
+
+def format_score(score: Mapping[str, Any]) -> str:
+    """The score as a small plain-text table."""
+    lines = [f"{score['split']}: answer accuracy {score['accuracy']:.2%} on {score['questions']} questions"]
+    lines += [f"  {t:<12} {d['questions']:>6}  {d['accuracy']:>7.2%}" for t, d in score["by_type"].items()]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m mmfuse.data.relations --out DIR [--seed S]`: generate (or reuse) the set and print its summary."""
+    """`python -m mmfuse.data.relations --out DIR [--seed S]`: generate (or reuse) the set and print its summary;
+    with `--score PREDICTIONS [--split S]`: the answer accuracy per question type of `mmfuse predict` output."""
     p = argparse.ArgumentParser(prog="python -m mmfuse.data.relations", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder to generate into (reused when it holds the same generation)")
     p.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
@@ -540,8 +587,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--val-images", type=int, default=500, help="val scenes (default 500)")
     p.add_argument("--test-images", type=int, default=1000, help="test scenes (default 1000)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--score", metavar="PREDICTIONS", help="score `mmfuse predict` output for --split of --out instead")
+    p.add_argument("--split", default="test", choices=SPLIT_FILES, help="the split that --score scores (default test)")
     args = p.parse_args(argv)
     try:
+        if args.score:
+            score = score_predictions(args.out, args.split, args.score)
+            print(json.dumps(score, indent=1) if args.json else format_score(score))
+            return 0
         out = generate_relations(
             args.out,
             args.seed,
