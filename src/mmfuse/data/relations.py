@@ -15,17 +15,19 @@ list so answers can be re-derived independently (the tests do). An object named 
 to when it is the only one of its kind in the image, and a relation is only asked when no object involved lies within
 `margin` pixels of the other along the relation's axis, so no question is ambiguous.
 
-Balance: questions are chosen per image, greedily, to even out the answers of each distinct question text (the
-candidate whose answer is most under-represented for its text wins), so the text alone tells little: the text-only
-ceiling (the best accuracy of any function of the question alone, measured on the test split itself) stays far
-below the 100% that image + question allow. `summarize` measures it exactly, with the majority baseline and the
+Balance: questions are chosen per image (8 by default: 1 exist, 3 relation, 2 count, 1 of each query, a template
+short of candidates filled with relations, then any; at most one relation question per pair of objects), greedily,
+to even out the answers of each distinct question text (the candidate whose answer is most under-represented for its
+text wins; a yes/no text's yes and no counts never differ by more than one), so the text alone tells little: the
+text-only ceiling (the best accuracy of any function of the question alone, measured on the test split itself) stays
+far below the 100% that image + question allow. `summarize` measures it exactly, with the majority baseline and the
 text-only prior learned from train.
 
 Splits: train, val and test come from distinct scenes (separate seeded streams; a scene is never repeated). The
 colour-shape pairs in `HELD_OUT` ("red triangle", "blue circle" by default) appear in images of every split but are
-never named in a train, val or test question; `test_combo.jsonl` asks about them on the test images (systematic
-generalisation; texts never seen in training, so the text-only prior from train falls back to the template's
-majority there).
+never named in a train, val or test question; `test_combo.jsonl` asks exist, relation and query questions about them
+on the test images (systematic generalisation; texts never seen in training, so the text-only prior from train falls
+back to the template's majority there).
 
 Files written under `out_dir`: `images/{train,val,test}/NNNNNN.png`, `train.jsonl`, `val.jsonl`, `test.jsonl`,
 `test_combo.jsonl` (records: image, text, answer, question_type, count (count questions only, else null),
@@ -37,7 +39,9 @@ Generate and train (see docs/relations.md):
     python -m mmfuse.data.relations --out data/relations          # prints counts, baselines and the ceiling
     mmfuse train configs/relations.yaml --out runs/relations
 
-From Python: `generate_relations("data/relations", seed=0)`.
+From Python: `generate_relations("data/relations", seed=0)`. Accuracy per question type of a run:
+`mmfuse predict RUN --input data/relations/test.jsonl --output p.jsonl`, then
+`python -m mmfuse.data.relations --out data/relations --score p.jsonl [--split test_combo]`.
 """
 
 from __future__ import annotations
