@@ -126,3 +126,21 @@ def test_an_unknown_model_name_is_one_config_error(name: str, model: str) -> Non
         build_model(data)
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith(f"model.encoders.image: unknown {name}") and "resnet9000" in msg
+
+
+def test_a_config_from_before_the_data_redesign_still_loads() -> None:
+    """mmfuse 0.1 run directories wrote data.image_field / data.text_field: they become the encoders' fields."""
+    from mmfuse.config import parse_config
+
+    old = {
+        "model": {
+            "encoders": {"image": {"name": "torchvision", "model": "resnet18"}, "text": {"name": "hf_text"}},
+            "fusion": {"name": "concat", "output_dim": 8},
+        },
+        "tasks": {"y": {"kind": "binary"}},
+        "data": {"source": "records", "path": "x.jsonl", "image_field": "photo", "text_field": "text"},
+    }
+    cfg = parse_config(old)
+    assert cfg.model.encoders["image"].field == "photo"
+    assert cfg.model.encoders["text"].field == "text"
+    assert "image_field" not in old["data"] or old["data"]["image_field"] == "photo"  # the input is not mutated

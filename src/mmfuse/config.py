@@ -204,8 +204,34 @@ def _unknown_key_error(err: ConfigError, model: type[BaseModel], data: Mapping[s
     return err
 
 
+_LEGACY_FIELDS = {"image_field": "image", "text_field": "text"}
+
+
+def _migrate_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Configs written before the modality-generic data path (mmfuse 0.1 run directories) named the
+    record fields in `data.image_field` / `data.text_field`; they become `model.encoders.<m>.field`."""
+    data = dict(data)
+    section = data.get("data")
+    if not isinstance(section, dict) or not any(k in section for k in _LEGACY_FIELDS):
+        return data
+    section = dict(section)
+    model = data.get("model")
+    encoders = model.get("encoders") if isinstance(model, dict) else None
+    for key, modality in _LEGACY_FIELDS.items():
+        if key not in section:
+            continue
+        value = section.pop(key)
+        if not isinstance(encoders, dict) or not isinstance(encoders.get(modality), dict):
+            continue  # the run has no such encoder: the old key named a field nothing reads
+        if "field" not in encoders[modality]:
+            encoders[modality] = {**encoders[modality], "field": value}
+    data["data"] = section
+    return data
+
+
 def parse_config(data: Mapping[str, Any]) -> RunConfig:
     """Validate a plain dict (from YAML) into a RunConfig, and check every component's options."""
+    data = _migrate_legacy(data)
     try:
         cfg = RunConfig.model_validate(dict(data))
     except ValidationError as err:
