@@ -46,9 +46,9 @@ def test_unknown_modality_is_an_error(dims, out_dim) -> None:
 @pytest.mark.parametrize("name", ["concat", "film"])
 def test_adapters_start_as_the_identity(name, dims, out_dim, features) -> None:
     torch.manual_seed(0)
-    plain = FUSIONS.get(name)({"image": 12, "text": 12}, out_dim)
+    plain = FUSIONS.get(name)({"image": 12, "text": 12}, 12)
     torch.manual_seed(0)
-    adapted = FUSIONS.get(name)({"image": 12, "text": 12}, out_dim, adapters=True)
+    adapted = FUSIONS.get(name)({"image": 12, "text": 12}, 12, adapters=True)
     adapted.load_state_dict(plain.state_dict(), strict=False)
     feats = {m: type(f)(pooled=torch.randn(3, 12)) for m, f in features.items()}
     torch.testing.assert_close(adapted(feats).fused, plain(feats).fused)
