@@ -7,6 +7,6 @@ Example:
 """
 
 from mmfuse.balance import modality_dropout, ogm_ge  # noqa: F401,E402  (registration)
-from mmfuse.balance.base import BALANCERS, Balancer, decompose_logits, linear_head
+from mmfuse.balance.base import BALANCERS, Balancer, decompose_logits, linear_head, modality_parameters
 
-__all__ = ["BALANCERS", "Balancer", "decompose_logits", "linear_head"]
+__all__ = ["BALANCERS", "Balancer", "decompose_logits", "linear_head", "modality_parameters"]
