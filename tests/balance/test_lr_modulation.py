@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.balance.conftest import make_model
 
 from mmfuse.balance import BALANCERS
 from mmfuse.mtl import WEIGHTINGS
 from mmfuse.train.module import MMFuseModule
-from tests.balance.conftest import make_model
 
 LR, WD, MU, K = 0.1, 0.01, 0.9, 0.3
 BETAS, EPS = (0.9, 0.999), 1e-8

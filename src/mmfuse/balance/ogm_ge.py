@@ -123,11 +123,7 @@ class OGMGE(Balancer):
         masks: Mapping[str, torch.Tensor],
         epoch: int,
     ) -> dict[str, float]:
-        if not self.ready:
-            self.setup(model)
-            if self.probes is not None:  # probes made now would never reach the optimiser
-                self.probes, self.probe_task, self.ready = None, None, False
-                raise RuntimeError("ogm_ge needs linear probes here: call balancer.setup(model) before the optimiser")
+        self.ensure_setup(model)
         scores, count = self.scores(model, out, labels[self.task], masks[self.task])
         coeffs, ratios = ogm_coefficients(scores, self.alpha)
         active = model.training and self.start_epoch <= epoch < self.end_epoch and count > 0
@@ -141,6 +137,17 @@ class OGMGE(Balancer):
         logs.update({f"score/{m}": float(scores[i]) for i, m in enumerate(self.modalities)})
         logs.update({f"ratio/{m}": float(ratios[i]) for i, m in enumerate(self.modalities)})
         return logs
+
+    def ensure_setup(self, model: MultiTaskModel) -> None:
+        """Set up on first use; probes made this late would never reach the optimiser, so that is an error."""
+        if self.ready:
+            return
+        self.setup(model)
+        if self.probes is not None:
+            self.probes, self.probe_task, self.ready = None, None, False
+            raise RuntimeError(
+                f"{type(self).__name__} needs linear probes here: call balancer.setup(model) before the optimiser"
+            )
 
     @torch.no_grad()
     def scores(

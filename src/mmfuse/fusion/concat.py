@@ -42,4 +42,3 @@ class ConcatFusion(Fusion):
         blocks = self.fc_out.weight.split(list(self.input_dims.values()), dim=1)  # each (D_out, D_m)
         contributions = {m: x @ w.T for m, x, w in zip(self.modalities, xs, blocks)}  # each (B, D_out)
         return FusionOutput(fused=fused, contributions=contributions, bias=self.fc_out.bias)
-

@@ -321,7 +321,8 @@ class MMFuseModule(L.LightningModule):
         hp, fusion = self.hp, self.model.fusion
         owned = {m: {id(p) for p in fusion.modality_parameters(m)} for m in self.model.modalities}
         taken = set().union(*owned.values())
-        groups = [{"params": [p for p in self.model.trainable_parameters("head") if id(p) not in taken], "lr": hp["lr"]}]
+        shared = [p for p in self.model.trainable_parameters("head") if id(p) not in taken]
+        groups: list[dict[str, Any]] = [{"params": shared, "lr": hp["lr"]}]
         for m in self.model.modalities:
             own = [p for p in modality_parameters(self.model, m) if id(p) in owned[m]]
             enc = [p for p in self.model.encoders[m].parameters() if p.requires_grad]
