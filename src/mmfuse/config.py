@@ -99,6 +99,8 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     encoder_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.01, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: with `momentum`, as in the OGM-GE paper
+    momentum: float = Field(0.9, ge=0, lt=1)
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, ge=0)  # 0 or null: no clipping

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmfuse.encoders.base import Encoder, EncoderOutput
-from mmfuse.fusion.base import Fusion, FusionOutput
+from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
 from mmfuse.fusion.concat import ConcatFusion
 from mmfuse.model import MultiTaskModel
 from mmfuse.tasks import BinaryTask, MLPHead, MulticlassTask
@@ -49,11 +49,11 @@ class OpaqueFusion(Fusion):
 
 
 def make_model(
-    fusion: str = "concat", hidden: list[int] | None = None, dropout: float = 0.0, freeze=()
+    fusion: str = "concat", hidden: list[int] | None = None, dropout: float = 0.0, freeze=(), **fusion_opts
 ) -> MultiTaskModel:
     encoders = {m: FakeEncoder(m, INPUTS[m], FEATURES[m], freeze=m in freeze) for m in INPUTS}
     fusions = {"concat": ConcatFusion, "opaque": OpaqueFusion}
-    fuse = fusions[fusion](dict(FEATURES), 4)
+    fuse = (FUSIONS.get(fusion) if fusion not in fusions else fusions[fusion])(dict(FEATURES), 4, **fusion_opts)
     tasks = {"answer": MulticlassTask("answer", ["x", "y", "z"]), "flag": BinaryTask("flag")}
     heads = {n: MLPHead(4, t.out_dim, hidden, dropout) for n, t in tasks.items()}
     return MultiTaskModel(encoders, fuse, tasks, heads)

@@ -59,3 +59,14 @@ def test_probes_when_no_exact_decomposition(model_factory, batch, fusion, hidden
 def test_setup_rejects_other_modalities(model_factory):
     with pytest.raises(ValueError, match="modalities"):
         Balancer(["image", "audio"]).setup(model_factory())
+
+
+def test_build_balancer_with_nothing_to_act_on_is_a_one_line_config_error(model_factory) -> None:
+    from mmfuse.builders import build_balancer
+    from mmfuse.config import Component, ConfigError
+
+    model = model_factory("concat", freeze=("image", "text"))
+    with pytest.raises(ConfigError, match=r"^train\.balance: ogm_ge has nothing to act on") as err:
+        build_balancer(Component(name="ogm_ge"), model)
+    assert "\n" not in str(err.value)
+    assert build_balancer(Component(name="ogm_ge"), model_factory("concat", freeze=("image", "text"), adapters=True))

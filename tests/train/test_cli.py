@@ -302,7 +302,8 @@ def test_unreadable_image_at_predict_time(trained: Path, tmp_path: Path, capsys)
 @pytest.mark.parametrize("balance", ["ogm_ge", "modality_dropout"])
 def test_modality_balancing_is_measured_per_epoch(balance: str, data: Path, tmp_path: Path) -> None:
     cfg = write_cfg(tmp_path / "cfg.yaml", data)
-    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--set", f"train.balance={{name: {balance}}}"]) == 0
+    args = ["--set", f"train.balance={{name: {balance}}}", "--set", "model.fusion.adapters=true"]  # frozen: adapters
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), *args]) == 0
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     if balance == "ogm_ge":
         assert set(summary["metrics"]["test"]["unimodal"]) == {"image_accuracy", "text_accuracy"}

@@ -70,6 +70,7 @@ def _kill_after_first_checkpoint(args: list[str], cwd: Path, run_dir: Path, time
 def test_kill_9_mid_epoch_then_resume_keeps_the_whole_history(tmp_path: Path) -> None:
     records = write_dataset(tmp_path / "data", n=160)  # 80 training records: 10 steps an epoch
     cfg = run_config(records, max_epochs=EPOCHS, log_every_n_steps=2, balance={"name": "ogm_ge", "noise": False})
+    cfg["model"]["fusion"]["adapters"] = True  # frozen encoders: OGM-GE acts on the fusion's per-modality adapters
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"

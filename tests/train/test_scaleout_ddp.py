@@ -91,6 +91,7 @@ def test_ddp_pcgrad_with_ogm_ge_matches_one_process(tmp_path: Path) -> None:
     records = write_partial_dataset(tmp_path / "data")
     cfg = partial_config(records, weighting={"name": "pcgrad", "seed": 0}, balance={"name": "ogm_ge", "task": "color"})
     cfg["model"]["encoders"]["text"]["freeze"] = False  # a trained shared encoder for PCGrad and OGM-GE to act on
+    cfg["model"]["fusion"]["adapters"] = True  # the frozen image side: OGM-GE acts on its adapter
     run_dir, summary = _train_ddp(tmp_path, cfg)
     assert "unimodal" in summary["metrics"]["val"]  # per-modality accuracy of the scored task, gathered too
     assert any(k.startswith("balance/coef/") for k in (run_dir / "logs" / "metrics.csv").read_text().split(","))

@@ -6,7 +6,7 @@ Example:
     >>> balancer.setup(model)  # once, before the optimiser is created
 """
 
-from mmfuse.balance import modality_dropout, ogm_ge  # noqa: F401,E402  (registration)
-from mmfuse.balance.base import BALANCERS, Balancer, decompose_logits, linear_head
+from mmfuse.balance import agm, modality_dropout, ogm_ge  # noqa: F401,E402  (registration)
+from mmfuse.balance.base import BALANCERS, Balancer, decompose_logits, linear_head, modality_parameters
 
-__all__ = ["BALANCERS", "Balancer", "decompose_logits", "linear_head"]
+__all__ = ["BALANCERS", "Balancer", "decompose_logits", "linear_head", "modality_parameters"]

@@ -2,7 +2,10 @@
 
 A balancer hooks into a training step at three points (all optional):
 `absent` (before the forward: which modalities to hide per sample), `aux_loss` (an extra loss added
-to the single backward) and `modulate` (after the backward, before the optimiser step: edit gradients).
+to the single backward) and `modulate` (after the backward, before the optimiser step: edit gradients,
+and set `lr_scale`, {modality: k}: the trainer multiplies, for this one step, the learning rate of every
+optimiser parameter group holding that modality's own parameters by k, so the realised update of those
+parameters shrinks (or grows) by exactly k under SGD and AdamW alike; see `modality_parameters`).
 
 Per-modality ("unimodal") logits come from one of two sources, chosen once in `setup(model)`:
 
@@ -84,6 +87,25 @@ def fusion_decomposes(fusion: nn.Module) -> bool:
     return set(out.contributions) == set(fusion.input_dims)
 
 
+def modality_parameters(model: MultiTaskModel, modality: str) -> list[nn.Parameter]:
+    """The trainable parameters that belong to `modality` alone: its encoder's unfrozen parameters and the
+    fusion's own projection/adapter for it (`Fusion.modality_parameters`)."""
+    params = [*model.encoders[modality].parameters(), *model.fusion.modality_parameters(modality)]
+    return [p for p in params if p.requires_grad]
+
+
+def require_modality_parameters(name: str, model: MultiTaskModel) -> None:
+    """Raise ValueError (one line) when some modality owns no trainable parameter a balancer could act on."""
+    empty = [m for m in model.modalities if not modality_parameters(model, m)]
+    if empty:
+        raise ValueError(
+            f"{name} has nothing to act on for modality(ies) {empty}: their encoders are frozen and fusion "
+            f"{type(model.fusion).__name__} has no projection of their own; unfreeze the encoder or use a fusion "
+            "with per-modality projections (sum, gated, bilinear, tensor, lmf, co_attention, or concat/film with "
+            "adapters: true)"
+        )
+
+
 class Balancer(nn.Module):
     """Base class of every modality balancer; every hook defaults to doing nothing.
 
@@ -106,6 +128,7 @@ class Balancer(nn.Module):
         self.probe_task: str | None = None
         self._probe_loss = None  # the scored Task's masked_loss, set with the probes
         self.ready = False
+        self.lr_scale: dict[str, float] = {}  # {modality: k} for the coming optimiser step, set by `modulate`
 
     def setup(self, model: MultiTaskModel) -> None:
         """Bind to a built model (create any parameters here, so the optimiser sees them). Idempotent."""

@@ -6,18 +6,31 @@ Per training batch, with the labelled samples of the scored task:
     rho_m = s_m / mean_{j != m} s_j                                        (two modalities: s_a / s_b)
     k_m = 1 - tanh(alpha * rho_m)  if rho_m > 1  else 1                    (Eq. 10 of the paper)
 
-then every gradient in `model.encoders[m]` (every parameter, not only 4-d convolution kernels as in the
-official code, so a text Transformer is modulated too) becomes `k_m * grad`, plus, with `noise` (GE),
-Gaussian noise of the modulated gradient's own standard deviation (+1e-8), as the official code does.
+Where k_m acts (the variant used here, and why): the official code multiplies the gradients of the
+encoder by k_m before an SGD-with-momentum step. Under Adam/AdamW that is (almost) a no-op: the update is
+the gradient divided by its own running RMS, so a slowly varying k_m cancels. Here k_m multiplies, for
+this one step, the learning rate of the optimiser groups that hold modality m's own parameters (its
+unfrozen encoder and its projection/adapter inside the fusion, `balance.base.modality_parameters`). The
+realised update of those parameters is then exactly k_m times the unmodulated one, under AdamW (Adam's
+step and its decoupled weight decay both scale with the learning rate) and under SGD. With plain SGD this
+equals the paper's rule; with momentum the paper feeds k_m * grad into the velocity, whereas here the
+velocity accumulates raw gradients and the step taken from it is scaled by k_m (the same when k_m is
+steady, which it is over most of training).
 
-For two modalities this is exactly the official rule, except on an exact tie (rho = 1), where the
-official code modulates the second modality and this one neither. For more modalities, each is compared
-with the mean score of the others, so only modalities ahead of the rest are slowed down.
+GE (`noise`): Gaussian noise with the standard deviation of each parameter's own gradient (+1e-8) is
+added to that gradient, on every modality's own parameters, as in the official code. Since the step's
+learning rate is scaled by k_m, the applied noise has std k_m * std(grad) = std(k_m * grad): the official
+`grad * k + N(0, std(grad * k))` exactly, for SGD.
+
+For two modalities this is the official rule, except on an exact tie (rho = 1), where the official code
+modulates the second modality and this one neither. For more modalities, each is compared with the mean
+score of the others, so only modalities ahead of the rest are slowed down.
 
 `alpha` defaults to 0.1, the official README's default setting (it recommends 0.1 for VGGSound and 0.8
 for CREMA-D). Modulation runs only while training and `start_epoch <= epoch < end_epoch` (0 and 50 in
 the official defaults). Under DDP the scores are summed over processes and the noise comes from a
-generator seeded alike on every process, so all replicas apply the same update.
+generator seeded alike on every process, so all replicas apply the same update. A modality without any
+trainable parameter of its own (frozen encoder, fusion without a projection for it) is a config error.
 """
 
 from __future__ import annotations
@@ -30,7 +43,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmfuse.balance.base import BALANCERS, Balancer, fusion_decomposes, linear_head
+from mmfuse.balance.base import (
+    BALANCERS,
+    Balancer,
+    fusion_decomposes,
+    linear_head,
+    modality_parameters,
+    require_modality_parameters,
+)
 
 if TYPE_CHECKING:
     from mmfuse.model import ModelOutput, MultiTaskModel
@@ -79,10 +99,10 @@ class OGMGE(Balancer):
         self.task, self.alpha, self.noise, self.seed = task, alpha, noise, seed
         self.start_epoch, self.end_epoch = start_epoch, end_epoch
         self._generators: dict[str, torch.Generator] = {}
-        self._warned: set[str] = set()
 
     def setup(self, model: MultiTaskModel) -> None:
         super().setup(model)
+        require_modality_parameters("ogm_ge", model)
         scorable = [n for n, t in model.tasks.items() if t.scores_classes]
         if self.task is None:
             if not scorable:
@@ -103,23 +123,31 @@ class OGMGE(Balancer):
         masks: Mapping[str, torch.Tensor],
         epoch: int,
     ) -> dict[str, float]:
-        if not self.ready:
-            self.setup(model)
-            if self.probes is not None:  # probes made now would never reach the optimiser
-                self.probes, self.probe_task, self.ready = None, None, False
-                raise RuntimeError("ogm_ge needs linear probes here: call balancer.setup(model) before the optimiser")
+        self.ensure_setup(model)
         scores, count = self.scores(model, out, labels[self.task], masks[self.task])
         coeffs, ratios = ogm_coefficients(scores, self.alpha)
         active = model.training and self.start_epoch <= epoch < self.end_epoch and count > 0
-        if active:
-            for i, m in enumerate(self.modalities):
-                self.modulate_encoder(m, model.encoders[m], float(coeffs[i]))
-        else:
+        if active and self.noise:
+            for m in self.modalities:
+                self.add_noise(modality_parameters(model, m))
+        if not active:
             coeffs = torch.ones_like(coeffs)  # log what was applied
+        self.lr_scale = {m: float(coeffs[i]) for i, m in enumerate(self.modalities)}
         logs = {f"coef/{m}": float(coeffs[i]) for i, m in enumerate(self.modalities)}
         logs.update({f"score/{m}": float(scores[i]) for i, m in enumerate(self.modalities)})
         logs.update({f"ratio/{m}": float(ratios[i]) for i, m in enumerate(self.modalities)})
         return logs
+
+    def ensure_setup(self, model: MultiTaskModel) -> None:
+        """Set up on first use; probes made this late would never reach the optimiser, so that is an error."""
+        if self.ready:
+            return
+        self.setup(model)
+        if self.probes is not None:
+            self.probes, self.probe_task, self.ready = None, None, False
+            raise RuntimeError(
+                f"{type(self).__name__} needs linear probes here: call balancer.setup(model) before the optimiser"
+            )
 
     @torch.no_grad()
     def scores(
@@ -139,18 +167,11 @@ class OGMGE(Balancer):
         return stats[:-1], int(stats[-1])
 
     @torch.no_grad()
-    def modulate_encoder(self, modality: str, encoder: nn.Module, coeff: float) -> None:
-        """grad <- coeff * grad (+ N(0, std(grad) + 1e-8) with `noise`) for every parameter that has a gradient."""
-        grads = [p.grad for p in encoder.parameters() if p.grad is not None]
-        if not grads and modality not in self._warned:
-            self._warned.add(modality)
-            logger.info("ogm_ge: encoder %r has no gradients (frozen or cached); only logging its score", modality)
-        for g in grads:
-            if coeff != 1.0:
-                g.mul_(coeff)
-            if self.noise:
-                std = g.std() if g.numel() > 1 else g.new_zeros(())
-                g.add_(self._randn_like(g) * (std + 1e-8))
+    def add_noise(self, params: list[nn.Parameter]) -> None:
+        """grad <- grad + N(0, std(grad) + 1e-8), per parameter with a gradient (GE)."""
+        for g in (p.grad for p in params if p.grad is not None):
+            std = g.std() if g.numel() > 1 else g.new_zeros(())
+            g.add_(self._randn_like(g) * (std + 1e-8))
 
     def _randn_like(self, t: torch.Tensor) -> torch.Tensor:
         key = str(t.device)

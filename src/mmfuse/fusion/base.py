@@ -54,3 +54,29 @@ class Fusion(nn.Module):
 
     def forward(self, features: dict[str, EncoderOutput]) -> FusionOutput:
         raise NotImplementedError
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The parameters that belong to `modality` alone (its own input projection/adapter), for modality balancing.
+
+        Default: entry `modality` of every direct child that is an `nn.ModuleDict`/`nn.ParameterDict` keyed by
+        exactly this fusion's modalities (`fc` of sum and gated, `proj` of bilinear/tensor/lmf, `factors` of lmf,
+        `norm_in`/`proj`/`norm_out` of co_attention, `adapter` of concat). Fusions laid out otherwise override it.
+        """
+        if modality not in self.input_dims:
+            raise KeyError(f"{type(self).__name__} has no modality {modality!r}; modalities: {self.modalities}")
+        keys = set(self.modalities)
+        out: list[nn.Parameter] = []
+        for child in self.children():
+            if isinstance(child, nn.ModuleDict) and set(child.keys()) == keys:
+                out.extend(child[modality].parameters())
+            elif isinstance(child, nn.ParameterDict) and set(child.keys()) == keys:
+                out.append(child[modality])
+        return out
+
+
+def identity_linear(dim: int) -> nn.Linear:
+    """`nn.Linear(dim, dim)` that starts as the identity map (a per-modality adapter that changes nothing at first)."""
+    layer = nn.Linear(dim, dim)
+    nn.init.eye_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer

@@ -127,6 +127,11 @@ class CoAttentionFusion(Fusion):
         self.norm_out = nn.ModuleDict({m: nn.LayerNorm(d) for m in self.modalities})
         self.fc_out = nn.Linear(2 * d, output_dim)
 
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The modality's input side, `norm_in` and `proj` (its stream's later layers already mix in the other)."""
+        super().modality_parameters(modality)  # checks the name
+        return [*self.norm_in[modality].parameters(), *self.proj[modality].parameters()]
+
     def _check(
         self, d: int, num_layers: int, num_heads: int, positional: bool, spatial: str | None, grid: object
     ) -> None:

@@ -91,6 +91,12 @@ class CrossAttentionFusion(Fusion):
             fused = fused + self.q_res(query_side.pooled)
         return FusionOutput(fused=fused, extras=extras)
 
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The query side's `q_proj` (and `q_res`), the key side's `k_proj` and `v_proj`."""
+        super().modality_parameters(modality)  # checks the name
+        layers = [self.q_proj, self.q_res] if modality == self.q_side else [self.k_proj, self.v_proj]
+        return [p for layer in layers if layer is not None for p in layer.parameters()]
+
     @staticmethod
     def _attend(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mask: torch.Tensor, want_weights: bool

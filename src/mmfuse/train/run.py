@@ -210,6 +210,8 @@ class Run:
             warmup_steps=t.warmup_steps,
             grad_clip=t.grad_clip,
             seed=self.cfg.seed,
+            optimizer=t.optimizer,
+            momentum=t.momentum,
         )
 
 
