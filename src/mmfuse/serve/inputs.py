@@ -96,10 +96,10 @@ class Uploads:
         return name
 
     def scrub(self, message: str) -> str:
-        """A message without the server's upload paths: each names the field it came from instead."""
+        """A message without the server's upload paths: each becomes "upload:FIELD"."""
         for name, key in self.names.items():
-            message = message.replace(str(self.root.path / name), f"<upload of {key!r}>")
-            message = message.replace(name, f"upload of {key!r}")
+            full = str(self.root.path / name)
+            message = message.replace(f" at {full}", "").replace(full, f"upload:{key}").replace(name, f"upload:{key}")
         return message.replace(str(self.root.path), "<uploads>")
 
     def close(self) -> None:
