@@ -7,9 +7,9 @@ installed and read first, as it batches dynamically and belongs to the Lightning
 - in its batched loop one request that fails to decode fails EVERY request of its batch (one 4xx answers
   them all), while a bad request here must never spoil other clients' requests;
 - it reserves /health and /info for its own replies, which this server defines (tasks, classes, metrics);
-- it runs the model in separate worker processes and passes every request and reply through process
-  queues (pickled): on a 2-core CPU that is a hop per request that the in-process queue does not pay, and a
-  multipart upload is not picklable as it arrives.
+- it runs the model in separate worker processes and passes every request through a multiprocessing
+  manager queue (pickled, via the manager's own process): on a 2-core CPU that is two process hops per request
+  that the in-process queue here does not pay.
 
 FastAPI + uvicorn are the common, well-kept pair underneath LitServe itself, so nothing is lost by using
 them directly, and the whole batching policy fits in one 150-line file with its guarantees tested.
