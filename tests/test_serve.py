@@ -6,6 +6,7 @@ HTTP call has a timeout. Expected predictions come from `mmfuse.predict.Predicto
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -31,6 +32,8 @@ from PIL import Image
 from mmfuse.cli import main
 from mmfuse.predict import Predictor
 from mmfuse.serve import Limits, ServeOptions, Server
+from mmfuse.serve.app import json_response
+from mmfuse.serve.batcher import Batcher
 from tiny import run_config, write_dataset
 
 TIMEOUT = 60
@@ -278,6 +281,52 @@ def test_batching_off_and_two_workers(run_dir, images, expected) -> None:
         assert after["batch_sizes"] == {"1": 12}
         assert len(after["batches_per_worker"]) == 2 and sum(after["batches_per_worker"]) == 12
         assert all(n > 0 for n in after["batches_per_worker"]), after  # both workers took batches
+
+
+def test_batcher_policy_without_a_model() -> None:
+    """Batches never exceed max_batch records, never split a request, answer each request with its own results;
+    a request larger than max_batch is a batch of its own; a failed batch fails only its own requests."""
+    seen: list[list[Any]] = []
+
+    def echo(records: list[Any]) -> list[dict[str, Any]]:
+        seen.append(list(records))
+        if "boom" in records:
+            raise RuntimeError("the model failed")
+        time.sleep(0.01)
+        return [{"echo": r} for r in records]
+
+    batcher = Batcher([echo], max_batch=4, max_wait_s=0.05)
+    sizes = [1, 3, 2, 4, 1, 6, 2, 1]
+    requests = [[f"{i}.{j}" for j in range(n)] for i, n in enumerate(sizes)]
+
+    async def drive() -> list[Any]:
+        return await asyncio.gather(*(batcher.submit(r) for r in requests), return_exceptions=True)
+
+    try:
+        results = asyncio.run(drive())
+        for request, result in zip(requests, results):
+            assert result == [{"echo": r} for r in request]
+        for batch in seen:
+            firsts = {r.split(".")[0] for r in batch}
+            assert len(batch) <= 4 or len(firsts) == 1, batch  # only a single oversized request exceeds 4
+            for i in firsts:  # whole requests only
+                assert [r for r in batch if r.startswith(f"{i}.")] == requests[int(i)]
+        assert sum(len(b) for b in seen) == sum(sizes)
+        assert len(seen) < len(sizes)  # some requests shared a forward pass
+        assert batcher.stats.snapshot()["records"] == sum(sizes)
+
+        async def with_failure() -> list[Any]:
+            return await asyncio.gather(batcher.submit(["boom"]), return_exceptions=True)
+
+        (failed,) = asyncio.run(with_failure())
+        assert isinstance(failed, RuntimeError)
+        assert asyncio.run(drive())[0] == [{"echo": "0.0"}]  # the worker lives on
+    finally:
+        batcher.close()
+
+
+def test_json_replies_are_strict() -> None:
+    assert json_response({"a": float("nan"), "b": [float("inf"), 1.5]}).body == b'{"a":null,"b":[null,1.5]}'
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -119,6 +120,26 @@ async def read_rows(request: Request, limit: int) -> tuple[list[Any], bool]:
     return [row], True
 
 
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities as null (strict JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_response(value: Any) -> Response:
+    """Strict JSON (NaN and infinities as null), compact."""
+    try:
+        body = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        body = json.dumps(_finite(value), separators=(",", ":"), allow_nan=False)
+    return Response(body.encode(), media_type="application/json")
+
+
 def create_app(service: Service) -> FastAPI:
     """The FastAPI application over `service` (OpenAPI pages off: they would load scripts from the web)."""
     app = FastAPI(title="mmfuse", docs_url=None, redoc_url=None, openapi_url=None)
@@ -151,8 +172,8 @@ def create_app(service: Service) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/info")
-    async def info() -> dict[str, Any]:
-        return {**service.info, "stats": service.stats()}
+    async def info() -> Response:
+        return json_response({**service.info, "stats": service.stats()})
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
@@ -183,7 +204,6 @@ def create_app(service: Service) -> FastAPI:
             else:
                 uploads.close()
         service.count(None)
-        body = json.dumps(results[0] if single else results, separators=(",", ":"))
-        return Response(body.encode(), media_type="application/json")
+        return json_response(results[0] if single else results)
 
     return app
