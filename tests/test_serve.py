@@ -325,6 +325,31 @@ def test_batcher_policy_without_a_model() -> None:
         batcher.close()
 
 
+def test_a_request_that_fails_to_prepare_fails_alone() -> None:
+    seen: list[list[Any]] = []
+
+    def prepare(payload: str) -> list[str]:
+        if payload == "bad":
+            raise ValueError("undecodable")
+        return [payload]
+
+    def echo(records: list[Any]) -> list[dict[str, Any]]:
+        seen.append(list(records))
+        return [{"echo": r} for r in records]
+
+    batcher = Batcher([echo], max_batch=8, max_wait_s=0.2, prepare=prepare)
+
+    async def drive() -> list[Any]:
+        return await asyncio.gather(*(batcher.submit(p, 1) for p in ("a", "bad", "b")), return_exceptions=True)
+
+    try:
+        a, bad, b = asyncio.run(drive())
+    finally:
+        batcher.close()
+    assert a == [{"echo": "a"}] and b == [{"echo": "b"}] and isinstance(bad, ValueError)
+    assert seen == [["a", "b"]]  # one batch, without the bad request
+
+
 def test_json_replies_are_strict() -> None:
     assert json_response({"a": float("nan"), "b": [float("inf"), 1.5]}).body == b'{"a":null,"b":[null,1.5]}'
 

@@ -29,7 +29,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -189,8 +188,9 @@ def create_app(service: Service) -> FastAPI:
         uploads, pending = Uploads(service.upload_dir), None
         try:
             rows, single = await read_rows(request, limit)
-            records = await run_in_threadpool(service.reader.records, rows, uploads)
-            pending = service.batcher.enqueue(records)
+            service.reader.check_count(rows)
+            # Decoded and checked by the worker that takes it (`RecordReader.records`), then predicted.
+            pending = service.batcher.enqueue((rows, uploads), len(rows))
             results = await asyncio.shield(pending)
         except RequestError as err:
             service.count(err.status)

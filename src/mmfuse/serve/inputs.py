@@ -172,12 +172,16 @@ class RecordReader:
         self.known = {k for keys in predictor.input_fields.values() for k in keys}
         self.files = file_fields(predictor)
 
-    def records(self, rows: Sequence[Any], uploads: Uploads) -> list[Record]:
-        """Checked records (uploads written to `uploads`); RequestError for the first bad row."""
+    def check_count(self, rows: Sequence[Any]) -> None:
+        """RequestError for a request with no record or more than `limits.max_records`."""
         if not rows:
             raise RequestError(422, "the request holds no record")
         if len(rows) > self.limits.max_records:
             raise RequestError(413, f"{len(rows)} records in one request; the limit is {self.limits.max_records}")
+
+    def records(self, rows: Sequence[Any], uploads: Uploads) -> list[Record]:
+        """Checked records (uploads written to `uploads`); RequestError for the first bad row."""
+        self.check_count(rows)
         names = ["record"] if len(rows) == 1 else [f"record {i}" for i in range(len(rows))]
         records = [self._record(row, where, uploads) for row, where in zip(rows, names)]
         try:

@@ -128,7 +128,13 @@ class Server:
         self.upload_dir = Path(tempfile.mkdtemp(prefix="mmfuse-serve-", dir=_upload_parent()))
         reader = RecordReader(predictors[0], options.limits, options.allow_missing)
         fns = [partial(p.predict, batch_size=options.max_batch) for p in predictors]
-        batcher = Batcher(fns, options.max_batch, options.max_wait_ms / 1000.0, _thread_setup(options.workers))
+        batcher = Batcher(
+            fns,
+            options.max_batch,
+            options.max_wait_ms / 1000.0,
+            _thread_setup(options.workers),
+            prepare=lambda payload: reader.records(*payload),
+        )
         info = describe_run(predictors[0], self.run_dir, options, file_fields(predictors[0]))
         self.service = Service(reader, batcher, self.upload_dir, info)
         self.app = create_app(self.service)
