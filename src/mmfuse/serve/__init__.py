@@ -12,7 +12,7 @@ installed and read first, as it batches dynamically and belongs to the Lightning
   that the in-process queue here does not pay.
 
 FastAPI + uvicorn are the common, well-kept pair underneath LitServe itself, so nothing is lost by using
-them directly, and the whole batching policy fits in one 150-line file with its guarantees tested.
+them directly, and the whole batching policy fits in one 200-line file with its guarantees tested.
 
 Modules: `inputs` (request bodies -> checked records; uploads, never server paths), `batcher` (the dynamic
 batching queue and its worker threads), `app` (routes, limits, errors, counters), `server` (load, bind,
