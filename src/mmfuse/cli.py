@@ -109,6 +109,35 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64, help="records per forward pass (default 64)")
     pr.add_argument("--top", type=int, default=3, help="classes shown per task in the terminal (default 3)")
 
+    sv = sub.add_parser(
+        "serve",
+        help="serve a finished run over HTTP (dynamic batching, demo page at /)",
+        formatter_class=fmt,
+        description="Answer POST /predict (JSON or multipart: the run's input fields; files as uploads), GET /info, "
+        "GET /health and a demo page at /. Needs the serve extra: pip install 'mmfuse[serve]'.",
+        epilog="examples:\n  mmfuse serve runs/easy_vqa                        # http://127.0.0.1:8000/\n"
+        "  mmfuse serve runs/easy_vqa --port 0 --max-batch 64 --max-wait-ms 10 --workers 2\n"
+        "  curl -s localhost:8000/predict -H 'content-type: application/json' \\\n"
+        '       -d \'{"image": "\'$(base64 -w0 shape.png)\'", "text": "what color is the shape?"}\'\n'
+        "  curl -s localhost:8000/predict -F image=@shape.png -F text='what color is the shape?'",
+    )
+    sv.add_argument("run", help="run directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
+    sv.add_argument("--max-batch", type=int, default=32, help="most records in one forward pass (default 32; 1: off)")
+    sv.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="longest a batch waits for more requests (default 5)"
+    )
+    sv.add_argument("--workers", type=int, default=1, help="inference threads, each with a model copy (default 1)")
+    sv.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MB (default 16)")
+    sv.add_argument("--max-records", type=int, default=64, help="most records in one request (default 64)")
+    sv.add_argument(
+        "--max-image-pixels", type=int, default=25_000_000, help="largest uploaded image in pixels (default 25M)"
+    )
+    sv.add_argument(
+        "--allow-missing", action="store_true", help="accept records that lack an input the model was trained with"
+    )
+
     sub.add_parser(
         "list",
         help="registered encoders, fusions, task kinds, weightings and balancers",
@@ -266,6 +295,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from mmfuse.serve import Limits, ServeOptions, Server
+    except ImportError as err:
+        raise _usage(f"needs the serve extra ({err.name} is not installed): pip install 'mmfuse[serve]'") from None
+
+    limits = Limits(int(args.max_body_mb * 2**20), args.max_records, args.max_image_pixels)
+    options = ServeOptions(
+        args.host, args.port, args.max_batch, args.max_wait_ms, args.workers, limits, args.allow_missing
+    )
+    server = Server(args.run, options)
+    try:
+        url = server.bind()
+    except OSError as err:
+        server.close()
+        raise _usage(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    workers = f"{args.workers} worker" + ("s" if args.workers > 1 else "")
+    print(
+        f"serving {args.run} at {url}/ (max batch {args.max_batch}, wait {args.max_wait_ms:g} ms, {workers}); "
+        "Ctrl-C stops",
+        flush=True,
+    )
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        pass
+    print("stopped", flush=True)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from mmfuse.balance import BALANCERS
     from mmfuse.encoders import ENCODERS
@@ -374,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "list": cmd_list,
         "cache": cmd_cache,
         "bench": cmd_bench,
+        "serve": cmd_serve,
     }
     try:
         return handlers[args.command](args)
