@@ -424,7 +424,9 @@ def _build_cheap(cfg: Any) -> None:
     """The builders that need no network weights: tasks (with classes), fusion, weighting."""
     classes = {n: ["a", "b"] for n, t in cfg.tasks.items() if t.kind in ("multiclass", "multilabel")}
     built = build_tasks(cfg.tasks, classes)
-    build_fusion(cfg.model.fusion, {m: 8 for m in cfg.model.encoders})
+    sizes = [v for v in cfg.model.fusion.options.values() if isinstance(v, int) and not isinstance(v, bool)]
+    if all(v <= 2**16 or v >= 2**40 for v in sizes):  # (sizes in between allocate gigabytes, slowly)
+        build_fusion(cfg.model.fusion, {m: 8 for m in cfg.model.encoders})
     build_weighting(cfg.train.weighting, built)
 
 
@@ -471,6 +473,18 @@ def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _flatten(value, f"{prefix}.{key}" if prefix else key)
     elif prefix:
         yield prefix, data
+
+
+def test_config_faults_found_by_the_fuzzer_are_one_line() -> None:
+    """Regressions: a `name` key in a task was a TypeError; a fusion size torch cannot allocate was a TypeError."""
+    cfg = base_config()
+    cfg["tasks"]["color"]["name"] = True
+    with pytest.raises(ConfigError, match=r"^tasks.color.name: unknown key"):
+        parse_config(cfg)
+    cfg = base_config()
+    cfg["model"]["fusion"]["output_dim"] = 10**30
+    with pytest.raises(ConfigError, match=r"^model.fusion: "):
+        build_fusion(parse_config(cfg).model.fusion, {"image": 8, "text": 8})
 
 
 def test_a_name_field_clash_found_by_the_fuzzer_is_one_line() -> None:

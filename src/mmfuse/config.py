@@ -276,6 +276,8 @@ def _check_components(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"tasks.{name}.kind: unknown task kind {tc.kind!r}; choose one of: {', '.join(TASK_KINDS.names())}"
             )
+        if "name" in tc.options:  # (a task is named by its key; `name` would clash with the kind's name)
+            raise ConfigError(f"tasks.{name}.name: unknown key; a task is named by its key and its kind by `kind`")
         component_options(TASK_KINDS, Component(name=tc.kind, **tc.options), f"tasks.{name}")
     component_options(FUSIONS, cfg.model.fusion, "model.fusion")
     component_options(WEIGHTINGS, cfg.train.weighting, "train.weighting")
