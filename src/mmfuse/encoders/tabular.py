@@ -57,8 +57,8 @@ def parse_number(value: Any, column: str) -> float | None:
         raise ValueError(f"column {column!r}: an integer of {value.bit_length()} bits is too large for float32")
     try:
         number = float(value)
-    except (ValueError, OverflowError):
-        raise ValueError(f"column {column!r}: {value!r:.40} is not a number (or too large)") from None
+    except ValueError:
+        raise ValueError(f"column {column!r}: {value!r:.40} is not a number") from None
     if math.isnan(number):
         return None
     if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
