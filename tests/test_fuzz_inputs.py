@@ -476,11 +476,18 @@ def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def test_config_faults_found_by_the_fuzzer_are_one_line() -> None:
-    """Regressions: a `name` key in a task was a TypeError; a fusion size torch cannot allocate was a TypeError."""
+    """Regressions: a `name` key in a task was a TypeError; a key with a newline broke the one line; a fusion
+    size torch cannot allocate was a TypeError."""
     cfg = base_config()
     cfg["tasks"]["color"]["name"] = True
     with pytest.raises(ConfigError, match=r"^tasks.color.name: unknown key"):
         parse_config(cfg)
+    for where in ((), ("model", "fusion")):  # a key with a newline: shown as its repr, still one line
+        cfg = base_config()
+        _node(cfg, where)["bad\nkey"] = 1
+        with pytest.raises(ConfigError, match=r"bad\\nkey'?: unknown") as info:
+            parse_config(cfg)
+        assert "\n" not in str(info.value)
     cfg = base_config()
     cfg["model"]["fusion"]["output_dim"] = 10**30
     with pytest.raises(ConfigError, match=r"^model.fusion: "):
