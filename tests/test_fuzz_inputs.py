@@ -272,7 +272,7 @@ def test_mutated_records_are_loaded_or_refused_in_one_line(folders: dict[str, Pa
     files = [0]
 
     @settings(FUZZ, max_examples=300)
-    @given(st.lists(mutated_record(), min_size=2, max_size=6), st.booleans(), st.booleans())
+    @given(st.lists(mutated_record(), min_size=4, max_size=6), st.booleans(), st.booleans())
     def check(rows: list[tuple[str, bool]], bom: bool, skip: bool) -> None:
         stats["examples"] += 1
         stats["records"] += len(rows)
