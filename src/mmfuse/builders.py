@@ -57,8 +57,8 @@ def build_fusion(comp: Component, input_dims: Mapping[str, int]) -> Fusion:
     opts = component_options(FUSIONS, comp, "model.fusion")
     try:
         return FUSIONS.get(comp.name)(input_dims=dict(input_dims), **opts)
-    except ValueError as err:
-        raise ConfigError(f"model.fusion: {err}") from None
+    except (ValueError, TypeError, RuntimeError, OverflowError) as err:  # torch: a size it cannot allocate
+        raise ConfigError(f"model.fusion: {_one_line(err)}") from None
 
 
 def build_tasks(tasks: Mapping[str, TaskConfig], classes: Mapping[str, list[str]] | None = None) -> dict[str, Task]:

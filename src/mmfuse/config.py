@@ -177,9 +177,14 @@ def check_run_name(name: str) -> None:
         )
 
 
+def shown_key(key: str) -> str:
+    """A key as it can appear in a one-line message: as is, or its repr when it holds a newline or control."""
+    return key if key.isprintable() else repr(key)
+
+
 def _first_error(err: ValidationError, prefix: str = "") -> ConfigError:
     e = err.errors()[0]
-    key = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+    key = shown_key(".".join(str(p) for p in (prefix, *e["loc"]) if p != ""))
     if e["type"] == "extra_forbidden":
         return ConfigError(f"{key}: unknown key")
     shown = repr(e.get("input"))[:80]
@@ -270,7 +275,8 @@ def component_options(registry: Registry[Any], comp: Component, key: str) -> dic
         e = err.errors()[0]
         if e["type"] == "extra_forbidden":
             raise ConfigError(
-                f"{key}.{e['loc'][0]}: unknown option for {registry.kind} {comp.name!r}; allowed: {', '.join(fields)}"
+                f"{shown_key(key + '.' + str(e['loc'][0]))}: unknown option for {registry.kind} {comp.name!r}; "
+                f"allowed: {', '.join(fields)}"
             ) from None
         raise _first_error(err, key) from None
     return {k: getattr(opts, k) for k in comp.options}
@@ -283,8 +289,8 @@ def check_name(name: str, key: str, what: str) -> None:
     if not name or "." in name or hasattr(nn.ModuleDict(), name):
         keep = f" and set field: {name!r} to keep reading the same field" if name else ""
         raise ConfigError(
-            f"{key}: {what} name {name!r} cannot name a module (empty, a '.', or a torch.nn.Module attribute such as "
-            f"train/to/type); rename it{keep}"
+            f"{shown_key(key)}: {what} name {name!r} cannot name a module (empty, a '.', or a torch.nn.Module "
+            f"attribute such as train/to/type); rename it{keep}"
         )
 
 
@@ -304,6 +310,8 @@ def _check_components(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"tasks.{name}.kind: unknown task kind {tc.kind!r}; choose one of: {', '.join(TASK_KINDS.names())}"
             )
+        if "name" in tc.options:  # (a task is named by its key; `name` would clash with the kind's name)
+            raise ConfigError(f"tasks.{name}.name: unknown key; a task is named by its key and its kind by `kind`")
         component_options(TASK_KINDS, Component(name=tc.kind, **tc.options), f"tasks.{name}")
     component_options(FUSIONS, cfg.model.fusion, "model.fusion")
     component_options(WEIGHTINGS, cfg.train.weighting, "train.weighting")

@@ -40,6 +40,9 @@ def is_missing(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # larger cells would overflow the encoder's float32 inputs
+
+
 def parse_number(value: Any, column: str) -> float | None:
     """One numeric cell -> a finite float, or None when missing.
 
@@ -49,15 +52,17 @@ def parse_number(value: Any, column: str) -> float | None:
     if is_missing(value):
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"column {column!r}: expected a number, got {type(value).__name__} {value!r}")
+        raise ValueError(f"column {column!r}: expected a number, got {type(value).__name__} {value!r:.40}")
+    if isinstance(value, int) and abs(value) > FLOAT32_MAX:  # before str()/float() of a huge int
+        raise ValueError(f"column {column!r}: an integer of {value.bit_length()} bits is too large for float32")
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"column {column!r}: {value!r} is not a number") from None
+        raise ValueError(f"column {column!r}: {value!r:.40} is not a number") from None
     if math.isnan(number):
         return None
-    if not math.isfinite(number):
-        raise ValueError(f"column {column!r}: {value!r} is not a finite number")
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        raise ValueError(f"column {column!r}: {value!r:.40} is not a finite number in float32's range")
     return number
 
 
