@@ -353,9 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported (lazily)
         if args.command in ("train", "evaluate", "bench"):
             import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: override them after)
 
@@ -363,10 +361,6 @@ def main(argv: list[str] | None = None) -> int:
                 logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from mmfuse.config import ConfigError
-    from mmfuse.data.records import DataError
-    from mmfuse.train.errors import NonFiniteError
-
     handlers: dict[str, Any] = {
         "train": cmd_train,
         "evaluate": cmd_evaluate,
@@ -377,22 +371,35 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, _UsageError, FileNotFoundError) as err:
+    except _UsageError as err:
         _error(args.command, err)
         return 2
-    except NonFiniteError as err:  # training diverged: the last good checkpoint is kept
-        _error(args.command, err)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
-        return 130
-    except Exception as err:  # a bug, not bad input: one line and a failing exit, the traceback with -v
+    except Exception as err:
+        if _is(err, "mmfuse.config", "ConfigError") or _is(err, "mmfuse.data.records", "DataError"):
+            _error(args.command, err)
+            return 2
+        if isinstance(err, FileNotFoundError):
+            _error(args.command, err)
+            return 2
+        if _is(err, "mmfuse.train.errors", "NonFiniteError"):  # training diverged: the last good checkpoint is kept
+            _error(args.command, err)
+            return 1
         if args.verbose:
             raise
         print(
             f"mmfuse {args.command}: internal error: {_one_line(err)} (run with -v for the traceback)", file=sys.stderr
         )
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+def _is(err: BaseException, module: str, name: str) -> bool:
+    """Whether `err` is a `module.name`, without importing `module` (an error of it implies it is imported)."""
+    mod = sys.modules.get(module)
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls is not None and isinstance(err, cls)
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
