@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _quiet_lightning(args)
     from mmfuse.bench import run_mtl_bench
 
     out = Path(args.out) if args.out else Path("runs") / f"bench-mtl-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -160,9 +161,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_lightning(args: argparse.Namespace) -> None:
+    """Import Lightning (only commands that train or evaluate need it) and keep its info lines out, unless -v."""
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: override them after)
+
+    if not args.verbose:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mmfuse.config import load_config
-    from mmfuse.train.run import train
 
     overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
     if args.resume:
@@ -172,6 +181,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else _default_run_dir(cfg.name)
+    _quiet_lightning(args)  # after the config is read: a config error answers before the heavy imports
+    from mmfuse.train.run import train
+
     summary = train(cfg, out, resume=args.resume)
     if summary.get("world_size", 1) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
         return 0
@@ -200,6 +212,7 @@ def _default_run_dir(name: str) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    _quiet_lightning(args)
     from mmfuse.train.run import evaluate
 
     overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
@@ -354,11 +367,6 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported (lazily)
-        if args.command in ("train", "evaluate", "bench"):
-            import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: override them after)
-
-            for name in ("lightning.pytorch", "lightning.fabric"):
-                logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers: dict[str, Any] = {
