@@ -74,7 +74,9 @@ def test_train_order_depends_on_epoch_and_seed_only(prepared) -> None:
 
 
 def test_without_a_terminal_progress_is_one_line_per_epoch(tmp_path: Path) -> None:
-    cfg = parse_config(run_config(write_dataset(tmp_path / "data", n=40), max_epochs=3, progress_bar=True, log_every_n_steps=1))
+    cfg = parse_config(
+        run_config(write_dataset(tmp_path / "data", n=40), max_epochs=3, progress_bar=True, log_every_n_steps=1)
+    )
     stream = io.StringIO()  # not a terminal
     handler = logging.StreamHandler(stream)
     lib = logging.getLogger("mmfuse")
