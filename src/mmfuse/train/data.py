@@ -121,8 +121,19 @@ class CachedRows(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, idx: torch.Tensor) -> dict[str, Any]:
-        """idx: (B,) long record positions -> the batch (the same keys as `Collator` + `CachedCollator`)."""
+    def collate(self, items: dict[str, Any] | list[int]) -> dict[str, Any]:
+        """`collate_fn`: a whole batch passes through; a list of record positions is gathered as one."""
+        if isinstance(items, dict):
+            return items
+        return self[torch.tensor(items, dtype=torch.long)]  # type: ignore[return-value]
+
+    def __getitem__(self, idx: torch.Tensor | int) -> dict[str, Any] | int:
+        """idx: (B,) long record positions -> the batch (the same keys as `Collator` + `CachedCollator`).
+
+        An int (a per-record sampler, e.g. the DDP evaluation shards) is returned as it is: `collate` batches it.
+        """
+        if isinstance(idx, int):
+            return idx
         feats: dict[str, EncoderOutput] = {}
         for m, table in self.tables.items():
             if m in self.pooled:
@@ -170,11 +181,6 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         return (self.n + self.batch_size - 1) // self.batch_size
 
 
-def _as_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """`collate_fn` of a `CachedRows` loader: the dataset already returns whole batches."""
-    return batch
-
-
 def cached_loader(
     model: MultiTaskModel, records: list[Record], split: str, features: Features, options: LoaderOptions
 ) -> DataLoader:
@@ -190,7 +196,7 @@ def cached_loader(
         dataset,
         sampler=IndexBatchSampler(len(records), batch_size, shuffle=train, seed=options.seed),
         batch_size=None,  # the sampler yields whole batches
-        collate_fn=_as_batch,
+        collate_fn=dataset.collate,
         num_workers=0,  # batches are gathered from memory: workers would only add overhead
         pin_memory=torch.cuda.is_available(),
     )
