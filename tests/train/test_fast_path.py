@@ -108,3 +108,14 @@ def test_the_line_progress_is_chosen_only_off_a_terminal(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(run_mod.sys, "stderr", Tty())
     assert isinstance(run_mod.progress_callback(), TQDMProgressBar)
+
+
+def test_the_order_is_drawn_after_set_epoch(prepared) -> None:
+    """Lightning creates the epoch's iterator before calling set_epoch (on resume that is the order that counts)."""
+    run, feats = prepared
+    loader = make_loader(run.model, run.splits["train"], "train", feats, run.loader_options)
+    it = iter(loader)
+    loader.sampler.set_epoch(2)
+    g = torch.Generator().manual_seed(run.loader_options.seed * 100_003 + 2)
+    expected = torch.randperm(len(run.splits["train"]), generator=g)[: run.loader_options.batch_size]
+    assert torch.equal(next(it)["index"], expected)

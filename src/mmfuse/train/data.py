@@ -170,12 +170,14 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        # A generator: the order is drawn at the first batch, after Lightning's `set_epoch` (it creates the
+        # epoch's iterator before calling `set_epoch`, which matters on resume).
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
-        return iter(order.split(self.batch_size))
+        yield from order.split(self.batch_size)
 
     def __len__(self) -> int:
         return (self.n + self.batch_size - 1) // self.batch_size
