@@ -179,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _quiet_lightning(args)
     from mmfuse.bench import run_mtl_bench
 
     out = Path(args.out) if args.out else Path("runs") / f"bench-mtl-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -189,9 +190,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_lightning(args: argparse.Namespace) -> None:
+    """Import Lightning (only commands that train or evaluate need it) and keep its info lines out, unless -v."""
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: override them after)
+
+    if not args.verbose:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mmfuse.config import load_config
-    from mmfuse.train.run import train
 
     overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
     if args.resume:
@@ -201,6 +210,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else _default_run_dir(cfg.name)
+    _quiet_lightning(args)  # after the config is read: a config error answers before the heavy imports
+    from mmfuse.train.run import train
+
     summary = train(cfg, out, resume=args.resume)
     if summary.get("world_size", 1) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
         return 0
@@ -229,6 +241,7 @@ def _default_run_dir(name: str) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    _quiet_lightning(args)
     from mmfuse.train.run import evaluate
 
     overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
@@ -412,20 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        if args.command in ("train", "evaluate", "bench"):
-            import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: override them after)
-
-            for name in ("lightning.pytorch", "lightning.fabric"):
-                logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported (lazily)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from mmfuse.config import ConfigError
-    from mmfuse.data.records import DataError
-    from mmfuse.train.errors import NonFiniteError
-
     handlers: dict[str, Any] = {
         "train": cmd_train,
         "evaluate": cmd_evaluate,
@@ -437,22 +439,35 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, _UsageError, FileNotFoundError) as err:
+    except _UsageError as err:
         _error(args.command, err)
         return 2
-    except NonFiniteError as err:  # training diverged: the last good checkpoint is kept
-        _error(args.command, err)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
-        return 130
-    except Exception as err:  # a bug, not bad input: one line and a failing exit, the traceback with -v
+    except Exception as err:
+        if _is(err, "mmfuse.config", "ConfigError") or _is(err, "mmfuse.data.records", "DataError"):
+            _error(args.command, err)
+            return 2
+        if isinstance(err, FileNotFoundError):
+            _error(args.command, err)
+            return 2
+        if _is(err, "mmfuse.train.errors", "NonFiniteError"):  # training diverged: the last good checkpoint is kept
+            _error(args.command, err)
+            return 1
         if args.verbose:
             raise
         print(
             f"mmfuse {args.command}: internal error: {_one_line(err)} (run with -v for the traceback)", file=sys.stderr
         )
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+def _is(err: BaseException, module: str, name: str) -> bool:
+    """Whether `err` is a `module.name`, without importing `module` (an error of it implies it is imported)."""
+    mod = sys.modules.get(module)
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls is not None and isinstance(err, cls)
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:

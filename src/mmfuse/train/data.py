@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmfuse.builders import LoaderOptions
 from mmfuse.config import ConfigError
 from mmfuse.data.cache import FeatureCache, FeatureTable
 from mmfuse.data.collate import Collator
-from mmfuse.data.dataset import MultiModalDataset, validate_records
+from mmfuse.data.dataset import MultiModalDataset, encode_labels, validate_records
 from mmfuse.data.records import Record
+from mmfuse.encoders.base import EncoderOutput
 from mmfuse.model import MultiTaskModel
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,121 @@ class CachedCollator:
             idx = batch["index"]
             batch["features"] = {m: t.gather(self.rows[m][idx]) for m, t in self.tables.items()}
         return batch
+
+
+class CachedRows(Dataset):
+    """A split whose every input is a cached feature: `dataset[idx]` is a whole batch, gathered with one
+    `index_select` per tensor. Labels and masks are collated once for the split, so a batch costs no
+    per-sample Python work (no `__getitem__` per record, no collation of lists).
+
+    Args:
+        labels / masks: {task: (N, ...) collated labels, (N,) bool}.
+        tables: {modality: FeatureTable}; rows: {modality: (N,) long, the table row of each record}.
+    """
+
+    def __init__(
+        self,
+        labels: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor],
+        tables: Mapping[str, FeatureTable],
+        rows: Mapping[str, torch.Tensor],
+    ) -> None:
+        self.labels, self.masks, self.tables = labels, masks, dict(tables)
+        self.n = len(next(iter(masks.values()))) if masks else len(next(iter(rows.values())))
+        # Pooled-only tables: each record's row in one (N_distinct, D) tensor (a view of a single shard).
+        self.pooled: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows = {m: rows[m] for m in self.tables}
+        for m, table in self.tables.items():
+            if not table.has_tokens and table.shards:
+                flat = _flat_pooled(table)
+                sizes = torch.tensor([0] + [len(s["pooled"]) for s in table.shards[:-1]]).cumsum(0)
+                loc = table.loc[rows[m]]  # (N, 2): (shard, row)
+                self.pooled[m] = (flat, sizes[loc[:, 0]] + loc[:, 1])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def collate(self, items: dict[str, Any] | list[int]) -> dict[str, Any]:
+        """`collate_fn`: a whole batch passes through; a list of record positions is gathered as one."""
+        if isinstance(items, dict):
+            return items
+        return self[torch.tensor(items, dtype=torch.long)]  # type: ignore[return-value]
+
+    def __getitem__(self, idx: torch.Tensor | int) -> dict[str, Any] | int:
+        """idx: (B,) long record positions -> the batch (the same keys as `Collator` + `CachedCollator`).
+
+        An int (a per-record sampler, e.g. the DDP evaluation shards) is returned as it is: `collate` batches it.
+        """
+        if isinstance(idx, int):
+            return idx
+        feats: dict[str, EncoderOutput] = {}
+        for m, table in self.tables.items():
+            if m in self.pooled:
+                flat, at = self.pooled[m]
+                feats[m] = EncoderOutput(flat.index_select(0, at.index_select(0, idx)))
+            else:
+                feats[m] = table.gather(self.rows[m].index_select(0, idx))
+        return {
+            "index": idx,
+            "inputs": {},
+            "absent": {},
+            "labels": {t: v.index_select(0, idx) for t, v in self.labels.items()},
+            "masks": {t: v.index_select(0, idx) for t, v in self.masks.items()},
+            "features": feats,
+        }
+
+
+def _flat_pooled(table: FeatureTable) -> torch.Tensor:
+    """All pooled rows of a table in shard order: the shard itself when there is one (no copy)."""
+    if len(table.shards) == 1:
+        return table.shards[0]["pooled"]
+    return torch.cat([s["pooled"] for s in table.shards])
+
+
+class IndexBatchSampler(Sampler[torch.Tensor]):
+    """Batches of record positions as (B,) long tensors: shuffled by (seed, epoch) exactly as
+    `EpochShuffleSampler` + a `batch_size` DataLoader (so the batches, and a resumed run, are the same),
+    or in order."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed, self.epoch = n, batch_size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        # A generator: the order is drawn at the first batch, after Lightning's `set_epoch` (it creates the
+        # epoch's iterator before calling `set_epoch`, which matters on resume).
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        yield from order.split(self.batch_size)
+
+    def __len__(self) -> int:
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+
+def cached_loader(
+    model: MultiTaskModel, records: list[Record], split: str, features: Features, options: LoaderOptions
+) -> DataLoader:
+    """The loader of a split whose inputs all come from the feature cache (single process)."""
+    encoded = [encode_labels(r, model.tasks) for r in records]
+    labels, masks = {}, {}
+    for name, task in model.tasks.items():
+        labels[name], masks[name] = task.collate([e[name] for e in encoded])
+    dataset = CachedRows(labels, masks, features.tables, features.rows.get(split, {}))
+    train = split == "train"
+    batch_size = options.batch_size if train else options.eval_batch_size
+    return DataLoader(
+        dataset,
+        sampler=IndexBatchSampler(len(records), batch_size, shuffle=train, seed=options.seed),
+        batch_size=None,  # the sampler yields whole batches
+        collate_fn=dataset.collate,
+        num_workers=0,  # batches are gathered from memory: workers would only add overhead
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -167,9 +283,15 @@ def make_loader(
     options: LoaderOptions,
     distributed: bool = False,
 ) -> DataLoader:
-    """A DataLoader of one split: uncached inputs loaded by their encoders, cached ones gathered by row."""
+    """A DataLoader of one split: uncached inputs loaded by their encoders, cached ones gathered by row.
+
+    When every input is cached (frozen encoders) and the run is single-process, the split is served by
+    `cached_loader`: whole batches by index, no per-record work.
+    """
     cached = set(features.tables)
     uncached = [m for m in model.encoders if m not in cached]
+    if not uncached and not distributed and records and options.num_workers in (None, 0):
+        return cached_loader(model, records, split, features, options)
     encoders = {m: model.encoders[m] for m in uncached}
     train = split == "train"
     dataset = MultiModalDataset(records, model.tasks, encoders, train=train)

@@ -83,7 +83,7 @@ class MMFuseModule(L.LightningModule):
             self.unimodal = nn.ModuleDict(
                 {f"{split}_{m}": task.metrics()["accuracy"] for split in ("val", "test") for m in model.modalities}
             )
-        self._epoch_losses: dict[str, list[float]] = defaultdict(list)
+        self._epoch_losses: torch.Tensor | None = None  # (2, T) float64: per task, the sum of step losses, steps
         self._balance_logs: dict[str, list[float]] = defaultdict(list)
         for metric in self.modules():  # they only ever see rows already gathered from every rank (_eval_epoch_end)
             if isinstance(metric, torchmetrics.Metric):
@@ -106,7 +106,7 @@ class MMFuseModule(L.LightningModule):
         return [p for m in (self.model.encoders, self.model.fusion) for p in m.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         opt, sched = self.optimizers(), self.lr_schedulers()
         n, self._batch_idx = len(batch["index"]), batch_idx
         absent = (
@@ -130,15 +130,29 @@ class MMFuseModule(L.LightningModule):
         with self._balanced_lr(opt):
             opt.step()  # -> on_before_optimizer_step: unscale, clip, non-finite check
         sched.step()
+        self._add_epoch_losses(batch["masks"])
+        if not self._logs_this_step():  # the loggers write every `log_every_n_steps`: log nothing in between
+            return None
         weights = weights or {}
         total = sum(weights.get(t, 1.0) * loss for t, loss in losses.items()).detach()
-        for t, loss in losses.items():
-            if bool(batch["masks"][t].any()):
-                self._epoch_losses[t].append(float(loss.detach()))
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{t}/loss": loss.detach() for t, loss in losses.items()}, batch_size=n)
         self.log_dict({f"train/weight/{t}": float(w) for t, w in weights.items()}, batch_size=n)
         return total
+
+    def _add_epoch_losses(self, masks: dict[str, torch.Tensor]) -> None:
+        """Sum each task's step loss (steps where it has labels) on the device: no host sync per step."""
+        labelled = torch.stack([masks[t].any() for t in self.model.tasks]).to(self._step_losses.device)  # (T,)
+        step = torch.where(labelled, self._step_losses.double(), 0.0)
+        if self._epoch_losses is None:
+            self._epoch_losses = torch.zeros(2, len(labelled), dtype=torch.float64, device=step.device)
+        self._epoch_losses[0] += step
+        self._epoch_losses[1] += labelled
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this step's logged values (every `log_every_n_steps`, and on a stop)."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return connector is None or bool(connector.should_update_logs)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Unscale (16-mixed), clip, and stop on a non-finite loss or gradient norm, before the step is taken."""
@@ -193,7 +207,10 @@ class MMFuseModule(L.LightningModule):
         L.seed_everything(self.seed + 1000 * self.current_epoch + self.global_rank, workers=True, verbose=False)
 
     def on_train_epoch_end(self) -> None:
-        means = {t: sum(v) / len(v) for t, v in self._epoch_losses.items() if v}
+        means = {}
+        if self._epoch_losses is not None:  # one host sync per epoch
+            sums, steps = self._epoch_losses.cpu().tolist()
+            means = {t: s / k for t, s, k in zip(self.model.tasks, sums, steps) if k}
         on_end = getattr(self.weighting, "on_epoch_end", None)
         if on_end is not None:
             on_end(self.current_epoch, means)
@@ -203,7 +220,7 @@ class MMFuseModule(L.LightningModule):
             row = {f"balance/{k}": sum(v) / len(v) for k, v in self._balance_logs.items()}
             for logger in self.loggers:
                 logger.log_metrics({**row, "epoch": self.current_epoch}, step=self.global_step)
-        self._epoch_losses.clear()
+        self._epoch_losses = None
         self._balance_logs.clear()
 
     # ------------------------------------------------------------------ evaluation

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -110,6 +111,40 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return ckpt if ckpt is not None else load_checkpoint(path)
 
 
+class EpochLineProgress(ProgressBar):
+    """Progress for logs (stderr not a terminal): one line per training epoch, never a redrawn bar.
+
+    The line goes to the `mmfuse.train.run` logger (the CLI shows it): epoch, the progress-bar metrics
+    (training loss, validation headline metrics) and the epoch's wall time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled, self._t0 = True, 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        took = time.perf_counter() - self._t0
+        log.info("epoch %d/%d: %s (%.1f s)", trainer.current_epoch + 1, trainer.max_epochs, shown, took)
+
+
+def progress_callback() -> ProgressBar:
+    """A bar on a terminal; one line per epoch when stderr goes to a file or a pipe (CI, batch jobs)."""
+    return TQDMProgressBar(refresh_rate=10) if sys.stderr.isatty() else EpochLineProgress()
+
+
 def build_trainer(
     cfg: RunConfig, run_dir: Path, monitor: str | None, mode: str, resumed: dict[str, Any] | None = None
 ) -> L.Trainer:
@@ -129,7 +164,7 @@ def build_trainer(
     csv_logger = HistoryCSVLogger(run_dir, rows_of(resumed) if resumed else ())
     callbacks: list[Any] = [ckpt, KeepHistory(csv_logger)]
     if t.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(progress_callback())
     # On resume, TensorBoard drops the events of the interrupted epoch (those at or after the checkpoint's step).
     tb = TensorBoardLogger(run_dir, name="logs", version="", purge_step=resumed["global_step"] if resumed else None)
     last = str(run_dir / "checkpoints" / "last.ckpt")
