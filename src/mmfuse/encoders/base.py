@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmfuse.assets import module_sha256
 from mmfuse.registry import Registry
 
 ENCODERS: Registry[type[Encoder]] = Registry("encoder")
@@ -285,8 +286,13 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def weights_identity(self) -> str:
-        """Names the weights: a file's content hash, or "random:<hash of the state>" for random init."""
-        raise NotImplementedError
+        """Names the weights: a file's content hash, or "random:<hash of the state>" for random init.
+
+        The default is the latter, for encoders whose weights never come from a file.
+        """
+        if self._weights_id is None:
+            self._weights_id = "random:" + module_sha256(self)
+        return self._weights_id
 
     @property
     def rebuilt_from_config(self) -> bool:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmfuse.assets import module_sha256
 from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError, hash_file, hash_value
 
 VectorRef = str | tuple[float, ...]  # an absolute .npy path, or the vector's values
@@ -193,11 +192,6 @@ class EmbeddingEncoder(Encoder):
         """(B, E) vectors -> pooled (B, D) and one token (B, 1, D)."""
         pooled = self.norm(self.proj(inputs))  # (B, D)
         return EncoderOutput(pooled=pooled, tokens=pooled.unsqueeze(1))
-
-    def weights_identity(self) -> str:
-        if self._weights_id is None:
-            self._weights_id = "random:" + module_sha256(self)
-        return self._weights_id
 
     def cache_key(self) -> str:
         """Class, sizes, projection, normalisation and the weights' hash."""

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmfuse.assets import module_sha256
 from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError
 
 MISSING, UNKNOWN, FIRST = 0, 1, 2  # categorical indices: missing cell, unseen value, first vocabulary entry
@@ -308,11 +307,6 @@ class TabularEncoder(Encoder):
         cls = self.cls.expand(tokens.shape[0], 1, -1)  # (B, 1, D)
         out = self.norm(self.transformer(torch.cat([cls, tokens], dim=1)))  # (B, 1 + N + C, D)
         return EncoderOutput(pooled=out[:, 0], tokens=out)
-
-    def weights_identity(self) -> str:
-        if self._weights_id is None:
-            self._weights_id = "random:" + module_sha256(self)
-        return self._weights_id
 
     def cache_key(self) -> str:
         """Class, columns with their statistics and vocabularies, architecture and the weights' hash."""

@@ -14,7 +14,7 @@ only ever see those rows, so a masked label of any value (even NaN) changes noth
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -147,6 +147,24 @@ def require_classes(task: Task, minimum: int) -> list[str]:
     if len(set(task.classes)) != len(task.classes):
         raise ValueError(f"task {task.name!r} has duplicate classes")
     return task.classes
+
+
+def fit_classes(
+    labels: Sequence[Any], options: dict[str, Any], names_of: Callable[[Any], Iterable[str]]
+) -> dict[str, Any]:
+    """{"classes": the sorted distinct names `names_of` finds in the labels} unless the config names them.
+
+    Labels that `names_of` refuses are skipped: validation names their file and row.
+    """
+    if options.get("classes") is not None:
+        return {}
+    names: set[str] = set()
+    for raw in labels:
+        try:
+            names.update(names_of(raw))
+        except LabelError:
+            continue
+    return {"classes": sorted(names)}
 
 
 def class_name(raw: Any) -> str:

@@ -15,6 +15,7 @@ from mmfuse.tasks.base import (
     Task,
     class_name,
     describe_classes,
+    fit_classes,
     format_top,
     require_classes,
 )
@@ -43,15 +44,7 @@ class MulticlassTask(Task):
     @classmethod
     def fit(cls, labels: Sequence[Any], options: dict[str, Any]) -> dict[str, Any]:
         """{"classes": the sorted distinct label names} unless the config names the classes."""
-        if options.get("classes") is not None:
-            return {}
-        names = set()
-        for raw in labels:
-            try:
-                names.add(class_name(raw))
-            except LabelError:
-                continue  # refused with its file and row by validation
-        return {"classes": sorted(names)}
+        return fit_classes(labels, options, lambda raw: [class_name(raw)])
 
     @property
     def out_dim(self) -> int:

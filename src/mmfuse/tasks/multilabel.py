@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from mmfuse.tasks.base import TASK_KINDS, LabelError, Task, class_name, describe_classes, format_top, require_classes
+from mmfuse.tasks.base import (
+    TASK_KINDS,
+    LabelError,
+    Task,
+    class_name,
+    describe_classes,
+    fit_classes,
+    format_top,
+    require_classes,
+)
 
 
 def label_names(raw: Any) -> list[str]:
@@ -48,15 +57,7 @@ class MultilabelTask(Task):
     @classmethod
     def fit(cls, labels: Sequence[Any], options: dict[str, Any]) -> dict[str, Any]:
         """{"classes": the sorted distinct label names} unless the config names the classes."""
-        if options.get("classes") is not None:
-            return {}
-        names: set[str] = set()
-        for raw in labels:
-            try:
-                names.update(label_names(raw))
-            except LabelError:
-                continue  # refused with its file and row by validation
-        return {"classes": sorted(names)}
+        return fit_classes(labels, options, label_names)
 
     @property
     def out_dim(self) -> int:
