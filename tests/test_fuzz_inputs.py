@@ -409,7 +409,7 @@ def mutated_config(draw: st.DrawFn) -> dict[str, Any]:
         elif action == "name":
             where = draw(st.sampled_from(["tasks", "encoders", "run"]))
             name = draw(st.sampled_from(NAMES) | st.text(max_size=8))
-            if where == "tasks":
+            if where == "tasks" and isinstance(cfg.get("tasks"), dict):
                 cfg["tasks"][name] = cfg["tasks"].pop("color", {"kind": "multiclass"})
             elif where == "encoders" and isinstance(cfg.get("model"), dict):
                 encoders = cfg["model"].get("encoders")

@@ -223,7 +223,13 @@ def test_limits_on_size_and_form(url: str, server: Server) -> None:
     big = json.dumps({"text": "x" * 300_000}).encode()
     status, reply = call("POST", url + "/predict", big, {"Content-Type": "application/json"})
     assert status == 413 and "limit of 200,000 bytes" in reply["error"]
-    chunks = iter([b'{"text": "', b"x" * 150_000, b"x" * 150_000, b'"}'])  # no Content-Length: chunked
+
+    def chunks_slowly() -> Any:  # no Content-Length: chunked; the pause lets the server answer mid-upload
+        yield from (b'{"text": "', b"x" * 150_000, b"x" * 150_000)
+        time.sleep(0.3)
+        yield b'"}'
+
+    chunks = chunks_slowly()
     status, reply = call("POST", url + "/predict", chunks, {"Content-Type": "application/json"})
     assert status == 413 and "over the limit" in reply["error"]
     for body, kind, code in (

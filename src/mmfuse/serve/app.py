@@ -77,6 +77,22 @@ class Service:
         return {**head, "queued_records": self.batcher.queued_records, **self.batcher.stats.snapshot()}
 
 
+async def _drain(request: Request, budget: int) -> None:
+    """Read and drop up to `budget` more body bytes, so that a client still sending sees the reply.
+
+    A server that answers 413 and closes while the client is mid-upload makes the client's TCP
+    stack reset the connection, and most clients then report "connection reset" instead of the
+    413. Reading a bounded remainder avoids that; a larger body is cut off after `budget`.
+    """
+    try:
+        async for chunk in request.stream():
+            budget -= len(chunk)
+            if budget < 0:
+                return
+    except Exception:  # the client went away: nothing more to read
+        return
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to be over `limit` bytes."""
     declared = request.headers.get("content-length")
@@ -84,11 +100,13 @@ async def read_body(request: Request, limit: int) -> bytes:
         if not declared.isdigit():
             raise RequestError(400, "the Content-Length header is not a number")
         if int(declared) > limit:
+            await _drain(request, 4 * limit)
             raise RequestError(413, f"the body ({int(declared):,} bytes) is over the limit of {limit:,} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
+            await _drain(request, 4 * limit)
             raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
