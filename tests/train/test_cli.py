@@ -332,3 +332,15 @@ def test_predict_does_not_import_the_trainer() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_balancer_with_nothing_to_act_on_is_refused_before_any_feature_is_encoded(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # both encoders frozen and concat without adapters: no parameter belongs to one modality alone
+    cfg = write_cfg(tmp_path / "cfg.yaml", data, balance={"name": "ogm_ge"})
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.balance: ogm_ge has nothing to act on" in err[0], err
+    cache = tmp_path / "feature-cache"
+    assert not cache.exists() or not any(cache.rglob("*.safetensors")), "features were encoded before the refusal"

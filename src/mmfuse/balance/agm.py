@@ -96,7 +96,7 @@ class AGM(OGMGE):
     ) -> dict[str, float]:
         self.ensure_setup(model)
         losses, count = self.mono_losses(model, out, labels[self.task], masks[self.task])
-        active = model.training and self.start_epoch <= epoch < self.end_epoch and count > 0
+        active = self.active(model, epoch, count)
         running = self.running.to(losses)
         coeffs, ratios = agm_coefficients(losses, running, self.alpha, self.max_coeff)
         if model.training and count > 0:

@@ -115,6 +115,10 @@ class OGMGE(Balancer):
             self.build_probes(model, self.task)
         logger.info("ogm_ge scores task %r with %s", self.task, "exact logits" if exact else "linear probes")
 
+    def active(self, model: MultiTaskModel, epoch: int, count: int) -> bool:
+        """Whether this step is modulated: training, inside [start_epoch, end_epoch), with scored rows."""
+        return model.training and self.start_epoch <= epoch < self.end_epoch and count > 0
+
     def modulate(
         self,
         model: MultiTaskModel,
@@ -126,7 +130,7 @@ class OGMGE(Balancer):
         self.ensure_setup(model)
         scores, count = self.scores(model, out, labels[self.task], masks[self.task])
         coeffs, ratios = ogm_coefficients(scores, self.alpha)
-        active = model.training and self.start_epoch <= epoch < self.end_epoch and count > 0
+        active = self.active(model, epoch, count)
         if active and self.noise:
             for m in self.modalities:
                 self.add_noise(modality_parameters(model, m))

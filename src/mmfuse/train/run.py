@@ -219,6 +219,8 @@ class Run:
         t0 = time.perf_counter()
         tasks = build_tasks(self.cfg.tasks)
         self.model = model if model is not None else build_model_from(self.cfg.model, tasks, data.encoders)
+        # Built here, before any feature is encoded, so that a balancer with nothing to act on is refused at once.
+        self.balancer = build_balancer(self.cfg.train.balance, self.model)
         self.timings["build_model"] = time.perf_counter() - t0
 
     def prepare(self) -> Features:
@@ -237,7 +239,7 @@ class Run:
         return MMFuseModule(
             self.model,
             build_weighting(t.weighting, self.model.tasks),
-            build_balancer(t.balance, self.model),
+            self.balancer,
             lr=t.lr,
             encoder_lr=t.encoder_lr,
             weight_decay=t.weight_decay,
