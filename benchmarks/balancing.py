@@ -43,31 +43,47 @@ FROZEN_IMAGE = "{name: timm, model: tf_efficientnet_lite0, weights: packaged, im
 SETTINGS: dict[str, list[str]] = {
     "evqa_frozen": [
         "src/mmfuse/configs/easy_vqa.yaml",
-        "--set", "tasks={answer: {kind: multiclass}}",
-        "--set", "model.fusion={name: film, output_dim: 512, condition_on: text, adapters: true}",
-        "--set", "train.max_epochs=3",
+        "--set",
+        "tasks={answer: {kind: multiclass}}",
+        "--set",
+        "model.fusion={name: film, output_dim: 512, condition_on: text, adapters: true}",
+        "--set",
+        "train.max_epochs=3",
     ],
     "evqa_train": [
         "src/mmfuse/configs/easy_vqa_ogm_ge.yaml",
-        "--set", "model.encoders.image.image_size=32",
-        "--set", "data.limit=6000",
-        "--set", "train.max_epochs=4",
+        "--set",
+        "model.encoders.image.image_size=32",
+        "--set",
+        "data.limit=6000",
+        "--set",
+        "train.max_epochs=4",
     ],
     "rel_frozen": [
         "configs/relations.yaml",
-        "--set", "tasks={answer: {kind: multiclass}}",
-        "--set", "model.fusion={name: film, output_dim: 512, condition_on: text, adapters: true}",
+        "--set",
+        "tasks={answer: {kind: multiclass}}",
+        "--set",
+        "model.fusion={name: film, output_dim: 512, condition_on: text, adapters: true}",
     ],
     "rel_train": [
         "configs/relations.yaml",
-        "--set", "tasks={answer: {kind: multiclass}}",
-        "--set", "model.encoders.image={name: torchvision, model: resnet18, image_size: 64}",
-        "--set", "model.fusion={name: film, output_dim: 256, condition_on: text, adapters: true}",
-        "--set", "data.limit=6000",
-        "--set", "data.batch_size=64",
-        "--set", "train.max_epochs=4",
-        "--set", "train.lr=0.001",
-        "--set", "train.encoder_lr=0.001",
+        "--set",
+        "tasks={answer: {kind: multiclass}}",
+        "--set",
+        "model.encoders.image={name: torchvision, model: resnet18, image_size: 64}",
+        "--set",
+        "model.fusion={name: film, output_dim: 256, condition_on: text, adapters: true}",
+        "--set",
+        "data.limit=6000",
+        "--set",
+        "data.batch_size=64",
+        "--set",
+        "train.max_epochs=4",
+        "--set",
+        "train.lr=0.001",
+        "--set",
+        "train.encoder_lr=0.001",
     ],
 }
 METHODS: dict[str, str] = {
@@ -141,7 +157,8 @@ def summarise(root: Path, table: Path | None, out_json: Path | None, plots: Path
             if runs:
                 results.setdefault(setting, {})[method] = [read_run(r.parent) | {"run": str(r.parent)} for r in runs]
     lines = [
-        "| setting | method | seeds | answer accuracy (%) | image probe (%) | text probe (%) | mean k image | mean k text |",
+        "| setting | method | seeds | answer accuracy (%) | image probe (%) | text probe (%) "
+        "| mean k image | mean k text |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for setting, methods in results.items():
@@ -158,8 +175,10 @@ def summarise(root: Path, table: Path | None, out_json: Path | None, plots: Path
         table.write_text(text)
     if out_json:
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        slim = {s: {m: [{k: v for k, v in r.items() if k != "coef"} for r in rs] for m, rs in ms.items()}
-                for s, ms in results.items()}
+        slim = {
+            s: {m: [{k: v for k, v in r.items() if k != "coef"} for r in rs] for m, rs in ms.items()}
+            for s, ms in results.items()
+        }
         out_json.write_text(json.dumps(slim, indent=1) + "\n")
     if plots:
         draw(results, plots)
