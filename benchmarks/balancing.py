@@ -15,8 +15,8 @@ which is not additive in the modalities, and only the `answer` task, which the b
   the balancers act on the image encoder + its adapter and on the text side's FiLM generator. 6,000 records,
   4 epochs (a budget that fits a 2-core CPU).
 - `rel_frozen` / `rel_train`: the same two on the relations set (`python -m mmfuse.data.relations --out
-  data/relations` first), where the image carries what the question asks about; `rel_frozen` uses 16,000
-  records and 6 epochs, `rel_train` 64 px, 6,000 records and 4 epochs.
+  data/relations` first), where the image carries what the question asks about; `rel_frozen` uses 8,000
+  records and 4 epochs, `rel_train` 64 px, 6,000 records and 4 epochs.
 
 Methods: `none` (OGM-GE with alpha 0 and no noise: k = 1 always, the same linear probes logged, so the
 baseline differs from the others only in the modulation), `ogm0.1`, `ogm0.5`, `ogm0.8` (OGM-GE with GE
@@ -54,7 +54,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     ),
     "rel_frozen": (
         "configs/relations.yaml",
-        ["tasks={answer: {kind: multiclass}}", FILM, "data.limit=16000", "train.max_epochs=6"],
+        ["tasks={answer: {kind: multiclass}}", FILM, "data.limit=8000", "train.max_epochs=4"],
     ),
     "rel_train": (
         "configs/relations.yaml",
