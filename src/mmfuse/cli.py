@@ -74,7 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument(
-        "--drop", action="append", default=[], metavar="MODALITY", help="evaluate with this modality absent (repeatable)"
+        "--drop",
+        action="append",
+        default=[],
+        metavar="MODALITY",
+        help="evaluate with this modality absent (repeatable)",
     )
     e.add_argument(
         "--corrupt",

@@ -72,7 +72,9 @@ def test_blur_spreads_an_impulse_by_its_severity() -> None:
     sigma = np.sqrt((w * (xs - 50) ** 2).sum())  # the blurred impulse's standard deviation along x
     assert sigma == pytest.approx(severity * BLUR_MAX_FRACTION * size, rel=0.15)
     img = Image.fromarray(arr)
-    assert np.array_equal(np.asarray(gaussian_blur(img, severity, rng(7))), np.asarray(gaussian_blur(img, severity, rng(0))))
+    assert np.array_equal(
+        np.asarray(gaussian_blur(img, severity, rng(7))), np.asarray(gaussian_blur(img, severity, rng(0)))
+    )
     wider = np.asarray(gaussian_blur(img, 1.0, rng()), dtype=np.float64)[..., 0]
     assert wider.max() < out.max()  # a higher severity spreads the impulse further
 

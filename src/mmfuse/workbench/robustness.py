@@ -74,7 +74,9 @@ def curve_figures(
     """
     if not curves:
         return {}
-    base = baseline if baseline is not None else (DEFAULT_BASELINE if DEFAULT_BASELINE in curves else next(iter(curves)))
+    base = (
+        baseline if baseline is not None else (DEFAULT_BASELINE if DEFAULT_BASELINE in curves else next(iter(curves)))
+    )
     if base not in curves:
         raise ValueError(f"baseline {base!r} is not one of the methods ({', '.join(curves)})")
     out: dict[str, dict[str, float | None]] = {}
@@ -137,7 +139,9 @@ def robustness(curves: Mapping[str, Any], baseline: str | None = None) -> dict:
     for modality, kind in keys:
         metrics = dict.fromkeys(m for c in per_method.values() for m in c.get((modality, kind), {}))
         for metric in metrics:
-            group = {n: c[(modality, kind)][metric] for n, c in per_method.items() if metric in c.get((modality, kind), {})}
+            group = {
+                n: c[(modality, kind)][metric] for n, c in per_method.items() if metric in c.get((modality, kind), {})
+            }
             base = baseline if baseline in group else None
             if baseline is not None and base is None:
                 continue  # no baseline curve for this metric: nothing to compare against

@@ -214,7 +214,9 @@ class Stress:
         was_training, _ = enc.training, enc.eval()
         pooled, tokens, lengths = [], [], []
         for start in range(0, len(distinct), ENCODE_BATCH):
-            items = [enc.preprocess(self.corrupt_raw(enc, ref, chain)) for ref in distinct[start : start + ENCODE_BATCH]]
+            items = [
+                enc.preprocess(self.corrupt_raw(enc, ref, chain)) for ref in distinct[start : start + ENCODE_BATCH]
+            ]
             out = enc(move_to(enc.collate(items), device))
             pooled.append(out.pooled.float().cpu())
             if keep_tokens:
@@ -295,7 +297,9 @@ def sweep(
     """
     stress = Stress(run_dir, split, limit=limit, seed=seed)
     grid = kinds if kinds is not None else {m: stress.kinds(m) for m in stress.model.encoders}
-    conditions = [stress.check(Condition(m, k, float(s), "sweep")) for m, ks in grid.items() for k in ks for s in severities]
+    conditions = [
+        stress.check(Condition(m, k, float(s), "sweep")) for m, ks in grid.items() for k in ks for s in severities
+    ]
     clean = flat(stress.evaluate())
     out = []
     for c in conditions:
