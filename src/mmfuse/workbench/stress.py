@@ -211,7 +211,8 @@ class Stress:
         missing = torch.tensor([r is None for r in refs], dtype=torch.bool)
         keep_tokens = self.model.fusion.needs_tokens and enc.has_tokens
         device = next((p.device for p in enc.parameters()), torch.device("cpu"))
-        was_training, _ = enc.training, enc.eval()
+        was_training = enc.training
+        enc.eval()
         pooled, tokens, lengths = [], [], []
         for start in range(0, len(distinct), ENCODE_BATCH):
             items = [
