@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODALITY=KIND:SEVERITY",
         help="corrupt a modality's raw inputs before encoding, e.g. image=noise:0.1 (repeatable: applied together)",
     )
-    e.add_argument("--seed", type=int, default=0, help="seed of the corruption draws (default 0)")
+    e.add_argument("--seed", type=int, help="seed of the corruption draws (default 0)")
 
     pr = sub.add_parser(
         "predict",
@@ -263,13 +263,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmfuse.train.run import evaluate
 
     overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
+    if args.seed is not None and not (args.drop or args.corrupt):
+        raise _usage("--seed only acts with --drop or --corrupt")
     if args.drop or args.corrupt:
         from mmfuse.workbench.stress import Stress, drop_condition, parse_condition
 
+        seed = args.seed if args.seed is not None else 0
         conditions = [drop_condition(m) for m in args.drop] + [parse_condition(c) for c in args.corrupt]
-        table = Stress(args.run, args.split, overrides, seed=args.seed, conditions=conditions).evaluate(conditions)
+        table = Stress(args.run, args.split, overrides, seed=seed, conditions=conditions).evaluate(conditions)
         if not args.json:
-            print("condition: " + ", ".join(f"{c.option} {c}" for c in conditions) + f" (seed {args.seed})")
+            print("condition: " + ", ".join(f"{c.option} {c}" for c in conditions) + f" (seed {seed})")
     else:
         table = evaluate(args.run, args.split, overrides)
     print(json.dumps(table, indent=2) if args.json else _table(table))

@@ -161,6 +161,7 @@ def test_cli_drop_and_corrupt(trained: Path, stress: Stress, capsys: pytest.Capt
         (["--corrupt", "image=word_dropout:0.5"], "'word_dropout' does not apply to 'image'"),
         (["--corrupt", "image:noise=0.1"], "expected MODALITY=KIND:SEVERITY"),
         (["--corrupt", "image=noise:high"], "severity 'high' is not a number"),
+        (["--seed", "3"], "--seed only acts with --drop or --corrupt"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(trained: Path, capsys, args: list[str], message: str) -> None:
