@@ -57,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
         "evaluate",
         help="per-task metrics of a finished run",
         formatter_class=fmt,
-        epilog="examples:\n  mmfuse evaluate runs/easy_vqa\n  mmfuse evaluate runs/easy_vqa --split val --json",
+        epilog="examples:\n  mmfuse evaluate runs/easy_vqa\n  mmfuse evaluate runs/easy_vqa --split val --json\n"
+        "  mmfuse evaluate runs/easy_vqa --drop image                      # the image absent from every record\n"
+        "  mmfuse evaluate runs/easy_vqa --corrupt image=noise:0.1 --corrupt text=word_dropout:0.5 --seed 1\n"
+        "corruption kinds (severity in [0, 1]): image noise, blur, occlude; text word_dropout, shuffle; any absent",
     )
     e.add_argument("run", help="run directory (holds config.yaml and model.safetensors)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split (default: test)")
@@ -70,6 +73,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="MODALITY",
+        help="evaluate with this modality absent (repeatable)",
+    )
+    e.add_argument(
+        "--corrupt",
+        action="append",
+        default=[],
+        metavar="MODALITY=KIND:SEVERITY",
+        help="corrupt a modality's raw inputs before encoding, e.g. image=noise:0.1 (repeatable: applied together)",
+    )
+    e.add_argument("--seed", type=int, help="seed of the corruption draws (default 0)")
 
     pr = sub.add_parser(
         "predict",
@@ -245,7 +263,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmfuse.train.run import evaluate
 
     overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
-    table = evaluate(args.run, args.split, overrides)
+    if args.seed is not None and not (args.drop or args.corrupt):
+        raise _usage("--seed only acts with --drop or --corrupt")
+    if args.drop or args.corrupt:
+        from mmfuse.workbench.stress import Stress, drop_condition, parse_condition
+
+        seed = args.seed if args.seed is not None else 0
+        conditions = [drop_condition(m) for m in args.drop] + [parse_condition(c) for c in args.corrupt]
+        table = Stress(args.run, args.split, overrides, seed=seed, conditions=conditions).evaluate(conditions)
+        if not args.json:
+            print("condition: " + ", ".join(f"{c.option} {c}" for c in conditions) + f" (seed {seed})")
+    else:
+        table = evaluate(args.run, args.split, overrides)
     print(json.dumps(table, indent=2) if args.json else _table(table))
     return 0
 
