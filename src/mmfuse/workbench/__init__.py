@@ -1,0 +1,1 @@
+"""The fusion workbench: compare, stress-test and explain fusions on your own data."""
