@@ -214,9 +214,7 @@ def captum_terms(
     try:
         from captum.attr import FeatureAblation, IntegratedGradients
     except ImportError:
-        raise NeedsCaptum(
-            f"attribution {method!r} needs captum (pip install 'mmfuse[explain]')"
-        ) from None
+        raise NeedsCaptum(f"attribution {method!r} needs captum (pip install 'mmfuse[explain]')") from None
     forward = _head_of_features(model, features, task, c, _parts(features))
     parts = _used_parts(forward, features, _parts(features))  # captum needs every input it is given to be used
     if not parts:  # the output reads no feature: nothing to attribute
@@ -274,7 +272,9 @@ def _head_of_features(
     return forward
 
 
-def _used_parts(forward: Any, features: dict[str, EncoderOutput], parts: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _used_parts(
+    forward: Any, features: dict[str, EncoderOutput], parts: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
     """The feature tensors that `forward`'s output depends on (one backward pass with `allow_unused`)."""
     xs = tuple(getattr(features[m], p).detach().clone().requires_grad_(True) for m, p in parts)
     with torch.enable_grad():

@@ -59,8 +59,15 @@ def _rows(report: dict[str, Any], images: dict[str, Any]) -> list[tuple[float, l
         rows.append((2.2, [lambda ax: _gate_units(ax, report["gate"]), lambda ax: _gate_hist(ax, report["gate"])]))
     if "film" in report:
         film = report["film"]
-        rows.append((2.2, [lambda ax, k=k: _hist(ax, film[k], f"FiLM {k} ({film['condition_on']} -> {film['target']})")
-                           for k in ("gamma", "beta")]))
+        rows.append(
+            (
+                2.2,
+                [
+                    lambda ax, k=k: _hist(ax, film[k], f"FiLM {k} ({film['condition_on']} -> {film['target']})")
+                    for k in ("gamma", "beta")
+                ],
+            )
+        )
     return rows
 
 
@@ -71,8 +78,13 @@ def _image(ax: Any, modality: str, image: Any, attention: dict[str, Any] | None)
     if attention is not None:
         h, w = attention["grid"]
         weights = np.asarray(attention["weights"], dtype=float).reshape(h, w)
-        ax.imshow(weights, cmap="inferno", alpha=0.5, extent=(-0.5, arr.shape[1] - 0.5, arr.shape[0] - 0.5, -0.5),
-                  interpolation="bilinear" if h * w > 4 else "nearest")
+        ax.imshow(
+            weights,
+            cmap="inferno",
+            alpha=0.5,
+            extent=(-0.5, arr.shape[1] - 0.5, arr.shape[0] - 0.5, -0.5),
+            interpolation="bilinear" if h * w > 4 else "nearest",
+        )
         title += f": attention of {attention['query']} over its {h}x{w} tokens"
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
@@ -115,14 +127,14 @@ def _contributions(ax: Any, contributions: dict[str, Any]) -> None:
     for i, name in enumerate(names):
         values = [c["modalities"][name] if name != "baseline" else c["baseline"] for c in contributions.values()]
         ys = np.arange(len(tasks)) + (i - (len(names) - 1) / 2) * height
-        ax.barh(ys, values, height=height, color=COLORS[i % len(COLORS)] if name != "baseline" else "#bbbbbb",
-                label=name)
+        ax.barh(
+            ys, values, height=height, color=COLORS[i % len(COLORS)] if name != "baseline" else "#bbbbbb", label=name
+        )
     ax.axvline(0, color="#444", linewidth=0.8)
     ax.set_yticks(np.arange(len(tasks)), [f"{t}: {c['output']}" for t, c in contributions.items()], fontsize=8)
     ax.invert_yaxis()
     method = {c["method"] for c in contributions.values()}
-    ax.set_title(f"contribution of each modality to each task's top logit ({', '.join(sorted(method))})",
-                 fontsize=9)
+    ax.set_title(f"contribution of each modality to each task's top logit ({', '.join(sorted(method))})", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.tick_params(axis="x", labelsize=8)
 
@@ -142,8 +154,17 @@ def _words(ax: Any, entry: dict[str, Any]) -> None:
         width = 0.012 * (len(token) + 1.5)
         if x + width > per_line:
             x, y = 0.0, y - 0.35
-        ax.text(x, y, token, fontsize=9, family="monospace", va="center", ha="left", transform=ax.transAxes,
-                bbox={"facecolor": cmap(0.85 * weight / top), "edgecolor": "none", "pad": 1.5})
+        ax.text(
+            x,
+            y,
+            token,
+            fontsize=9,
+            family="monospace",
+            va="center",
+            ha="left",
+            transform=ax.transAxes,
+            bbox={"facecolor": cmap(0.85 * weight / top), "edgecolor": "none", "pad": 1.5},
+        )
         x += width
     ax.set_title(f"attention of {entry['query']} over the {entry['key']} tokens (max {top:.3f})", fontsize=9)
     ax.axis("off")
@@ -168,6 +189,8 @@ def _hist(ax: Any, stats: dict[str, Any], title: str) -> None:
     edges = np.asarray(stats["histogram"]["edges"], dtype=float)
     counts = np.asarray(stats["histogram"]["counts"], dtype=float)
     ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=COLORS[1], edgecolor="white")
-    ax.set_title(f"{title}\nmean {stats['mean']:.3f}, std {stats['std']:.3f}, "
-                 f"min {stats['min']:.3f}, max {stats['max']:.3f}", fontsize=9)
+    ax.set_title(
+        f"{title}\nmean {stats['mean']:.3f}, std {stats['std']:.3f}, min {stats['min']:.3f}, max {stats['max']:.3f}",
+        fontsize=9,
+    )
     ax.tick_params(labelsize=8)
