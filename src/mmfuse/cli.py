@@ -125,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--field", action="append", default=[], metavar="NAME=VALUE", help="an input field of the record (repeatable)"
     )
-    ex.add_argument("--out", default="explain.png", help="the picture (.png); the JSON goes beside it (default explain.png)")
+    ex.add_argument(
+        "--out", default="explain.png", help="the picture (.png); the JSON goes beside it (default explain.png)"
+    )
     ex.add_argument(
         "--attribution",
         default="auto",
@@ -360,7 +362,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         line = explainer.predictor.format({task: {k: v for k, v in pred.items() if k != "kind"}})[0]
         c = explanation.report["contributions"][task]
         parts = ", ".join(f"{m} {v:+.3f}" for m, v in c["modalities"].items())
-        print(f"  {line}\n      {c['output']} logit {c['logit']:.3f}: {parts}, baseline {c['baseline']:+.3f} ({c['method']})")
+        print(f"  {line}\n      {c['output']} logit {c['logit']:.3f}: {parts}, baseline {c['baseline']:+.3f}", end="")
+        print(f" ({c['method']})")
     print(f"wrote {png} and {js} ({explanation.report['seconds']:.2f} s)")
     return 0
 
