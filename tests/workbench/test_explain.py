@@ -245,3 +245,52 @@ def test_bad_input_is_one_line_exit_2(runs, data: Path, tmp_path: Path, capsys, 
     gated = ["explain", str(runs("gated")), "--image", image, "--text", QUESTION, "--out", out]
     assert "needs captum" in _error(capsys, gated)
     assert not Path(out).exists()
+
+
+# ---------------------------------------------------------------------------------------------- POST /explain
+def test_serve_explains_one_record(runs, data: Path) -> None:
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import urllib.error
+    import urllib.request
+
+    from mmfuse.serve import ServeOptions, Server
+
+    run, image = runs("concat"), data.parent / "images" / "2.png"
+    _, local, _ = explain(run, data)
+    server = Server(run, ServeOptions(port=0, device="cpu"))
+    try:
+        url = server.start()
+
+        def post(payload: Any, query: str = "") -> tuple[int, bytes, str]:
+            body = json.dumps(payload).encode()
+            req = urllib.request.Request(url + "/explain" + query, body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as reply:
+                    return reply.status, reply.read(), reply.headers["content-type"]
+            except urllib.error.HTTPError as err:
+                return err.code, err.read(), err.headers["content-type"]
+
+        record = {"image": base64.b64encode(image.read_bytes()).decode(), "text": QUESTION}
+        status, body, _ = post(record)
+        assert status == 200
+        reply = json.loads(body)
+        for task, want in local.report["contributions"].items():  # the same numbers as `mmfuse explain`
+            got = reply["contributions"][task]
+            assert (got["output"], got["method"]) == (want["output"], want["method"])
+            assert got["modalities"] == pytest.approx(want["modalities"], abs=1e-5)
+            assert got["logit"] == pytest.approx(want["logit"], abs=1e-5)
+        assert "inputs" not in reply  # no server upload paths
+        head, _, png = reply["image"].partition(",")
+        assert head == "data:image/png;base64"
+        with Image.open(io.BytesIO(base64.b64decode(png))) as im:
+            assert im.format == "PNG" and im.width > 300
+        status, body, kind = post(record, "?format=png")
+        assert status == 200 and kind == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
+        status, body, _ = post([record, record])
+        assert status == 422 and "one record" in json.loads(body)["error"]
+        status, body, _ = post({"text": QUESTION})
+        assert status == 422 and "no image" in json.loads(body)["error"]
+    finally:
+        server.stop()

@@ -94,8 +94,9 @@ def _image(ax: Any, modality: str, image: Any, attention: dict[str, Any] | None)
 def _predictions(ax: Any, predictions: dict[str, Any], inputs: dict[str, Any]) -> None:
     lines = []
     for m, given in inputs.items():
-        if given["kind"] != "image":
-            value = "(absent)" if given["value"] is None else repr(given["value"])
+        if given["kind"] != "image":  # a text is shown; other inputs (perhaps files) only as given or absent
+            value = "(absent)" if given["value"] is None else "(given)"
+            value = repr(given["value"]) if given["kind"] == "text" and given["value"] is not None else value
             lines.append(textwrap.shorten(f"{m}: {value}", 60))
     if lines:
         lines.append("")
