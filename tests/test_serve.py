@@ -429,6 +429,7 @@ def test_the_demo_page_in_a_real_browser(url: str, images: list[Path], expected)
             assert "none of the run's inputs" in page.text_content("#error")
             page.set_input_files("#input-image", str(images[2]))
             page.fill("#input-text", QUESTION)
+            page.check("#explain")  # and show the explanation picture under the answers
             page.click("#submit")
             page.wait_for_selector('[data-task="color"] .answer')
             assert page.is_hidden("#error")
@@ -443,5 +444,9 @@ def test_the_demo_page_in_a_real_browser(url: str, images: list[Path], expected)
                     assert shown == (", ".join(result["labels"]) or "(none)"), task
             top = max(expected[2]["color"]["probabilities"].values())
             assert f"{100 * top:.1f}%" in page.text_content('[data-task="color"]')
+            page.wait_for_selector("#explanation-img:not([hidden])")
+            page.wait_for_function("document.getElementById('explanation-img').complete")
+            assert page.eval_on_selector("#explanation-img", "img => img.naturalWidth") > 300
+            assert page.is_hidden("#error")
         finally:
             browser.close()

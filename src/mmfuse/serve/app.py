@@ -8,6 +8,8 @@ Routes:
     GET  /stats     requests, records, errors by status, batches and their sizes, per worker
     POST /predict   one record (a JSON object, or a multipart form) or a list of records (a JSON list);
                     answers what `mmfuse predict` gives per record: {task: {label, probabilities} | ...}
+    POST /explain   one record, as for /predict: `mmfuse explain`'s numbers plus its picture as a PNG data URL
+                    under "image" (`?format=png`: the PNG itself); one at a time, outside the batcher
     POST /noop      reads and parses the body like /predict, predicts nothing: the HTTP overhead probe
 
 Every error is a JSON object {"error": "<one line>"} with a 4xx status (5xx only for a fault of the server).
@@ -16,6 +18,7 @@ Every error is a JSON object {"error": "<one line>"} with a 4xx status (5xx only
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -57,6 +60,30 @@ class Service:
         self.requests = 0
         self.answered = 0
         self.errors: Counter[int] = Counter()
+        self._explainer: Any = None
+        self._explain_lock = threading.Lock()
+
+    def explain(self, rows: list[Any], uploads: Uploads) -> tuple[dict[str, Any], bytes]:
+        """(the explanation's numbers, its PNG) for one request row; one explanation at a time.
+
+        The explainer shares the first worker's model (read only: it runs the fusion and heads on detached
+        features), so it costs no second copy of the weights.
+        """
+        from mmfuse.workbench.explain import Explainer, NeedsCaptum
+        from mmfuse.workbench.explain_figure import render
+
+        if len(rows) != 1:
+            raise RequestError(422, f"/explain takes one record, got {len(rows)}")
+        with self._explain_lock:
+            records = self.reader.records(rows, uploads)
+            if self._explainer is None:
+                self._explainer = Explainer(self.reader.predictor)
+            try:
+                explanation = self._explainer.explain(records[0])
+            except NeedsCaptum as err:
+                raise RequestError(501, f"{err} on the server") from None
+            report = {k: v for k, v in explanation.report.items() if k != "inputs"}  # no server upload paths
+            return report, render(explanation)
 
     def count(self, status: int | None) -> None:
         with self._lock:
@@ -200,6 +227,25 @@ def create_app(service: Service) -> FastAPI:
     async def noop(request: Request) -> Response:
         await read_rows(request, limit)
         return Response(b"{}", media_type="application/json")
+
+    @app.post("/explain")
+    async def explain(request: Request) -> Response:
+        uploads = Uploads(service.upload_dir)
+        try:
+            rows, _ = await read_rows(request, limit)
+            report, png = await asyncio.to_thread(service.explain, rows, uploads)
+        except RequestError as err:
+            service.count(err.status)
+            raise
+        except Exception:
+            service.count(500)
+            raise
+        finally:
+            uploads.close()
+        service.count(None)
+        if request.query_params.get("format") == "png":
+            return Response(png, media_type="image/png")
+        return json_response({**report, "image": "data:image/png;base64," + base64.b64encode(png).decode()})
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:

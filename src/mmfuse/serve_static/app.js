@@ -1,4 +1,5 @@
-// The demo page: builds a form from GET /info, posts it to /predict as multipart, shows each task's answer.
+// The demo page: builds a form from GET /info, posts it to /predict as multipart, shows each task's answer
+// and, when asked, the explanation picture from POST /explain.
 "use strict";
 
 const TOP = 5;  // classes shown per task
@@ -84,6 +85,23 @@ function showMetrics(metrics) {
   document.getElementById("metrics-box").hidden = false;
 }
 
+async function explain(data) {
+  const box = document.getElementById("explanation");
+  const img = document.getElementById("explanation-img");
+  box.hidden = false;
+  img.hidden = true;
+  document.getElementById("explain-busy").hidden = false;
+  try {
+    const response = await fetch("/explain", { method: "POST", body: data });
+    const body = await response.json();
+    if (!response.ok) { showError(body.error || `error ${response.status}`); box.hidden = true; return; }
+    img.src = body.image;
+    img.hidden = false;
+  } finally {
+    document.getElementById("explain-busy").hidden = true;
+  }
+}
+
 async function submit(event) {
   event.preventDefault();
   const form = event.target;
@@ -93,6 +111,7 @@ async function submit(event) {
     else if (control.value.trim()) data.append(control.name, control.value);
   }
   showError("");
+  document.getElementById("explanation").hidden = true;
   document.getElementById("busy").hidden = false;
   document.getElementById("submit").disabled = true;
   try {
@@ -100,6 +119,7 @@ async function submit(event) {
     const body = await response.json();
     if (!response.ok) { showError(body.error || `error ${response.status}`); return; }
     showResults(body);
+    if (document.getElementById("explain").checked) await explain(data);
   } catch (err) {
     showError(`the server did not answer (${err})`);
   } finally {

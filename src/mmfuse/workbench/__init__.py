@@ -1,4 +1,4 @@
-"""The fusion workbench: stress a finished run (`stress`, `corrupt`, `robustness`).
+"""The fusion workbench: compare (`compare`), stress (`stress`, `corrupt`, `robustness`) and explain (`explain`).
 
 Nothing is imported here, so `import mmfuse.workbench.corrupt` stays light (no Lightning).
 """
