@@ -43,7 +43,10 @@ def shared_records(root: Path, missing_image: tuple[int, ...] = ()) -> list[Reco
 
 def tiny_trainable_model(**image: object) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = {"model": tiny_model("concat", freeze=False), "tasks": {"color": {"kind": "multiclass", "classes": ["a", "b"]}}}
+    cfg = {
+        "model": tiny_model("concat", freeze=False),
+        "tasks": {"color": {"kind": "multiclass", "classes": ["a", "b"]}},
+    }
     cfg["model"]["encoders"]["image"].update({"image_size": 16, **image})
     return build_model(cfg)
 
@@ -86,7 +89,7 @@ def test_dedupe_gives_the_same_outputs_and_gradients_with_fewer_encoder_rows(tmp
             assert q.grad is None, name
             continue
         compared.add(name)
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     assert {f"encoders.image.{n}" for n, _ in plain.encoders["image"].named_parameters()} <= compared
     assert any(n.startswith("encoders.text.") for n in compared)
 
