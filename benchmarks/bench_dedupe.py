@@ -6,8 +6,8 @@ first `--images` training images (easy-VQA asks about 8 questions per image; a `
 records and break that sharing), validated on every question of `--images / 4` validation images.
 
 Three sides, each a deep copy of one initialisation, trained with the same loop (mmfuse's training step without
-Lightning: forward through the batch contract, masked per-task losses, backward, clip 1.0, AdamW at the config's
-learning rates), fed by mmfuse's own `make_loader` with its default workers:
+Lightning: forward through the batch contract, masked per-task losses, backward, clip 1.0, fused AdamW at the
+config's learning rates), fed by mmfuse's own `make_loader` with its default workers:
 
 - before: `make_loader(..., dedupe=False)`, uniform shuffled batches: what mmfuse did until now.
 - dedupe: each distinct input of a batch loaded and encoded once, uniform batches.
@@ -65,6 +65,7 @@ class Side:
                 {"params": self.model.trainable_parameters("head"), "lr": t.lr},
             ],
             weight_decay=t.weight_decay,
+            fused=True,  # as mmfuse's module
         )
         self.rows = 0
         self.model.encoders["image"].register_forward_pre_hook(self._count)

@@ -188,3 +188,10 @@ def test_under_ddp_lightning_keeps_the_sampler_and_each_record_is_seen_once_per_
     image = [r.inputs["image"] for r in shared_records(tmp_path / "check")]  # the same records, in the same order
     batches = [b for seen in per_rank for e, b in seen if e == 0]
     assert sum(len({image[i] for i in b}) for b in batches) <= 5 + len(batches) - 1  # grouped batches
+
+
+def test_fewer_records_than_processes_is_one_line() -> None:
+    from mmfuse.data.records import DataError
+
+    with pytest.raises(DataError, match="1 training records cannot fill batches on 2 processes"):
+        list(GroupedBatchSampler(torch.tensor([0]), 4, num_replicas=2, rank=0))

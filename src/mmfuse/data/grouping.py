@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
+from mmfuse.data.records import DataError
+
 
 def input_groups(refs: Sequence[Hashable | None]) -> torch.Tensor:
     """(N,) long group id of each record: records with the same reference share one; a missing one (None) is
@@ -80,7 +82,7 @@ class GroupedBatchSampler(DistributedSampler):
         """All T batches of this epoch (every rank's), in order: (<= B,) long record positions each."""
         world = self.num_replicas
         if self.n < world:
-            raise ValueError(f"data.group_batches: {self.n} training records cannot fill batches on {world} processes")
+            raise DataError(f"data.group_batches: {self.n} training records cannot fill batches on {world} processes")
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g)  # random order within each group ...
         group_rank = torch.randperm(self.n_groups, generator=g)  # ... and of the groups
