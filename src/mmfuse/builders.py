@@ -235,6 +235,7 @@ class LoaderOptions:
     eval_batch_size: int = 256
     num_workers: int | None = None
     bucket_by_length: bool = True
+    group_batches: bool = False
     skip_bad: bool = False
     cache: bool = True
     cache_dir: str | None = None
@@ -248,6 +249,7 @@ def loader_options(cfg: RunConfig) -> LoaderOptions:
         eval_batch_size=d.eval_batch_size,
         num_workers=d.num_workers,
         bucket_by_length=d.bucket_by_length,
+        group_batches=d.group_batches,
         skip_bad=d.skip_bad,
         cache=cfg.train.cache,
         cache_dir=cfg.train.cache_dir,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmfuse.encoders.base import Encoder, EncoderOutput
+from mmfuse.encoders.base import Encoder, EncoderOutput, UniqueInputs
 from mmfuse.fusion.base import Fusion, FusionOutput
 from mmfuse.tasks import MLPHead, Task
 
@@ -75,7 +75,8 @@ class MultiTaskModel(nn.Module):
         """Run each encoder on its input, unless its features are given (e.g. from a cache).
 
         Args:
-            inputs: {modality: encoder input}, as made by the encoder's `collate`.
+            inputs: {modality: encoder input}, as made by the encoder's `collate`, or `UniqueInputs` (each
+                distinct input of the batch once, plus each record's row): encoded once, features scattered back.
             features: {modality: EncoderOutput} to use instead of running the encoder.
             absent: {modality: (B,) bool}, True where a sample lacks that modality (missing at
                 prediction time, or dropped in training): its features become exact zeros.
@@ -84,6 +85,10 @@ class MultiTaskModel(nn.Module):
         for modality, encoder in self.encoders.items():
             if features is not None and modality in features:
                 feats = features[modality]
+            elif isinstance(inputs.get(modality), UniqueInputs):
+                shared = inputs[modality]  # each distinct input once: (U, ...) features, then a row per record
+                feats = encoder(shared.unique)
+                feats = feats.select(shared.index.to(feats.pooled.device))
             elif modality in inputs:
                 feats = encoder(inputs[modality])
             else:

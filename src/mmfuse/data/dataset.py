@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -130,7 +130,8 @@ def encode_labels(record: Record, tasks: Mapping[str, Task]) -> dict[str, Any]:
 
 
 class MultiModalDataset(Dataset):
-    """Records -> {"index": i, "inputs": {modality: preprocessed or None}, "labels": {task: encoded or None}}.
+    """Records -> {"index": i, "inputs": {modality: preprocessed or None}, "refs": {modality: reference or None},
+    "labels": {task: encoded or None}}.
 
     Args:
         records: the samples (validate them first with `validate_records`).
@@ -138,24 +139,49 @@ class MultiModalDataset(Dataset):
         encoders: {modality: encoder}; each input is `encoder.preprocess(encoder.load(ref), train)`. Modalities
             left out (e.g. served from the feature cache) are not loaded.
         train: passed to `preprocess` (augmentation on or off).
+        share: modalities whose input a batch (`__getitems__`) loads and preprocesses once per distinct
+            reference, every record of it getting the same item. Only for deterministic preprocessing: an
+            augmenting encoder in training gives each record its own random view.
     """
 
     def __init__(
-        self, records: Sequence[Record], tasks: Mapping[str, Task], encoders: Mapping[str, Encoder], train: bool = False
+        self,
+        records: Sequence[Record],
+        tasks: Mapping[str, Task],
+        encoders: Mapping[str, Encoder],
+        train: bool = False,
+        share: Collection[str] = (),
     ) -> None:
         self.records = list(records)
         self.tasks = dict(tasks)
         self.encoders = dict(encoders)
         self.train = train
+        self.share = set(share)
         self.labels = [encode_labels(r, self.tasks) for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._sample(index, {})
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of samples (the DataLoader's batched fetch): each shared input loaded once."""
+        memo: dict[tuple[str, Hashable], Any] = {}
+        return [self._sample(int(i), memo) for i in indices]
+
+    def _sample(self, index: int, memo: dict[tuple[str, Hashable], Any]) -> dict[str, Any]:
         record = self.records[index]
         inputs: dict[str, Any] = {}
+        refs: dict[str, Hashable] = {}
         for modality, encoder in self.encoders.items():
-            ref = record.inputs.get(modality)
-            inputs[modality] = None if ref is None else encoder.preprocess(encoder.load(ref), train=self.train)
-        return {"index": index, "inputs": inputs, "labels": dict(self.labels[index])}
+            ref = refs[modality] = record.inputs.get(modality)
+            if ref is None:
+                inputs[modality] = None
+            elif modality in self.share and (modality, ref) in memo:
+                inputs[modality] = memo[modality, ref]
+            else:
+                inputs[modality] = encoder.preprocess(encoder.load(ref), train=self.train)
+                if modality in self.share:
+                    memo[modality, ref] = inputs[modality]
+        return {"index": index, "inputs": inputs, "refs": refs, "labels": dict(self.labels[index])}

@@ -162,6 +162,27 @@ class EncoderOutput:
             mask = base & present.unsqueeze(-1)
         return EncoderOutput(pooled, tokens, mask, present)
 
+    def select(self, index: torch.Tensor) -> EncoderOutput:
+        """Rows `index` (B,) long of every field: (U, ...) features of distinct inputs -> (B, ...) per record.
+
+        `index_select`'s backward adds the gradients of the rows that share an input into its one row.
+        """
+        return EncoderOutput(*(t.index_select(0, index) if t is not None else None for t in self.as_tuple()))
+
+
+@dataclass
+class UniqueInputs:
+    """A batch's input of one modality with each distinct input once: what `collate` made of the U distinct
+    items, and the row of each record among them.
+
+    Attributes:
+        unique: the encoder's collated input of the U distinct items (U <= B).
+        index: (B,) long, record b's input is row `index[b]` of `unique`.
+    """
+
+    unique: Any
+    index: torch.Tensor
+
 
 class Encoder(nn.Module):
     """Base class of every encoder: a plain module that also owns everything about its input.

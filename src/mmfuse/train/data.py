@@ -21,6 +21,7 @@ from mmfuse.config import ConfigError
 from mmfuse.data.cache import FeatureCache, FeatureTable
 from mmfuse.data.collate import Collator
 from mmfuse.data.dataset import MultiModalDataset, encode_labels, validate_records
+from mmfuse.data.grouping import BatchFetch, GroupedBatchSampler, input_groups
 from mmfuse.data.records import Record
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.model import MultiTaskModel
@@ -282,20 +283,32 @@ def make_loader(
     features: Features,
     options: LoaderOptions,
     distributed: bool = False,
+    dedupe: bool = True,
 ) -> DataLoader:
     """A DataLoader of one split: uncached inputs loaded by their encoders, cached ones gathered by row.
 
     When every input is cached (frozen encoders) and the run is single-process, the split is served by
-    `cached_loader`: whole batches by index, no per-record work.
+    `cached_loader`: whole batches by index, no per-record work. Otherwise each distinct input of a batch is
+    loaded and encoded once (`dedupe`, see `shared_modalities`), and with `options.group_batches` the training
+    batches keep records that share an input together (`GroupedBatchSampler`).
     """
     cached = set(features.tables)
     uncached = [m for m in model.encoders if m not in cached]
+    train = split == "train"
+    grouped = train and options.group_batches
+    if not uncached and grouped:
+        raise ConfigError(
+            "data.group_batches: every encoder's features come from the feature cache, so there is no encoder "
+            "pass to save; remove it, or fine-tune an encoder (freeze: false) or set train.cache=false"
+        )
     if not uncached and not distributed and records and options.num_workers in (None, 0):
         return cached_loader(model, records, split, features, options)
     encoders = {m: model.encoders[m] for m in uncached}
-    train = split == "train"
-    dataset = MultiModalDataset(records, model.tasks, encoders, train=train)
-    collate = CachedCollator(Collator(encoders, model.tasks), features.tables, features.rows.get(split, {}))
+    shareable = shared_modalities(model, uncached, train)
+    shared = shareable if dedupe else []
+    dataset = MultiModalDataset(records, model.tasks, encoders, train=train, share=shared)
+    base = Collator(encoders, model.tasks, dedupe=shared)
+    collate = CachedCollator(base, features.tables, features.rows.get(split, {}))
     workers = default_workers(options, uncached)
     common: dict[str, Any] = dict(
         collate_fn=collate,
@@ -304,11 +317,40 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
     )
     batch_size = options.batch_size if train else options.eval_batch_size
+    if grouped:
+        groups = input_groups([r.inputs.get(grouping_modality(model, records, shareable)) for r in records])
+        sampler = GroupedBatchSampler(groups, batch_size, options.seed)
+        return DataLoader(BatchFetch(dataset), sampler=sampler, batch_size=None, **common)
     lengths = record_lengths(model, records, uncached) if train and options.bucket_by_length else None
     if lengths is not None and not distributed:
         return DataLoader(dataset, batch_sampler=LengthBucketSampler(lengths, batch_size, options.seed), **common)
     sampler = EpochShuffleSampler(len(dataset), options.seed) if train and not distributed else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and distributed, **common)
+
+
+def shared_modalities(model: MultiTaskModel, uncached: list[str], train: bool) -> list[str]:
+    """The uncached modalities whose distinct inputs a batch loads and encodes once: all but those whose
+    preprocessing is random in training (augmentation gives every record its own view)."""
+    return [m for m in uncached if not (train and model.encoders[m].augment)]
+
+
+def grouping_modality(model: MultiTaskModel, records: list[Record], shared: list[str]) -> str:
+    """The modality whose shared inputs `data.group_batches` keeps together: the first file-backed one whose
+    references repeat (an image), else the one with the fewest distinct inputs. ConfigError when none repeats."""
+    if not shared:
+        raise ConfigError(
+            "data.group_batches: the encoded inputs are augmented at random in training, so no two records share "
+            "an encoder pass; remove it or set augment: false"
+        )
+    distinct = {m: len({r.inputs.get(m) for r in records if r.inputs.get(m) is not None}) for m in shared}
+    present = {m: sum(r.inputs.get(m) is not None for r in records) for m in shared}
+    repeating = [m for m in shared if distinct[m] < present[m]]
+    if not repeating:
+        raise ConfigError(
+            f"data.group_batches: no two training records share an input of {', '.join(shared)}; nothing to group"
+        )
+    files = [m for m in repeating if model.encoders[m].groups_records]
+    return files[0] if files else min(repeating, key=distinct.__getitem__)
 
 
 def check_records(
