@@ -1,4 +1,10 @@
-"""`mmfuse` command line: train, evaluate, predict, list, cache. The only module that prints."""
+"""`mmfuse` command line: train, evaluate, predict, serve, list, cache, bench. The only module that prints.
+
+Startup is kept fast: this module imports only the standard library. Each `cmd_*` function checks its
+arguments and config first and imports torch, Lightning or transformers (through mmfuse's modules) only
+after that, inside the function, so `--help`, `list` and every argument or config error answer at once.
+A new command follows the same pattern; tests/test_cli_startup.py checks it in fresh processes.
+"""
 
 from __future__ import annotations
 
@@ -241,10 +247,13 @@ def _default_run_dir(name: str) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mmfuse.config import check_run_dir, load_config
+
+    overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
+    load_config(check_run_dir(args.run) / "config.yaml", overrides)  # errors before the heavy imports
     _quiet_lightning(args)
     from mmfuse.train.run import evaluate
 
-    overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
     table = evaluate(args.run, args.split, overrides)
     print(json.dumps(table, indent=2) if args.json else _table(table))
     return 0
@@ -269,7 +278,7 @@ def _field_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mmfuse.predict import Predictor
+    from mmfuse.config import check_run_dir
 
     fields = _field_values(args)
     shorthands = {m: v for m, v in (("image", args.image), ("text", args.text)) if v is not None}
@@ -277,6 +286,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise _usage("give either --input or field values (--image/--text/--field), not both")
     if not (args.input or fields or shorthands):
         raise _usage("give --input FILE, or the inputs of one record (--image, --text, --field NAME=VALUE)")
+    check_run_dir(args.run)
+    from mmfuse.predict import Predictor  # torch, never Lightning
+
     predictor = Predictor(args.run)
     for modality, value in shorthands.items():  # --image: the field the run's "image" modality reads
         name = predictor.input_fields.get(modality, [modality])[0]
@@ -309,6 +321,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from mmfuse.config import check_run_dir
+
+    check_run_dir(args.run)
     try:
         from mmfuse.serve import Limits, ServeOptions, Server
     except ImportError as err:
@@ -338,24 +353,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from mmfuse.balance import BALANCERS
-    from mmfuse.encoders import ENCODERS
-    from mmfuse.fusion import FUSIONS
-    from mmfuse.mtl import WEIGHTINGS
-    from mmfuse.registry import describe
-    from mmfuse.tasks import TASK_KINDS
+LISTED = (
+    ("encoders", "encoder"),
+    ("fusions", "fusion"),
+    ("task kinds", "task kind"),
+    ("weightings (train.weighting)", "weighting"),
+    ("balancers (train.balance)", "balancer"),
+)
 
-    for title, reg in (
-        ("encoders", ENCODERS),
-        ("fusions", FUSIONS),
-        ("task kinds", TASK_KINDS),
-        ("weightings (train.weighting)", WEIGHTINGS),
-        ("balancers (train.balance)", BALANCERS),
-    ):
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mmfuse.names import builtin  # the name table: no implementation (and no torch) is imported
+
+    for title, kind in LISTED:
         print(f"{title}:")
-        for name, obj in reg.items():
-            print(f"  {name:<18} {describe(obj)}")
+        for name, entry in sorted(builtin(kind).items()):
+            print(f"  {name:<18} {entry.summary}")
     return 0
 
 
