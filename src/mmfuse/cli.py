@@ -185,11 +185,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from mmfuse.config import load_config
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise _usage(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    load_config(args.config, args.set)  # a config error answers before the heavy imports
     _quiet_lightning(args)
     from mmfuse.bench import run_mtl_bench
 
     out = Path(args.out) if args.out else Path("runs") / f"bench-mtl-{time.strftime('%Y%m%d-%H%M%S')}"
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     report = run_mtl_bench(args.config, args.set, args.weightings.split(","), seeds, out)
     print(report)
     print(f"\nreport: {out / 'delta_m.md'}")
@@ -455,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as err:
         _error(args.command, err)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`mmfuse list | head`): stop without a message
+        _drop_stdout()
+        return 1
     except Exception as err:
         if _is(err, "mmfuse.config", "ConfigError") or _is(err, "mmfuse.data.records", "DataError"):
             _error(args.command, err)
@@ -474,6 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
         return 130
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into a closed pipe raises nothing."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (stdout replaced in-process)
+        pass
 
 
 def _is(err: BaseException, module: str, name: str) -> bool:
