@@ -1,0 +1,1 @@
+"""The fusion workbench: compare fusions on your data, stress them, explain their predictions."""
