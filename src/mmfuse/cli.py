@@ -208,16 +208,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     _quiet_lightning(args)
-    from mmfuse.workbench.compare import plan_compare, run_compare
+    from mmfuse.workbench.compare import Progress, plan_compare, run_compare
 
-    if not args.verbose:  # one line per member: the runs' own info lines stay out
-        logging.getLogger("mmfuse").setLevel(logging.WARNING)
-    plan = plan_compare(args.config, args.set, args.fusions.split(","), args.seeds, args.vary, args.out)
-    for name, why in plan.skipped.items():
-        print(f"skipped {name}: {why}", flush=True)
-    print(f"{len(plan.members)} members -> {plan.out}", flush=True)
-
-    def line(p: Any) -> None:
+    def line(p: Progress) -> None:
         if p.status == "stressed":
             print(f"[stress {p.index}/{p.total}] {p.member.group} seed={p.member.seed} ({p.seconds:.0f} s)", flush=True)
             return
@@ -228,7 +221,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    run_compare(plan, stress=args.stress, stress_limit=args.stress_limit, progress=line)
+    lib, level = logging.getLogger("mmfuse"), logging.getLogger("mmfuse").level
+    if not args.verbose:  # one line per member: the runs' own info lines stay out
+        lib.setLevel(logging.WARNING)
+    try:
+        plan = plan_compare(args.config, args.set, args.fusions.split(","), args.seeds, args.vary, args.out)
+        for name, why in plan.skipped.items():
+            print(f"skipped {name}: {why}", flush=True)
+        print(f"{len(plan.members)} members -> {plan.out}", flush=True)
+        run_compare(plan, stress=args.stress, stress_limit=args.stress_limit, progress=line)
+    finally:
+        lib.setLevel(level)
     print(f"report: {plan.out / 'compare.md'}\ndata: {plan.out / 'compare.json'}")
     return 0
 

@@ -121,7 +121,9 @@ def test_parameters_latency_and_training_time_come_from_each_member(compared: di
         assert g["params"] == {"trainable": heads, "total": total}
         for b in ("1", "64"):
             assert g["latency_ms"][b]["mean"] > 0 and len(g["latency_ms"][b]["per_seed"]) == 2
-        fits = [json.loads((out / "members" / n / "metrics.json").read_text())["timings_s"]["fit"] for n in g["members"]]
+        fits = [
+            json.loads((out / "members" / n / "metrics.json").read_text())["timings_s"]["fit"] for n in g["members"]
+        ]
         assert g["train_s"]["mean"] == pytest.approx(np.mean(fits))
     assert result["latency_from"] == {"image": "cached features", "text": "cached features"}
 
@@ -187,7 +189,9 @@ def test_cli_prints_one_progress_line_per_member(
     assert len(lines) == 4
     for i, (ln, m) in enumerate(zip(lines, compared["plan"].members), 1):
         value = _member_metrics(out, m.name)["color"]["accuracy"]
-        assert re.fullmatch(rf"\[{i}/4\] {m.fusion} seed={m.seed}: color/accuracy {value:.4f} \(\d+ s, finished before\)", ln)
+        assert re.fullmatch(
+            rf"\[{i}/4\] {m.fusion} seed={m.seed}: color/accuracy {value:.4f} \(\d+ s, finished before\)", ln
+        )
     assert printed[-2:] == [f"report: {out / 'compare.md'}", f"data: {out / 'compare.json'}"]
 
 

@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from mmfuse.cli import main
-from mmfuse.config import ConfigError
 from mmfuse.fusion import FUSIONS
 from mmfuse.workbench.compare import _agrees, parse_vary, plan_compare, split_values
 from tiny import run_config, write_dataset
@@ -79,7 +78,10 @@ def test_split_values_keeps_brackets_and_quotes_together() -> None:
 
 def test_a_saved_config_agrees_when_it_only_adds_what_training_learned() -> None:
     wanted = {"tasks": {"c": {"kind": "multiclass", "classes": None}}, "model": {"encoders": {"t": {"name": "x"}}}}
-    saved = {"tasks": {"c": {"kind": "multiclass", "classes": ["a"]}}, "model": {"encoders": {"t": {"name": "x", "stats": {}}}}}
+    saved = {
+        "tasks": {"c": {"kind": "multiclass", "classes": ["a"]}},
+        "model": {"encoders": {"t": {"name": "x", "stats": {}}}},
+    }
     assert _agrees(saved, wanted)
     assert not _agrees({**saved, "seed": 1}, {**wanted, "seed": 2})
     assert not _agrees({"train": {"balance": {"name": "agm"}}}, {"train": {"balance": None}})
