@@ -230,6 +230,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"skipped {name}: {why}", flush=True)
         print(f"{len(plan.members)} members -> {plan.out}", flush=True)
         run_compare(plan, stress=args.stress, stress_limit=args.stress_limit, progress=line)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue (finished members are kept)", file=sys.stderr)
+        return 130
     finally:
         lib.setLevel(level)
     print(f"report: {plan.out / 'compare.md'}\ndata: {plan.out / 'compare.json'}")

@@ -105,6 +105,7 @@ def test_a_saved_config_agrees_when_it_only_adds_what_training_learned() -> None
         (["--vary", "seed=1,2"], "vary seed with --seeds"),
         (["--vary", "model.fusion.name=sum,concat"], "vary model.fusion.name with --fusions"),
         (["--vary", "train.max_epochs=[1"], "--vary 'train.max_epochs=[1': the value is not valid YAML"),
+        (["--stress-limit", "5"], "--stress-limit: needs --stress"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(

@@ -333,6 +333,8 @@ def run_compare(
         The result written to `OUT/compare.json`.
     """
     start = time.perf_counter()
+    if stress_limit is not None and (not stress or stress_limit < 1):
+        raise ConfigError(f"--stress-limit: needs --stress and a count >= 1 (got {stress_limit})")
     sweep_fn = _stress_functions()[0] if stress else None  # a missing stress module answers before training
     plan.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -340,6 +342,8 @@ def run_compare(
     for i, m in enumerate(plan.members, 1):
         t0 = time.perf_counter()
         summary, status = train_member(m)
+        if not summary["metrics"]:
+            raise ConfigError(f"{m.run_dir}: no validation or test records to score it; set data.val_fraction")
         split = scoring_split(summary)
         tasks = tasks or primary_metrics(load_resolved(m.run_dir))
         row = _member_row(m, summary, status, split)
@@ -354,9 +358,10 @@ def run_compare(
     if sweep_fn is not None:
         for i, (m, row) in enumerate(zip(plan.members, rows), 1):
             t0 = time.perf_counter()
-            row["stress"] = stress_member(
-                sweep_fn, m, row["split"], stress_limit, plan.out / "stress" / f"{m.name}.json"
+            cache = (
+                plan.out / "stress" / (f"{m.name}.json" if stress_limit is None else f"{m.name}.n{stress_limit}.json")
             )
+            row["stress"] = stress_member(sweep_fn, m, row["split"], stress_limit, cache)
             if progress is not None:
                 progress(Progress(i, len(plan.members), m, "stressed", "", float("nan"), time.perf_counter() - t0))
     result = summarise(plan, rows, tasks)
