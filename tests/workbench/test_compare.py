@@ -216,9 +216,27 @@ def _fake_stress(calls: list[dict[str, Any]]) -> types.ModuleType:
         conds.append({"modality": "text", "kind": "absent", "severity": 1.0, "metrics": {"color/accuracy": 0.5}})
         return {"conditions": conds, "clean": {"color/accuracy": value(run_dir, 0.0)}}
 
-    def robustness(curves: dict[str, Any]) -> dict[str, Any]:
-        acc = [c["metrics"]["color/accuracy"] for c in curves["conditions"] if c["kind"] == "noise"]
-        return {"relative": {"color/accuracy": float(np.mean(acc))}}
+    def robustness(curves: dict[str, Any], baseline: str | None = None) -> dict[str, Any]:
+        """The real one's shape: {method: {"<modality>/<kind>": {"<task>/<metric>": figures}}}."""
+
+        def noise(sweep: dict[str, Any]) -> list[float]:
+            return [c["metrics"]["color/accuracy"] for c in sweep["conditions"] if c["kind"] == "noise"]
+
+        base = noise(curves[baseline])
+        return {
+            name: {
+                "image/noise": {
+                    "color/accuracy": {
+                        "relative_robustness": float(np.trapezoid(noise(sweep), SEVERITIES)),
+                        "effective_robustness": float(
+                            sum(np.subtract(noise(sweep), noise(sweep)[0]) - np.subtract(base, base[0]))
+                        ),
+                        "relative_robustness_normalized": None,  # the real one's None for fewer than two methods
+                    }
+                }
+            }
+            for name, sweep in curves.items()
+        }
 
     mod = types.ModuleType("mmfuse.workbench.stress")
     mod.sweep, mod.robustness = sweep, robustness  # type: ignore[attr-defined]
@@ -244,12 +262,19 @@ def test_stress_sweeps_every_member_once_and_averages_the_curves_over_seeds(
             per_seed = [0.9 - c["severity"] * slope - 0.01 * s for s in (0, 1)]
             assert c["metrics"]["color/accuracy"]["mean"] == pytest.approx(np.mean(per_seed))
             assert c["metrics"]["color/accuracy"]["std"] == pytest.approx(np.std(per_seed, ddof=1))
-        rel = [np.mean([0.9 - s * slope - 0.01 * seed for s in SEVERITIES]) for seed in (0, 1)]
-        assert g["robustness"]["relative/color/accuracy"]["mean"] == pytest.approx(np.mean(rel))
+        rel = [np.trapezoid([0.9 - x * slope - 0.01 * seed for x in SEVERITIES], SEVERITIES) for seed in (0, 1)]
+        got = g["robustness"]["image/noise/color/accuracy/relative_robustness"]
+        assert got["mean"] == pytest.approx(np.mean(rel)) and got["std"] == pytest.approx(np.std(rel, ddof=1))
+        # effective robustness against concat: film drops 0.2 more per unit of severity
+        eff = sum(-x * (slope - 0.2) for x in SEVERITIES)
+        assert g["robustness"]["image/noise/color/accuracy/effective_robustness"]["mean"] == pytest.approx(eff)
+        assert "image/noise/color/accuracy/relative_robustness_normalized" not in g["robustness"]
+    assert result["stress"]["baseline"] == "concat"
     for png in ("stress_image_noise.png", "stress_text_absent.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     text = (out / "compare.md").read_text()
-    assert "## Robustness" in text and "| setting | relative/color/accuracy |" in text
+    assert "## Robustness" in text and "| imperfection / metric | concat | film |" in text
+    assert "| image/noise/color/accuracy | " in text
     assert "![image/noise](stress_image_noise.png)" in text
     assert json.loads((out / "compare.json").read_text())["stress"] == json.loads(json.dumps(result["stress"]))
     calls.clear()

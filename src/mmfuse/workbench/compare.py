@@ -508,25 +508,35 @@ def _flat(d: Any, prefix: str = "") -> dict[str, float]:
 
 
 def summarise_stress(plan: Plan, rows: list[dict[str, Any]], tasks: dict[str, Any]) -> dict[str, Any]:
-    """Per group: each condition's metrics and the robustness summaries, mean and std over seeds."""
+    """Per group: each condition's metrics and the robustness figures, mean and std over seeds.
+
+    The figures come from `stress.robustness({setting: sweep})` over the settings of one seed (effective
+    robustness is relative to a baseline setting: the first `concat` one, as late fusion in MultiBench), then
+    each figure's mean and std over seeds.
+    """
     robustness = _stress_functions()[1]
+    by_group = _by_group(rows)
+    baseline = next((label for label, ms in by_group.items() if ms[0]["fusion"] == "concat"), None)
+    figures: dict[str, list[dict[str, float]]] = {label: [] for label in by_group}
+    for seed in plan.seeds:
+        sweeps = {label: r["stress"] for label, ms in by_group.items() for r in ms if r["seed"] == seed}
+        for label, figs in robustness(sweeps, baseline=baseline).items():
+            figures[label].append(_flat(figs))
     groups: dict[str, Any] = {}
-    for label, members in _by_group(rows).items():
+    for label, members in by_group.items():
         curves: dict[tuple[str, str, float], list[dict[str, float]]] = {}
         for r in members:
             for c in r["stress"]["conditions"]:
                 curves.setdefault((c["modality"], c["kind"], float(c["severity"])), []).append(c["metrics"])
-        conditions = [
-            {"modality": mod, "kind": kind, "severity": sev, "metrics": _stats_of(ms)}
-            for (mod, kind, sev), ms in sorted(curves.items())
-        ]
-        scores = [_flat(robustness(r["stress"])) for r in members]
         groups[label] = {
-            "conditions": conditions,
+            "conditions": [
+                {"modality": mod, "kind": kind, "severity": sev, "metrics": _stats_of(ms)}
+                for (mod, kind, sev), ms in sorted(curves.items())
+            ],
             "clean": _stats_of([r["stress"]["clean"] for r in members]),
-            "robustness": _stats_of(scores),
+            "robustness": _stats_of(figures[label]),
         }
-    return {"groups": groups, "headline": {t: f"{t}/{s['metric']}" for t, s in tasks.items()}}
+    return {"baseline": baseline, "groups": groups}
 
 
 def _stats_of(dicts: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
@@ -638,14 +648,24 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def _stress_markdown(result: dict[str, Any]) -> list[str]:
+    """Per figure, a table: one row per (modality/kind, task's primary metric), one column per setting."""
     groups = result["stress"]["groups"]
-    keys = sorted({k for g in groups.values() for k in g["robustness"]})
+    heads = [f"{t}/{s['metric']}" for t, s in result["tasks"].items()]
+    labels = list(groups)
     lines = ["## Robustness", ""]
-    if keys:
-        lines += ["| setting | " + " | ".join(keys) + " |", "|---" + "|---:" * len(keys) + "|"]
-        for label, g in groups.items():
-            cells = [_fmt(g["robustness"][k]) if k in g["robustness"] else "" for k in keys]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for figure, what in (
+        ("relative_robustness", "area under the metric-vs-severity curve"),
+        ("effective_robustness", f"drop from clean compared with the baseline `{result['stress']['baseline']}`"),
+    ):
+        keys = sorted({k for g in groups.values() for k in g["robustness"] if k.endswith("/" + figure)})
+        rows = [k for k in keys if any(k.endswith(f"/{h}/{figure}") for h in heads)]
+        if not rows:
+            continue
+        lines += [f"{figure.replace('_', ' ')} ({what}; mean ± std over seeds):", ""]
+        lines += ["| imperfection / metric | " + " | ".join(labels) + " |", "|---" + "|---:" * len(labels) + "|"]
+        for k in rows:
+            cells = [_fmt(groups[g]["robustness"][k]) if k in groups[g]["robustness"] else "" for g in labels]
+            lines.append(f"| {k.removesuffix('/' + figure)} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"![{name}]({p})" for name, p in result["plots"].get("stress", {}).items()]
     return lines
