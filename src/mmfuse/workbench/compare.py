@@ -337,6 +337,25 @@ def run_compare(
         raise ConfigError(f"--stress-limit: needs --stress and a count >= 1 (got {stress_limit})")
     sweep_fn = _stress_functions()[0] if stress else None  # a missing stress module answers before training
     plan.out.mkdir(parents=True, exist_ok=True)
+    rows, tasks = _train_members(plan, progress)
+    if sweep_fn is not None:
+        _stress_members(plan, rows, sweep_fn, stress_limit, progress)
+    result = summarise(plan, rows, tasks)
+    if stress:
+        result["stress"] = summarise_stress(plan, rows, tasks)
+    result["compare_wall_s"] = round(time.perf_counter() - start, 1)
+    from mmfuse.workbench.plots import draw_all
+
+    result["plots"] = draw_all(result, plan.out)
+    write_atomic(plan.out / "compare.json", json.dumps(result, indent=2))
+    write_atomic(plan.out / "compare.md", render_markdown(result))
+    return result
+
+
+def _train_members(
+    plan: Plan, progress: Callable[[Progress], None] | None
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Train (or read back) and measure every member: (one row per member, the tasks' primary metrics)."""
     rows: list[dict[str, Any]] = []
     tasks: dict[str, dict[str, Any]] = {}
     for i, m in enumerate(plan.members, 1):
@@ -352,28 +371,25 @@ def run_compare(
         if progress is not None:
             task, spec = next(iter(tasks.items()))
             value = summary["metrics"][split][task][spec["metric"]]
-            progress(
-                Progress(i, len(plan.members), m, status, f"{task}/{spec['metric']}", value, time.perf_counter() - t0)
-            )
-    if sweep_fn is not None:
-        for i, (m, row) in enumerate(zip(plan.members, rows), 1):
-            t0 = time.perf_counter()
-            cache = (
-                plan.out / "stress" / (f"{m.name}.json" if stress_limit is None else f"{m.name}.n{stress_limit}.json")
-            )
-            row["stress"] = stress_member(sweep_fn, m, row["split"], stress_limit, cache)
-            if progress is not None:
-                progress(Progress(i, len(plan.members), m, "stressed", "", float("nan"), time.perf_counter() - t0))
-    result = summarise(plan, rows, tasks)
-    if stress:
-        result["stress"] = summarise_stress(plan, rows, tasks)
-    result["compare_wall_s"] = round(time.perf_counter() - start, 1)
-    from mmfuse.workbench.plots import draw_all
+            took = time.perf_counter() - t0
+            progress(Progress(i, len(plan.members), m, status, f"{task}/{spec['metric']}", value, took))
+    return rows, tasks
 
-    result["plots"] = draw_all(result, plan.out)
-    write_atomic(plan.out / "compare.json", json.dumps(result, indent=2))
-    write_atomic(plan.out / "compare.md", render_markdown(result))
-    return result
+
+def _stress_members(
+    plan: Plan,
+    rows: list[dict[str, Any]],
+    sweep: Callable[..., dict[str, Any]],
+    limit: int | None,
+    progress: Callable[[Progress], None] | None,
+) -> None:
+    """Add each member's sweep to its row (`row["stress"]`)."""
+    for i, (m, row) in enumerate(zip(plan.members, rows), 1):
+        t0 = time.perf_counter()
+        cache = plan.out / "stress" / (f"{m.name}.json" if limit is None else f"{m.name}.n{limit}.json")
+        row["stress"] = stress_member(sweep, m, row["split"], limit, cache)
+        if progress is not None:
+            progress(Progress(i, len(plan.members), m, "stressed", "", float("nan"), time.perf_counter() - t0))
 
 
 def load_resolved(run_dir: Path) -> RunConfig:
