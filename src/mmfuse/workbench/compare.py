@@ -460,12 +460,18 @@ def _measure(run_dir: Path, repeats: dict[int, int]) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu")
     model = model.to(device).eval()
     latency: dict[str, float] = {}
-    for b in LATENCY_BATCHES:
-        opts = replace(run.loader_options, eval_batch_size=b, num_workers=0)
-        batch = next(iter(make_loader(model, records, split, feats, opts)))
-        latency[str(b)] = round(_median_ms(model, batch, device, repeats[b]), 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU, a thread pool makes the time mostly the scheduler's
+    try:
+        for b in LATENCY_BATCHES:
+            opts = replace(run.loader_options, eval_batch_size=b, num_workers=0)
+            batch = next(iter(make_loader(model, records, split, feats, opts)))
+            latency[str(b)] = round(_median_ms(model, batch, device, repeats[b]), 4)
+    finally:
+        torch.set_num_threads(threads)
     sources = {m: "cached features" if m in feats.tables else "inputs" for m in model.encoders}
-    return {"params": params, "latency_ms": latency, "latency_from": sources, "latency_device": str(device)}
+    shown = str(device) if device.type == "cuda" else "cpu, 1 thread"
+    return {"params": params, "latency_ms": latency, "latency_from": sources, "latency_device": shown}
 
 
 @torch.inference_mode()
