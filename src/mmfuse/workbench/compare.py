@@ -645,7 +645,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"- fusions: {', '.join(result['fusions'])}; varied: {vary}",
         f"- budget: {result['epochs']} epochs for every member; seeds: {', '.join(map(str, result['seeds']))}",
         f"- metrics: each task's primary metric on the {result['split']} split, mean ± std over seeds",
-        f"- date: {result['date']}; whole comparison: {result['compare_wall_s'] / 60:.1f} min",
+        f"- date: {result['date']}; this command: {result['compare_wall_s'] / 60:.1f} min (finished members read back)",
     ]
     lines += [f"- skipped {f}: {why}" for f, why in result["skipped"].items()]
     lines += ["", "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
