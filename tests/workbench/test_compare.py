@@ -54,6 +54,8 @@ def compared(config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         encodes_at_member.append(len(calls) - sum(encodes_at_member))
 
     with pytest.MonkeyPatch.context() as mp:
+        # a cache of its own: other modules' tiny runs (the same seeded encoders, the same images) fill the session's
+        mp.setenv("MMFUSE_CACHE_DIR", str(tmp_path_factory.mktemp("compare-cache")))
         mp.setattr(FeatureCache, "_encode_and_store", counting)
         plan = plan_compare(config, [], FUSIONS, 2, [], out)
         result = run_compare(plan, progress=progress)
