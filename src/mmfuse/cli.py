@@ -228,7 +228,68 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--seeds", default="0", help="comma-separated seeds; metrics are averaged over them (default: 0)")
     b.add_argument("--out", help="directory for the runs and the report (default: runs/bench-mtl-<date>-<time>)")
+
+    cp = sub.add_parser(
+        "compare",
+        help="train several fusions (x seeds, x varied keys) on the same data; tables and plots",
+        formatter_class=fmt,
+        description="Train every fusion (and every combination of --vary values) for each seed on the same data "
+        "and budget; write compare.md, compare.json and PNG plots. Rerun the same command to continue.",
+        epilog="examples:\n  mmfuse compare my.yaml --fusions all --seeds 3 --out runs/cmp\n"
+        "  mmfuse compare --fusions concat,film,gated --set train.max_epochs=3\n"
+        "  mmfuse compare my.yaml --fusions film --vary train.balance.name=ogm_ge,agm --seeds 2\n"
+        "  mmfuse compare my.yaml --fusions concat,film --stress --out runs/cmp   # + robustness curves",
+    )
+    cp.add_argument("config", nargs="?", help="YAML run config (default: the built-in easy-VQA config)")
+    cp.add_argument("--fusions", default="all", help="comma-separated fusions, or 'all' (default: all it can feed)")
+    cp.add_argument("--seeds", default="3", help="number of seeds: the config's seed, +1, ... (default: 3)")
+    cp.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="also compare these values of a config key (repeatable; values parsed as YAML, like --set)",
+    )
+    cp.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    cp.add_argument("--stress", action="store_true", help="also sweep each member over corrupted and missing inputs")
+    cp.add_argument("--stress-limit", type=int, help="records per stress condition (default: the whole split)")
+    cp.add_argument("--out", help="folder of the comparison (default: runs/compare-<name>-<date>-<time>)")
     return p
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    _quiet_lightning(args)
+    from mmfuse.workbench.compare import Progress, plan_compare, run_compare
+
+    def line(p: Progress) -> None:
+        if p.status == "stressed":
+            print(f"[stress {p.index}/{p.total}] {p.member.group} seed={p.member.seed} ({p.seconds:.0f} s)", flush=True)
+            return
+        note = {"reused": ", finished before", "resumed": ", resumed"}.get(p.status, "")
+        print(
+            f"[{p.index}/{p.total}] {p.member.group} seed={p.member.seed}: {p.metric} {p.value:.4f} "
+            f"({p.seconds:.0f} s{note})",
+            flush=True,
+        )
+
+    lib, level = logging.getLogger("mmfuse"), logging.getLogger("mmfuse").level
+    if not args.verbose:  # one line per member: the runs' own info lines stay out
+        lib.setLevel(logging.WARNING)
+    try:
+        plan = plan_compare(args.config, args.set, args.fusions.split(","), args.seeds, args.vary, args.out)
+        for name, why in plan.skipped.items():
+            print(f"skipped {name}: {why}", flush=True)
+        print(f"{len(plan.members)} members -> {plan.out}", flush=True)
+        run_compare(plan, stress=args.stress, stress_limit=args.stress_limit, progress=line)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue (finished members are kept)", file=sys.stderr)
+        return 130
+    finally:
+        lib.setLevel(level)
+    print(f"report: {plan.out / 'compare.md'}\ndata: {plan.out / 'compare.json'}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -545,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": cmd_bench,
         "serve": cmd_serve,
         "explain": cmd_explain,
+        "compare": cmd_compare,
     }
     try:
         return handlers[args.command](args)
