@@ -16,7 +16,7 @@ which is not additive in the modalities, and only the `answer` task, which the b
   4 epochs (a budget that fits a 2-core CPU).
 - `rel_frozen` / `rel_train`: the same two on the relations set (`python -m mmfuse.data.relations --out
   data/relations` first), where the image carries what the question asks about; `rel_frozen` uses 8,000
-  records and 4 epochs, `rel_train` 64 px, 6,000 records and 4 epochs.
+  records and 4 epochs, `rel_train` 32 px, 6,000 records and 4 epochs.
 
 Methods: `none` (OGM-GE with alpha 0 and no noise: k = 1 always, the same linear probes logged, so the
 baseline differs from the others only in the modulation), `ogm0.1`, `ogm0.5`, `ogm0.8` (OGM-GE with GE
@@ -60,7 +60,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
         "configs/relations.yaml",
         [
             "tasks={answer: {kind: multiclass}}",
-            "model.encoders.image={name: torchvision, model: resnet18, image_size: 64}",
+            "model.encoders.image={name: torchvision, model: resnet18, image_size: 32}",
             "model.fusion={name: film, output_dim: 256, condition_on: text, adapters: true}",
             "data.limit=6000",
             "data.batch_size=64",
