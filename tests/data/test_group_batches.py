@@ -113,10 +113,12 @@ def test_group_batches_with_only_cached_features_is_refused(tmp_path: Path, caps
     records = write_dataset(tmp_path / "data", n=12)
     cfg = run_config(records)  # both encoders frozen: every feature comes from the cache
     cfg["data"]["group_batches"] = True
+    cfg["train"]["cache_dir"] = str(tmp_path / "cache")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
     assert len(err) == 1 and err[0].startswith("mmfuse train: error: data.group_batches: every encoder")
+    assert not list((tmp_path / "cache").rglob("*.safetensors")), "refused only after encoding the features"
 
 
 def test_group_batches_with_only_augmented_inputs_is_refused(tmp_path: Path) -> None:

@@ -38,6 +38,12 @@ class Features:
     rows: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
+GROUP_BATCHES_ALL_CACHED = (
+    "data.group_batches: every encoder's features come from the feature cache, so there is no encoder "
+    "pass to save; remove it, or fine-tune an encoder (freeze: false) or set train.cache=false"
+)
+
+
 def cached_modalities(model: MultiTaskModel, cache: bool) -> list[str]:
     """The modalities whose frozen encoders' features come from the feature cache."""
     out = []
@@ -297,10 +303,7 @@ def make_loader(
     train = split == "train"
     grouped = train and options.group_batches
     if not uncached and grouped:
-        raise ConfigError(
-            "data.group_batches: every encoder's features come from the feature cache, so there is no encoder "
-            "pass to save; remove it, or fine-tune an encoder (freeze: false) or set train.cache=false"
-        )
+        raise ConfigError(GROUP_BATCHES_ALL_CACHED)
     if not uncached and not distributed and records and options.num_workers in (None, 0):
         return cached_loader(model, records, split, features, options)
     encoders = {m: model.encoders[m] for m in uncached}

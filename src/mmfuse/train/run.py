@@ -38,7 +38,14 @@ from mmfuse.builders import (
 from mmfuse.config import ConfigError, RunConfig, dump_config, load_config
 from mmfuse.model import MultiTaskModel
 from mmfuse.runs import load_run  # noqa: F401  (re-exported: it moved to mmfuse.runs, which needs no trainer)
-from mmfuse.train.data import Features, build_features, cached_modalities, check_records, make_loader
+from mmfuse.train.data import (
+    GROUP_BATCHES_ALL_CACHED,
+    Features,
+    build_features,
+    cached_modalities,
+    check_records,
+    make_loader,
+)
 from mmfuse.train.errors import NonFiniteError
 from mmfuse.train.history import HistoryCSVLogger, KeepHistory, rows_of
 from mmfuse.train.module import MMFuseModule
@@ -230,6 +237,9 @@ class Run:
         self.timings["validate_records"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         cached = cached_modalities(self.model, self.cfg.train.cache)
+        if self.loader_options.group_batches and set(cached) == set(self.model.encoders):
+            # the same refusal as make_loader's, before minutes of encoding rather than after
+            raise ConfigError(GROUP_BATCHES_ALL_CACHED)
         feats = build_features(self.model, self.splits, cached, self.cfg.train.cache_dir)
         self.timings["features"] = time.perf_counter() - t0
         return feats
