@@ -12,11 +12,11 @@ which is not additive in the modalities, and only the `answer` task, which the b
   features cached; the balancers act on the fusion's per-modality adapters (`adapters: true`). 8,000 records,
   3 epochs (the full set and budget saturate at 99.7 % without any balancer).
 - `evqa_train`: easy-VQA, a ResNet-18 image encoder trained from scratch (32 px), MiniLM frozen and cached;
-  the balancers act on the image encoder + its adapter and on the text side's FiLM generator. 6,000 records,
+  the balancers act on the image encoder + its adapter and on the text side's FiLM generator. 3,000 records,
   4 epochs (a budget that fits a 2-core CPU).
 - `rel_frozen` / `rel_train`: the same two on the relations set (`python -m mmfuse.data.relations --out
   data/relations` first), where the image carries what the question asks about; `rel_frozen` uses 8,000
-  records and 4 epochs, `rel_train` 32 px, 6,000 records and 4 epochs.
+  records and 4 epochs, `rel_train` 32 px, 3,000 records and 4 epochs.
 
 Methods: `none` (OGM-GE with alpha 0 and no noise: k = 1 always, the same linear probes logged, so the
 baseline differs from the others only in the modulation), `ogm0.1`, `ogm0.5`, `ogm0.8` (OGM-GE with GE
@@ -50,7 +50,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     ),
     "evqa_train": (
         "src/mmfuse/configs/easy_vqa_ogm_ge.yaml",
-        ["model.encoders.image.image_size=32", "data.limit=6000", "train.max_epochs=4"],
+        ["model.encoders.image.image_size=32", "data.limit=3000", "train.max_epochs=4"],
     ),
     "rel_frozen": (
         "configs/relations.yaml",
@@ -62,7 +62,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
             "tasks={answer: {kind: multiclass}}",
             "model.encoders.image={name: torchvision, model: resnet18, image_size: 32}",
             "model.fusion={name: film, output_dim: 256, condition_on: text, adapters: true}",
-            "data.limit=6000",
+            "data.limit=3000",
             "data.batch_size=64",
             "train.max_epochs=4",
             "train.lr=0.001",
