@@ -7,8 +7,9 @@ same dynamically padded batches:
 what differs is the model code alone. Inference: forward under `torch.inference_mode()` in eval mode.
 
 Training is also compared as each library is run: TorchMultiModal ships models, not a training loop, so its
-users write the loop above (given the fused AdamW too, so that the flag is not what is compared); mmfuse users run `mmfuse train`, i.e. `MMFuseModule` under
-mmfuse's Trainer (fused AdamW, grad clipping 1.0, schedule, logging), on the same batches.
+users write the loop above (given the fused AdamW too, so that the flag is not what is compared); mmfuse
+users run `mmfuse train`, i.e. `MMFuseModule` under mmfuse's Trainer (fused AdamW, grad clipping 1.0, schedule,
+logging), on the same batches.
 
 Needs `pip install torchmultimodal-nightly iopath --no-deps` (iopath also imports portalocker:
 `pip install portalocker --no-deps`); without them this comparison is skipped.
