@@ -205,14 +205,17 @@ class Target:
     met: bool | None  # None: not applicable (skipped)
     spread: tuple[float, float] | None = None  # min and max over rounds
     detail: str = ""
+    higher_is_better: bool = True  # False for "at most" targets (costs, memory)
 
     def verdict(self) -> str:
         if self.met is None:
             return "skipped"
         if self.met:
             return "met"
-        if self.spread is not None and self.spread[1] >= self.threshold:
-            return "missed (within noise)"
+        if self.spread is not None:
+            best = self.spread[1] if self.higher_is_better else self.spread[0]
+            if (best >= self.threshold) if self.higher_is_better else (best <= self.threshold):
+                return "missed (within noise)"
         return "missed"
 
 
