@@ -4,7 +4,9 @@ Matmul: square fp32 matmuls (2048 on CPU, 8192 on CUDA), 2 * n^3 FLOPs each, at 
 Step: mmfuse's fine-tuning step (as in `finetune`: MMFuseModule via its Trainer). Its FLOPs are counted with
 `torch.utils.flop_counter.FlopCounterMode` over forward + backward of each timed batch (matmuls,
 convolutions, attention; elementwise work and the optimiser count zero), so the fraction is conservative.
-Both are interleaved in rounds; the figure is median step FLOP/s over median matmul FLOP/s.
+Both are interleaved in rounds. The headline figure is median step FLOP/s over the MEDIAN matmul FLOP/s of the
+same run; the share of the BEST matmul rate measured in the same run (the fastest single matmul: the
+machine's least-disturbed rate, a stricter ceiling) is reported beside it, with its own target line.
 """
 
 from __future__ import annotations
@@ -78,10 +80,15 @@ def run(s: Settings) -> Result:
     mm_rates = [2 * size**3 / t for t in m["matmul"].times]
     step_rates = [flops[warmup + j] / t for r in m["mmfuse"].rounds for j, t in enumerate(r)]
     peak, achieved = statistics.median(mm_rates), statistics.median(step_rates)
-    frac = achieved / peak
+    best = max(mm_rates)
+    frac, frac_best = achieved / peak, achieved / best
     per_round = [
         statistics.median(flops[warmup + j] / t for j, t in enumerate(sr))
         / statistics.median(2 * size**3 / t for t in mr)
+        for sr, mr in zip(m["mmfuse"].rounds, m["matmul"].rounds)
+    ]
+    per_round_best = [
+        statistics.median(flops[warmup + j] / t for j, t in enumerate(sr)) / (2 * size**3 / min(mr))
         for sr, mr in zip(m["mmfuse"].rounds, m["matmul"].rounds)
     ]
     res = Result("ceiling")
@@ -91,31 +98,40 @@ def run(s: Settings) -> Result:
             peak / 1e9,
             "GFLOP/s",
             "",
-            f"best {max(mm_rates) / 1e9:.0f}",
+            f"median of {len(mm_rates)} matmuls; best {best / 1e9:.0f}",
             reference("matmul GFLOP/s", s.device),
         ),
         Row(
             "mmfuse fine-tuning step",
             achieved / 1e9,
             "GFLOP/s",
-            f"{frac:.0%} of matmul",
+            f"{frac:.0%} of median matmul, {frac_best:.0%} of best",
             f"{statistics.mean(flops) / 1e9:.1f} GFLOP/step (fwd+bwd), {BATCH / m['mmfuse'].median:.1f} samples/s",
             reference("finetune GFLOP/s", s.device),
         ),
     ]
     res.targets = [
         Target(
-            "ceiling: fine-tuning step >= 65% of matmul GFLOP/s",
+            "ceiling: fine-tuning step >= 65% of matmul GFLOP/s (headline: median matmul rate of the run)",
             frac,
             TARGET,
             frac >= TARGET,
             (min(per_round), max(per_round)),
-        )
+        ),
+        Target(
+            "ceiling: fine-tuning step >= 65% of the BEST matmul GFLOP/s of the run (stricter)",
+            frac_best,
+            TARGET,
+            frac_best >= TARGET,
+            (min(per_round_best), max(per_round_best)),
+        ),
     ]
     res.info = {
         "matmul_gflops": [r / 1e9 for r in mm_rates],
         "step_gflop": [f / 1e9 for f in flops],
         "step_s": m["mmfuse"].times,
         "matmul_size": size,
+        "share_of_median_matmul": frac,
+        "share_of_best_matmul": frac_best,
     }
     return res

@@ -4,7 +4,8 @@
   optimisation, equal weighting, grad clipping (1.0), fused AdamW, cosine schedule, logging, as `train()` runs it.
 - minimal, same recipe: the same `MultiTaskModel` in a hand-written loop with mmfuse's recipe: forward,
   cross-entropy, backward, grad clipping (1.0), `AdamW(fused=True)`. mmfuse vs this is the framework's overhead.
-- minimal, as users write it: the same loop with `AdamW()` defaults and no clipping.
+- minimal, as users write it: the same loop with no clipping, and the fused AdamW kernel as mmfuse uses
+  (`AdamW(fused=True)`), so that mmfuse vs this compares the libraries, not one optimiser flag.
 - notebook: the common notebook loop: plain torchvision + Hugging Face modules, text padded to 128, Adam.
 
 All sides get the same pre-collated batches (mmfuse's collator; the notebook's text re-tokenised to 128), so
@@ -72,7 +73,7 @@ def run(s: Settings) -> Result:
         "minimal": loop_runner(
             minimal_step(fresh_copy(ref).to(s.device), dyn, s.device, clip=1.0, fused=True), s.device
         ),
-        "plain": loop_runner(minimal_step(fresh_copy(ref).to(s.device), dyn, s.device), s.device),
+        "plain": loop_runner(minimal_step(fresh_copy(ref).to(s.device), dyn, s.device, fused=True), s.device),
         "notebook": loop_runner(notebook_step(notebook_model(ref).to(s.device), pad, s.device, False), s.device),
         "mmfuse e2e": lightning_runner(
             lambda: mmfuse_module(e2e_model, cfg), cfg, e2e_loader, s.workdir / "e2e", s.device
@@ -94,10 +95,9 @@ def run(s: Settings) -> Result:
         ),
         side_row("minimal loop, same recipe: same MultiTaskModel, clip 1.0, AdamW(fused=True)", mini, t_dyn),
         side_row(
-            "minimal loop, plain: same MultiTaskModel, dynamic padding, AdamW(), no clip",
+            "minimal loop as users write it: same MultiTaskModel, dynamic padding, AdamW(fused=True), no clip",
             plain,
             t_dyn,
-            ref=reference("finetune dynamic", s.device),
         ),
         side_row("notebook loop, pad 128, Adam", nb, t_pad, ref=reference("finetune notebook pad 128", s.device)),
         side_row(
@@ -119,7 +119,7 @@ def run(s: Settings) -> Result:
             (min(r_min), max(r_min)),
         ),
         Target(
-            "finetune: mmfuse samples/s >= minimal loop as users write it (AdamW defaults)",
+            "finetune: mmfuse samples/s >= minimal loop as users write it (fused AdamW, no clip)",
             vs_plain,
             1.0,
             vs_plain >= 1.0,

@@ -1,29 +1,43 @@
-"""1. frozen: training with both encoders frozen, epochs after the first.
+"""1. frozen: training with both encoders frozen, on features computed once.
 
-mmfuse: the path `train()` takes: `Run.prepare()` (FeatureCache: each distinct image and text encoded once,
-stored as safetensors), `make_loader` (CachedCollator gathers the cached rows), `Run.module()`
-(MMFuseModule) and mmfuse's own Trainer (`build_trainer`: checkpoint every epoch, CSV + TensorBoard
-loggers). Figure: records / wall time of a whole training epoch (start of epoch e to start of epoch
-e+1: data, steps, logging, checkpoint), epochs after the first. The one-off feature extraction is
-reported apart.
+Led by the two baselines a skeptic accepts, each a whole training epoch over the same records, batch size and
+optimiser (fused AdamW, mmfuse's lr and weight decay), interleaved with mmfuse's epochs in rounds (the order
+rotates):
 
-Notebook: the frozen encoders re-run on every step under `torch.no_grad()` on pre-collated batches
-(its data loading is not even counted), text padded to 128 (and, for reference, padded per batch).
+- bare cached loop: a plain PyTorch loop over mmfuse's own cached features, gathered once into contiguous
+  (N, D) tensors; the same fusion + head modules (a fresh copy of mmfuse's model each round), masked task
+  losses, clipping and schedule as mmfuse's step (`bench_cached.bare_epoch`). mmfuse vs this is the framework's
+  cost on this path.
+- notebook, features extracted once: the notebook model's frozen encoders run ONCE over every training record
+  (batches of 256, text padded per batch, under `no_grad`), then a plain loop trains concat -> Linear -> Linear on
+  the precomputed (N, 896) tensor: shuffled batches, cross-entropy, `AdamW(fused=True)`; the extraction is timed
+  apart (one-off).
+- mmfuse: the path `train()` takes: `Run.prepare()` (FeatureCache: each distinct image and text encoded once,
+  stored as safetensors), `make_loader` (CachedCollator gathers the cached rows), `Run.module()` (MMFuseModule)
+  and mmfuse's own Trainer (`build_trainer`: checkpoint, CSV + TensorBoard loggers); one 1-epoch `fit` per round,
+  the figure is its training epoch (epoch start to epoch end hooks); the whole `fit` (set-up, checkpoint,
+  teardown) is reported beside it.
+
+Context only: the notebook loop that re-runs its frozen encoders on every step under `torch.no_grad()`
+(pre-collated batches, text padded to 128, and per batch).
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
 from common import (
     BATCH,
+    TASK,
     Result,
     Row,
     Settings,
     Target,
     apply_trainer_flags,
     collate_batches,
+    collate_batches_of,
     fmt,
     interleave,
     lightning_callbacks,
@@ -32,13 +46,15 @@ from common import (
     model_config,
     notebook_model,
     notebook_step,
+    now,
     pad_to_max,
     reference,
     side_row,
+    to_device,
     tokens_per_batch,
 )
 
-TARGET = 100.0
+TARGET = 0.5
 
 
 def run(s: Settings) -> Result:
@@ -48,91 +64,179 @@ def run(s: Settings) -> Result:
     from mmfuse.train.data import make_loader
     from mmfuse.train.run import Run
 
-    epochs = 3 if s.quick else 4
-    data = {"limit": 1024} if s.quick else {}
+    from bench_cached import bare_epoch
+
+    limit = s.limit or (1024 if s.quick else None)
+    data = {"limit": limit} if limit else {}
     cfg = parse_config(
-        model_config(True, device=s.device, data=data, train={"max_epochs": epochs, "cache_dir": str(s.workdir / "fc")})
+        model_config(True, device=s.device, data=data, train={"max_epochs": 1, "cache_dir": str(s.workdir / "fc")})
     )
     torch.manual_seed(0)
     run_ = Run(cfg)
     run_.splits = {"train": run_.splits["train"]}  # time training epochs only
     t0 = time.perf_counter()
-    feats = run_.prepare()
+    features = run_.prepare()
     extract_s = time.perf_counter() - t0
     records = run_.splits["train"]
-    loader = make_loader(run_.model, records, "train", feats, run_.loader_options)
-    module = run_.module()
+    n = len(records)
+    loader = make_loader(run_.model, records, "train", features, run_.loader_options)
     apply_trainer_flags(run_.cfg, s.workdir)
 
-    warmup, steps = 1, s.steps(5, 2)
+    # the bare loop's tensors: each record's cached features gathered once, labels collated once
+    feats = {m: t.gather(features.rows["train"][m]).pooled.contiguous() for m, t in features.tables.items()}
+    labels, masks = loader.dataset.labels, loader.dataset.masks
+    total_steps = len(loader)
+    # the notebook's: its own frozen encoders run once over every record
+    nb = notebook_model(run_.model).to(s.device)
+    t0 = time.perf_counter()
+    nb_feats = notebook_extract(nb, collate_batches_of(run_.model, records, 256), s.device)
+    nb_extract_s = time.perf_counter() - t0
+    nb_labels = labels[TASK]  # the same class indices (every easy-VQA record has its answer)
+
+    rounds = s.rounds(3, 1)
+    sides = ["bare", "notebook once", "mmfuse"]
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    fit_s: list[float] = []
+    for r in range(rounds):
+        for side in sides[r % 3 :] + sides[: r % 3]:
+            if side == "bare":
+                times[side].append(bare_epoch(run_, feats, labels, masks, r, total_steps))
+            elif side == "notebook once":
+                times[side].append(notebook_epoch(nb, nb_feats, nb_labels, run_.cfg, r, s.device))
+            else:
+                train_s, whole_s = mmfuse_epoch(run_, loader, s, r)
+                times[side].append(train_s)
+                fit_s.append(whole_s)
+            print(f"  round {r + 1}/{rounds} {side}: {n / times[side][-1]:.0f} samples/s", flush=True)
+
+    # context: the notebook loop that re-runs its frozen encoders every step
+    warmup, steps = 1, s.steps(3, 2)
     nb_records = records[: (warmup + steps) * BATCH]
     dyn = collate_batches(run_.model, nb_records, warmup + steps)
     pad = pad_to_max(dyn, nb_records, run_.model.encoders["text"].tokenizer)
-    nb = notebook_model(run_.model).to(s.device)
     notebook = {
         "notebook pad 128": loop_runner(notebook_step(nb, pad, s.device, frozen=True), s.device),
         "notebook dynamic": loop_runner(notebook_step(nb, dyn, s.device, frozen=True), s.device),
     }
-    before = interleave(notebook, BATCH, 1, warmup, steps)
-    epoch_s, train_only_s = fit_epochs(module, loader, run_.cfg, s)
-    after = interleave(notebook, BATCH, 1, warmup, steps)
-    nb_m = {k: before[k] for k in notebook}
-    for k in notebook:
-        nb_m[k].rounds += after[k].rounds
-        nb_m[k].cpu_share = (before[k].cpu_share + after[k].cpu_share) / 2
+    rerun = interleave(notebook, BATCH, 1, warmup, steps)
 
-    mm_sps = len(records) / statistics.median(epoch_s)
-    base = nb_m["notebook pad 128"].per_second
-    ratio = mm_sps / base
-    per_epoch_ratios = [len(records) / e / base for e in epoch_s]
+    sps = {k: n / statistics.median(v) for k, v in times.items()}
+    per_round = {k: [n / t for t in v] for k, v in times.items()}
+    ratio = {k: [o / b for o, b in zip(per_round["mmfuse"], per_round[k])] for k in ("bare", "notebook once")}
+    mm = sps["mmfuse"]
+
+    def spread(k: str) -> str:
+        return f"per round {fmt(min(per_round[k]))}-{fmt(max(per_round[k]))}"
+
+    def vs(k: str) -> str:
+        rr = ratio[k]
+        return f"{fmt(statistics.median(rr))}x (per round {fmt(min(rr))}-{fmt(max(rr))})"
+
     res = Result("frozen")
     res.rows = [
         Row(
-            "mmfuse (FeatureCache + CachedCollator + MMFuseModule + Trainer)",
-            mm_sps,
+            "mmfuse: FeatureCache + CachedCollator + MMFuseModule + Trainer, training epoch",
+            mm,
             "samples/s",
-            f"{fmt(ratio)}x notebook",
-            f"{len(records)} records/epoch, {statistics.median(epoch_s):.2f} s/epoch over {len(epoch_s)} epochs",
+            f"{vs('bare')} bare loop, {vs('notebook once')} notebook extract-once",
+            f"{n} records/epoch, {spread('mmfuse')}; whole 1-epoch fit {statistics.median(fit_s):.2f} s",
         ),
+        Row(
+            "bare loop over mmfuse's cached tensors (same modules, fused AdamW, clip, schedule)",
+            sps["bare"],
+            "samples/s",
+            "",
+            spread("bare"),
+        ),
+        Row(
+            "notebook, features extracted once: concat -> Linear -> Linear on a precomputed tensor, AdamW(fused=True)",
+            sps["notebook once"],
+            "samples/s",
+            "",
+            spread("notebook once"),
+        ),
+        Row("one-off: mmfuse feature extraction (FeatureCache, distinct inputs)", extract_s, "s", "", f"{n} records"),
+        Row("one-off: notebook feature extraction (every record, batch 256)", nb_extract_s, "s", "", f"{n} records"),
         side_row(
-            "notebook: frozen encoders re-run, pad 128",
-            nb_m["notebook pad 128"],
+            "context: notebook re-running frozen encoders every step, pad 128",
+            rerun["notebook pad 128"],
             f"T={tokens_per_batch(pad):.0f}",
+            f"{fmt(mm / rerun['notebook pad 128'].per_second)}x below mmfuse",
             ref=reference("frozen notebook pad 128", s.device),
         ),
         side_row(
-            "notebook: frozen encoders re-run, dynamic padding",
-            nb_m["notebook dynamic"],
+            "context: notebook re-running frozen encoders every step, dynamic padding",
+            rerun["notebook dynamic"],
             f"T={tokens_per_batch(dyn):.1f}",
-            f"{fmt(mm_sps / nb_m['notebook dynamic'].per_second)}x below mmfuse",
+            f"{fmt(mm / rerun['notebook dynamic'].per_second)}x below mmfuse",
             ref=reference("frozen notebook dynamic", s.device),
         ),
-        Row("mmfuse one-off feature extraction", extract_s, "s", "", f"{len(records)} records, before epoch 1"),
     ]
+    r_bare, r_nb = ratio["bare"], ratio["notebook once"]
     res.targets = [
         Target(
-            "frozen: mmfuse samples/s >= 100x notebook (pad 128)",
-            ratio,
+            "frozen: mmfuse training epoch >= 0.5x the bare loop's samples/s (issue 13 section 1)",
+            statistics.median(r_bare),
             TARGET,
-            ratio >= TARGET,
-            (min(per_epoch_ratios), max(per_epoch_ratios)),
-        )
+            statistics.median(r_bare) >= TARGET,
+            (min(r_bare), max(r_bare)),
+        ),
+        Target(
+            "frozen: mmfuse training epoch >= 0.5x the notebook extract-once loop's samples/s",
+            statistics.median(r_nb),
+            TARGET,
+            statistics.median(r_nb) >= TARGET,
+            (min(r_nb), max(r_nb)),
+        ),
     ]
     res.info = {
-        "records": len(records),
-        "epoch_s": epoch_s,
-        "train_part_of_epoch_s": train_only_s,
+        "records": n,
+        "epoch_train_s": times,
+        "mmfuse_fit_s": fit_s,
         "feature_extraction_s": extract_s,
-        "notebook_step_s": {k: m.times for k, m in nb_m.items()},
+        "notebook_extraction_s": nb_extract_s,
+        "mmfuse_over_side_per_round": ratio,
+        "notebook_rerun_step_s": {k: m.times for k, m in rerun.items()},
     }
     return res
 
 
-def fit_epochs(module: object, loader: object, cfg: object, s: Settings) -> tuple[list[float], list[float]]:
-    """Fit for cfg.train.max_epochs; returns the whole-epoch times and their training part, first epoch excluded."""
+def notebook_extract(nb: object, batches: list[dict], device: object) -> object:
+    """The notebook's one pass of its frozen encoders over every record: (N, 512 + H) features."""
+    import torch
+
+    nb.eval()
+    with torch.no_grad():
+        return torch.cat([nb.encode(b["inputs"]["image"], b["inputs"]["text"]) for b in to_device(batches, device)])
+
+
+def notebook_epoch(nb: object, feats: object, labels: object, cfg: object, epoch: int, device: object) -> float:
+    """One epoch of the notebook's loop over precomputed features (fresh copy of its fc + head); returns seconds."""
+    import torch
+    import torch.nn.functional as F
+
+    fc, head = copy.deepcopy(nb.fc), copy.deepcopy(nb.head)
+    params = [*fc.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+    t0 = now(device)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
+    for idx in order.split(cfg.data.batch_size):
+        loss = F.cross_entropy(head(fc(feats[idx])), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return now(device) - t0
+
+
+def mmfuse_epoch(run: object, loader: object, s: Settings, r: int) -> tuple[float, float]:
+    """One 1-epoch `fit` of mmfuse (its Trainer, a fresh module, the model restored after); returns the training
+    epoch's seconds and the whole fit's."""
     _, EpochClock = lightning_callbacks()
     clock = EpochClock(s.device)
-    trainer = mmfuse_trainer(cfg, s.workdir / "frozen_run", [clock])
-    trainer.fit(module, loader)
-    whole = [b - a for a, b in zip(clock.starts, clock.starts[1:])]  # the last epoch has no next start: dropped
-    return whole[1:], clock.train_only[1 : len(whole)]
+    trainer = mmfuse_trainer(run.cfg, s.workdir / f"frozen_round{r}", [clock])
+    saved = copy.deepcopy(run.model.state_dict())
+    t0 = now(s.device)
+    trainer.fit(run.module(), loader)
+    whole = now(s.device) - t0
+    run.model.load_state_dict(saved)
+    return clock.train_only[0], whole

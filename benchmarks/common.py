@@ -29,7 +29,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-THREADS = 2
+# torch threads: OMP_NUM_THREADS when it is set (on a machine shared with other jobs, 1 avoids oversubscription),
+# else 2 (the development machine's cores).
+THREADS = int(os.environ.get("OMP_NUM_THREADS") or 2)
 BATCH = 32
 IMAGE_SIZE = 64
 FUSION_DIM = 256
@@ -45,8 +47,12 @@ class Settings:
     device: torch.device
     quick: bool
     workdir: Path
+    limit: int | None = None  # cap on the easy-VQA training records of `frozen` (None: all; --quick: 1024)
+    rounds_override: int | None = None  # --rounds: every comparison's rounds
 
     def rounds(self, full: int, quick: int = 1) -> int:
+        if self.rounds_override:
+            return self.rounds_override
         return quick if self.quick else full
 
     def steps(self, full: int, quick: int = 2) -> int:
@@ -199,14 +205,17 @@ class Target:
     met: bool | None  # None: not applicable (skipped)
     spread: tuple[float, float] | None = None  # min and max over rounds
     detail: str = ""
+    higher_is_better: bool = True  # False for "at most" targets (costs, memory)
 
     def verdict(self) -> str:
         if self.met is None:
             return "skipped"
         if self.met:
             return "met"
-        if self.spread is not None and self.spread[1] >= self.threshold:
-            return "missed (within noise)"
+        if self.spread is not None:
+            best = self.spread[1] if self.higher_is_better else self.spread[0]
+            if (best >= self.threshold) if self.higher_is_better else (best <= self.threshold):
+                return "missed (within noise)"
         return "missed"
 
 

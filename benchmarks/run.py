@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help=f"comma-separated comparisons to run, of: {', '.join(COMPARISONS)}")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"), help="JSON results file")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--rounds", type=int, help="rounds of every comparison (default: each comparison's own)")
+    p.add_argument("--limit", type=int, help="easy-VQA training records of `frozen` (default: all; --quick: 1024)")
     args = p.parse_args(argv)
     names = list(COMPARISONS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in COMPARISONS]
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 workdir = Path(tmp) / name
                 workdir.mkdir(parents=True)
-                res = COMPARISONS[name](Settings(device, args.quick, workdir))
+                res = COMPARISONS[name](Settings(device, args.quick, workdir, args.limit, args.rounds))
             except Exception as err:  # one broken comparison must not lose the others' figures
                 traceback.print_exc()
                 res = Result(name, skipped=f"error: {type(err).__name__}: {err}")
