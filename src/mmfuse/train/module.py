@@ -93,6 +93,7 @@ class MMFuseModule(L.LightningModule):
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._step_losses: torch.Tensor | None = None  # (T,) this step's task losses, checked before the step
         self._batch_idx = 0
+        self._shared: list[nn.Parameter] | None = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], absent: dict[str, torch.Tensor] | None = None) -> ModelOutput:
@@ -102,8 +103,21 @@ class MMFuseModule(L.LightningModule):
         return self.model(batch.get("inputs", {}), batch.get("features"), merged or None)
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters shared by all tasks: unfrozen encoders and the fusion."""
-        return [p for m in (self.model.encoders, self.model.fusion) for p in m.parameters() if p.requires_grad]
+        """Trainable parameters shared by all tasks: unfrozen encoders and the fusion.
+
+        Computed once (walking a frozen backbone's parameters every step cost 4% of a cached-feature step);
+        `requires_grad` does not change during training.
+        """
+        if self._shared is None:
+            parts = (self.model.encoders, self.model.fusion)
+            self._shared = [p for m in parts for p in m.parameters() if p.requires_grad]
+        return self._shared
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """On the CPU the batch is already where it belongs: skip Lightning's walk over it (5% of a cached step)."""
+        if device.type == "cpu":
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -368,7 +382,8 @@ class MMFuseModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen encoders loaded from files are rebuilt from the config (cache_key names their weights): leave them out.
-        finite = [torch.isfinite(p).all() for p in self.parameters() if p.is_floating_point()]
+        # Trainable parameters only: frozen ones cannot have changed (walking a frozen backbone cost 8% of an epoch).
+        finite = [torch.isfinite(p).all() for p in self.parameters() if p.requires_grad and p.is_floating_point()]
         if finite and not bool(torch.stack(finite).all()):
             raise NonFiniteError(f"non-finite weights at epoch {self.current_epoch}: the checkpoint was not written")
         prefixes = self._frozen_prefixes()
