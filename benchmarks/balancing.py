@@ -209,8 +209,9 @@ def draw(results: dict, folder: Path) -> None:
                     continue
                 series = runs[0]["coef"][m]  # seed 0: one curve per method (the seeds look alike)
                 if series:
-                    ax.plot([s for s, _ in series], [k for _, k in series], label=method, lw=1)
-            ax.set_title(f"{setting}: k_{m}")
+                    color = f"C{list(METHODS).index(method)}"  # one colour per method in every panel
+                    ax.plot([s for s, _ in series], [k for _, k in series], label=method, lw=1, marker=".", color=color)
+            ax.set_title(f"{setting}: k_{m} (epoch means, seed 0)")
             ax.set_yscale("log")
             if row == 1:
                 ax.set_xlabel("step")
