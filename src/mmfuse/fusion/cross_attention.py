@@ -19,15 +19,20 @@ from mmfuse.fusion.positional import grid_shape, sincos_1d, sincos_2d
 class CrossAttentionFusion(Fusion):
     """Multi-head attention from a query modality over the other modality's tokens, pooled over queries.
 
-    `fused = masked_mean_q(out_proj(attention(q_proj(n_q(query)) + p_q, k_proj(n_k(keys)) + p_k, v_proj(n_k(keys)) + p_k)))
-    + q_res(n_q(query_pooled))` (the residual term only when `residual`). `n_q`, `n_k` are LayerNorms of the query
-    and key inputs when `norm` (pre-norm: frozen features of very different scales, e.g. 1280-d image activations
-    and 384-d sentence embeddings, then meet on an equal footing), else the identity. `p_k` (and `p_q` for token
-    queries) are fixed sine-cosine positions added to the projected tokens when `positional`: 2-D on the `spatial`
-    modality's h x w grid, 1-D on the other side's tokens; 0 otherwise. Without them the output is invariant to a
-    permutation of the key tokens, so a pooled query cannot tell where in the image a token was. Padded key tokens (`mask` False) and every key token of a sample
-    whose key modality is absent (`present` False) are masked out; their values cannot change the output. A
-    sample with no real key token gets zeros as its attended values (no NaN). Exactly two modalities.
+    `fused = masked_mean_q(out_proj(attention(q, k, v))) + q_res(n_q(query_pooled))` with
+    `q = q_proj(n_q(query)) + p_q`, `k = k_proj(n_k(keys)) + p_k`, `v = v_proj(n_k(keys)) + p_k`
+    (the residual term only when `residual`).
+
+    `n_q`, `n_k` are LayerNorms of the query and key inputs when `norm` (pre-norm: frozen features of very different
+    scales, e.g. 1280-d image activations and 384-d sentence embeddings, then meet on an equal footing and the
+    softmax does not saturate), else the identity. `p_k` (and `p_q` for token queries) are fixed sine-cosine
+    positions added to the projected tokens when `positional`: 2-D on the `spatial` modality's h x w grid, 1-D on
+    the other side's tokens; 0 otherwise. Without them the output is invariant to a permutation of the key tokens,
+    so a pooled query cannot tell where in the image a token was.
+
+    Padded key tokens (`mask` False) and every key token of a sample whose key modality is absent (`present` False)
+    are masked out; their values cannot change the output. A sample with no real key token gets zeros as its
+    attended values (no NaN). Exactly two modalities.
 
     `extras["attended"]` holds the per-query attended values before `out_proj` (B, Q, D_out); when weights are
     requested, `extras["attention"]` holds them (B, H, Q, T), 0 on masked tokens.
