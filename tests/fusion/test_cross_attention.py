@@ -306,3 +306,10 @@ def test_norm_layers_belong_to_their_modality(dims, out_dim) -> None:
     assert {id(fusion.norm_k.weight), id(fusion.norm_k.bias), id(fusion.v_proj.weight)} <= ids["image"]
     plain = CrossAttentionFusion(dims, out_dim, direction="text_to_image", norm=False)
     assert len(plain.modality_parameters("image")) == len(fusion.modality_parameters("image")) - 2
+
+
+def test_spatial_auto_is_the_image_when_there_is_one(dims, out_dim) -> None:
+    assert CrossAttentionFusion(dims, out_dim).spatial == "image"
+    assert CrossAttentionFusion({"q": 6, "table": 10}, 10, direction="q_to_table", num_heads=2).spatial is None
+    assert CrossAttentionFusion(dims, out_dim, spatial=None).spatial is None
+    assert CrossAttentionFusion(dims, out_dim, spatial="text").spatial == "text"

@@ -48,7 +48,8 @@ class CrossAttentionFusion(Fusion):
         norm: LayerNorm the query and key inputs before their projections (pre-norm).
         positional: add fixed sine-cosine positions to the projected tokens (needs `output_dim` divisible by 4, or
             by 2 without a spatial modality).
-        spatial: the modality whose tokens are a flattened 2-D grid, or None (1-D positions on both sides).
+        spatial: the modality whose tokens are a flattened 2-D grid, or None (1-D positions on both sides); "auto":
+            "image" when one of the modalities is called so, else None.
         grid: (h, w) of the spatial grid; by default the square grid of its T tokens.
     """
 
@@ -65,10 +66,12 @@ class CrossAttentionFusion(Fusion):
         residual: bool = True,
         norm: bool = True,
         positional: bool = True,
-        spatial: str | None = "image",
+        spatial: str | None = "auto",
         grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(input_dims, output_dim)
+        if spatial == "auto":
+            spatial = "image" if "image" in self.input_dims else None
         q_side, _, k_side = direction.partition("_to_")
         if len(self.modalities) != 2 or q_side == k_side or {q_side, k_side} != set(self.modalities):
             raise ValueError(
