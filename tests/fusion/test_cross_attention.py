@@ -27,18 +27,63 @@ def real_tokens(f: EncoderOutput, b: int) -> torch.Tensor:
     return f.tokens[b] if f.mask is None else f.tokens[b][f.mask[b]]
 
 
-def reference(features, w, direction: str, query: str, heads: int, residual: bool) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last axis by its definition (biased variance, eps 1e-5)."""
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * weight + bias
+
+
+def sincos(p: float, dim: int) -> list[float]:
+    """`[sin(p f_0), .., sin(p f_{dim/2-1}), cos(p f_0), ..]` with `f_i = 10000^(-2i/dim)`, one scalar at a time."""
+    freqs = [10000.0 ** (-2 * i / dim) for i in range(dim // 2)]
+    return [math.sin(p * f) for f in freqs] + [math.cos(p * f) for f in freqs]
+
+
+def position(modality: str, t: int, n: int, dim: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """The encoding (dim,) of token t of n: image tokens on their row-major grid (square unless given), text 1-D."""
+    if modality != "image":
+        return torch.tensor(sincos(t, dim))
+    w = grid[1] if grid else math.isqrt(n)
+    return torch.tensor(sincos(t // w, dim // 2) + sincos(t % w, dim // 2))
+
+
+def reference(
+    features,
+    w,
+    direction: str,
+    query: str,
+    heads: int,
+    residual: bool,
+    norm: bool = True,
+    positional: bool = True,
+    grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """The fusion by hand, one sample, query and head at a time; padding never enters."""
     q_side, k_side = direction.split("_to_")
-    d_h = w["out_proj.weight"].shape[0] // heads
+    d_out = w["out_proj.weight"].shape[0]
+    d_h = d_out // heads
+
+    def normed(x: torch.Tensor, side: str) -> torch.Tensor:
+        return layer_norm(x, w[f"norm_{side}.weight"], w[f"norm_{side}.bias"]) if norm else x
+
+    def pos(modality: str, count: int) -> torch.Tensor:  # (count, D_out) positions of the first `count` tokens
+        n = features[modality].tokens.shape[1]
+        rows = [position(modality, t, n, d_out, grid) if positional else torch.zeros(d_out) for t in range(count)]
+        return torch.stack(rows)
+
     fused = []
     for b in range(3):
-        keys = real_tokens(features[k_side], b)
-        k = keys @ w["k_proj.weight"].T + w["k_proj.bias"]  # (T_b, D_out)
-        v = keys @ w["v_proj.weight"].T + w["v_proj.bias"]
-        qs = features[q_side].pooled[b : b + 1] if query == "pooled" else real_tokens(features[q_side], b)
+        keys = normed(real_tokens(features[k_side], b), "k")
+        k = keys @ w["k_proj.weight"].T + w["k_proj.bias"] + pos(k_side, len(keys))  # (T_b, D_out)
+        v = keys @ w["v_proj.weight"].T + w["v_proj.bias"] + pos(k_side, len(keys))
+        if query == "pooled":
+            qs = normed(features[q_side].pooled[b : b + 1], "q") @ w["q_proj.weight"].T + w["q_proj.bias"]
+        else:
+            tokens = real_tokens(features[q_side], b)
+            qs = normed(tokens, "q") @ w["q_proj.weight"].T + w["q_proj.bias"] + pos(q_side, len(tokens))
         per_query = []
-        for q in qs @ w["q_proj.weight"].T + w["q_proj.bias"]:
+        for q in qs:
             attended = []
             for h in range(heads):
                 s = slice(h * d_h, (h + 1) * d_h)
@@ -47,7 +92,7 @@ def reference(features, w, direction: str, query: str, heads: int, residual: boo
             per_query.append(torch.cat(attended) @ w["out_proj.weight"].T + w["out_proj.bias"])
         out = torch.stack(per_query).mean(dim=0)
         if residual:
-            out = out + features[q_side].pooled[b] @ w["q_res.weight"].T + w["q_res.bias"]
+            out = out + normed(features[q_side].pooled[b], "q") @ w["q_res.weight"].T + w["q_res.bias"]
         fused.append(out)
     return torch.stack(fused)
 
@@ -61,12 +106,33 @@ def test_golden_value(direction, query, return_weights, dims, out_dim, features,
     torch.testing.assert_close(fusion(features).fused, expected)
 
 
+@pytest.mark.parametrize(("direction", "query"), CONFIGS)
+def test_golden_value_without_norm_and_positions(direction, query, dims, out_dim, features, fixed_init) -> None:
+    fusion = CrossAttentionFusion(dims, out_dim, direction=direction, query=query, norm=False, positional=False)
+    w = fixed_init(fusion)
+    assert fusion.norm_q is None and not any(name.startswith("norm") for name in w)
+    expected = reference(features, w, direction, query, heads=4, residual=True, norm=False, positional=False)
+    torch.testing.assert_close(fusion(features).fused, expected)
+
+
 def test_golden_value_without_residual_and_two_heads(dims, out_dim, features, fixed_init) -> None:
     fusion = CrossAttentionFusion(dims, out_dim, num_heads=2, residual=False)
     w = fixed_init(fusion)
     assert fusion.q_res is None and "q_res.weight" not in w
     expected = reference(features, w, "image_to_text", "pooled", heads=2, residual=False)
     torch.testing.assert_close(fusion(features).fused, expected)
+
+
+@pytest.mark.parametrize("query", ["pooled", "tokens"])
+def test_golden_value_with_a_given_grid(query, dims, out_dim, features, fixed_init) -> None:
+    # The 4 image tokens as a 1 x 4 strip, not the default 2 x 2 square.
+    fusion = CrossAttentionFusion(dims, out_dim, direction="text_to_image", query=query, grid=(1, 4))
+    w = fixed_init(fusion)
+    expected = reference(features, w, "text_to_image", query, heads=4, residual=True, grid=(1, 4))
+    torch.testing.assert_close(fusion(features).fused, expected)
+    square = CrossAttentionFusion(dims, out_dim, direction="text_to_image", query=query)
+    square.load_state_dict(fusion.state_dict())
+    assert not torch.allclose(square(features).fused, fusion(features).fused)
 
 
 @pytest.mark.parametrize(("direction", "query"), CONFIGS)
@@ -92,8 +158,9 @@ def test_padding_values_change_nothing(direction, query, return_weights, dims, o
 def test_a_single_real_token_returns_its_value_projection(return_weights, dims, out_dim, features) -> None:
     fusion = CrossAttentionFusion(dims, out_dim, return_weights=return_weights)
     attended = fusion(features).extras["attended"]  # (B, 1, D_out); sample 2 has one real text token
-    token = features["text"].tokens[2, 0]
-    torch.testing.assert_close(attended[2, 0], token @ fusion.v_proj.weight.T + fusion.v_proj.bias)
+    token = layer_norm(features["text"].tokens[2, 0], fusion.norm_k.weight, fusion.norm_k.bias)
+    first_position = torch.tensor([0.0] * (out_dim // 2) + [1.0] * (out_dim // 2))  # sin 0, cos 0
+    torch.testing.assert_close(attended[2, 0], token @ fusion.v_proj.weight.T + fusion.v_proj.bias + first_position)
 
 
 @pytest.mark.parametrize(("direction", "query"), CONFIGS)
@@ -169,8 +236,80 @@ def test_missing_key_tokens_name_the_modality(dims, out_dim, features) -> None:
         ({"image": 12, "text": 10}, {"direction": "image_to_image"}, "direction"),
         ({"image": 12, "text": 10, "audio": 6}, {}, "exactly two modalities"),
         ({"image": 12, "text": 10}, {"query": "mean"}, "query"),
+        ({"image": 12, "text": 10}, {"spatial": "audio"}, "spatial='audio'"),
+        ({"image": 12, "text": 10}, {"positional": False, "grid": (2, 2)}, "grid acts only"),
+        ({"image": 12, "text": 10}, {"spatial": None, "grid": (2, 2)}, "grid acts only"),
     ],
 )
 def test_bad_options_raise(dims, kwargs, match, out_dim) -> None:
     with pytest.raises(ValueError, match=match):
         CrossAttentionFusion(dims, out_dim, **kwargs)
+
+
+def test_positions_need_a_divisible_output_dim(dims) -> None:
+    with pytest.raises(ValueError, match=r"output_dim \(6\) divisible by 4"):
+        CrossAttentionFusion(dims, 6, num_heads=2)
+    CrossAttentionFusion(dims, 6, num_heads=2, spatial=None)  # 1-D positions need an even size only
+    CrossAttentionFusion(dims, 6, num_heads=2, positional=False)
+
+
+def test_a_grid_that_does_not_hold_the_tokens_is_named(dims, out_dim, features) -> None:
+    fusion = CrossAttentionFusion(dims, out_dim, direction="text_to_image", grid=(3, 2))
+    with pytest.raises(ValueError, match=r"image input has 4 tokens, but grid 3 x 2 holds 6"):
+        fusion(features)
+
+
+def scaled_key(features: dict[str, EncoderOutput], b: int, t: int, scale: float) -> dict[str, EncoderOutput]:
+    """The features with sample b's image token t multiplied by `scale`."""
+    image = features["image"]
+    tokens = image.tokens.clone()
+    tokens[b, t] *= scale
+    return dict(features, image=EncoderOutput(image.pooled, tokens, image.mask, image.present))
+
+
+@pytest.mark.parametrize("query", ["pooled", "tokens"])
+def test_pre_norm_makes_the_output_invariant_to_a_key_tokens_scale(query, dims, out_dim, features) -> None:
+    normed = CrossAttentionFusion(dims, out_dim, direction="text_to_image", query=query)
+    plain = CrossAttentionFusion(dims, out_dim, direction="text_to_image", query=query, norm=False)
+    louder = scaled_key(features, b=1, t=2, scale=50.0)
+    torch.testing.assert_close(normed(louder).fused, normed(features).fused, atol=1e-4, rtol=1e-4)  # eps
+    assert not torch.allclose(plain(louder).fused[1], plain(features).fused[1], atol=1e-3)
+    assert torch.equal(plain(louder).fused[0], plain(features).fused[0])  # only sample 1 changed
+
+
+def test_pre_norm_makes_the_output_invariant_to_the_querys_scale(dims, out_dim, features) -> None:
+    normed = CrossAttentionFusion(dims, out_dim, direction="image_to_text")
+    image = features["image"]
+    louder = dict(features, image=EncoderOutput(10.0 * image.pooled, image.tokens, image.mask, image.present))
+    torch.testing.assert_close(normed(louder).fused, normed(features).fused, atol=1e-4, rtol=1e-4)  # eps
+
+
+def permuted_image(features: dict[str, EncoderOutput], order: list[int]) -> dict[str, EncoderOutput]:
+    image = features["image"]
+    return dict(features, image=EncoderOutput(image.pooled, image.tokens[:, order], image.mask, image.present))
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_positions_let_a_pooled_query_tell_where_a_key_token_was(norm, dims, out_dim, features) -> None:
+    order = [2, 0, 3, 1]
+    with_pos = CrossAttentionFusion(dims, out_dim, direction="text_to_image", norm=norm)
+    without = CrossAttentionFusion(dims, out_dim, direction="text_to_image", norm=norm, positional=False)
+    # Without positions attention over the keys is a set operation: a permutation of the tokens changes nothing.
+    torch.testing.assert_close(without(permuted_image(features, order)).fused, without(features).fused)
+    assert not torch.allclose(with_pos(permuted_image(features, order)).fused, with_pos(features).fused, atol=1e-3)
+
+
+def test_norm_layers_belong_to_their_modality(dims, out_dim) -> None:
+    fusion = CrossAttentionFusion(dims, out_dim, direction="text_to_image")
+    ids = {m: {id(p) for p in fusion.modality_parameters(m)} for m in fusion.modalities}
+    assert {id(fusion.norm_q.weight), id(fusion.norm_q.bias), id(fusion.q_proj.weight)} <= ids["text"]
+    assert {id(fusion.norm_k.weight), id(fusion.norm_k.bias), id(fusion.v_proj.weight)} <= ids["image"]
+    plain = CrossAttentionFusion(dims, out_dim, direction="text_to_image", norm=False)
+    assert len(plain.modality_parameters("image")) == len(fusion.modality_parameters("image")) - 2
+
+
+def test_spatial_auto_is_the_image_when_there_is_one(dims, out_dim) -> None:
+    assert CrossAttentionFusion(dims, out_dim).spatial == "image"
+    assert CrossAttentionFusion({"q": 6, "table": 10}, 10, direction="q_to_table", num_heads=2).spatial is None
+    assert CrossAttentionFusion(dims, out_dim, spatial=None).spatial is None
+    assert CrossAttentionFusion(dims, out_dim, spatial="text").spatial == "text"

@@ -182,8 +182,10 @@ def test_cross_attention_map_over_the_image_grid(runs, data: Path) -> None:
     assert sum(entry["weights"]) == pytest.approx(1.0, abs=1e-5)
     with torch.no_grad():  # softmax(q k^T / sqrt(d_h)) per head, averaged over heads and the text tokens
         heads = fusion.num_heads
-        q = fusion.q_proj(feats["text"].tokens[0]).unflatten(-1, (heads, -1)).transpose(0, 1)  # (H, Q, d_h)
-        k = fusion.k_proj(tokens[0]).unflatten(-1, (heads, -1)).transpose(0, 1)  # (H, T, d_h)
+        text = feats["text"].tokens[0]  # pre-norm inputs, positions on the projected tokens (1-D text, 2-D image)
+        q = fusion.q_proj(fusion.norm_q(text)) + fusion._positions("text", text[None])
+        k = fusion.k_proj(fusion.norm_k(tokens[0])) + fusion._positions("image", tokens)
+        q, k = (x.unflatten(-1, (heads, -1)).transpose(0, 1) for x in (q, k))  # (H, Q, d_h), (H, T, d_h)
         rows = ((q @ k.transpose(1, 2)) / q.shape[-1] ** 0.5).softmax(-1)  # (H, Q, T)
         assert torch.allclose(rows.sum(-1), torch.ones(rows.shape[:2]))
         want = rows.mean(0)[feats["text"].mask[0]].mean(0)

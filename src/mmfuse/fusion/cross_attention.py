@@ -12,16 +12,27 @@ from torch import nn
 
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
+from mmfuse.fusion.positional import grid_shape, sincos_1d, sincos_2d
 
 
 @FUSIONS.register("cross_attention")
 class CrossAttentionFusion(Fusion):
     """Multi-head attention from a query modality over the other modality's tokens, pooled over queries.
 
-    `fused = masked_mean_q(out_proj(attention(q_proj(query), k_proj(keys), v_proj(keys)))) + q_res(query_pooled)`
-    (the residual term only when `residual`). Padded key tokens (`mask` False) and every key token of a sample
-    whose key modality is absent (`present` False) are masked out; their values cannot change the output. A
-    sample with no real key token gets zeros as its attended values (no NaN). Exactly two modalities.
+    `fused = masked_mean_q(out_proj(attention(q, k, v))) + q_res(n_q(query_pooled))` with
+    `q = q_proj(n_q(query)) + p_q`, `k = k_proj(n_k(keys)) + p_k`, `v = v_proj(n_k(keys)) + p_k`
+    (the residual term only when `residual`).
+
+    `n_q`, `n_k` are LayerNorms of the query and key inputs when `norm` (pre-norm: frozen features of very different
+    scales, e.g. 1280-d image activations and 384-d sentence embeddings, then meet on an equal footing and the
+    softmax does not saturate), else the identity. `p_k` (and `p_q` for token queries) are fixed sine-cosine
+    positions added to the projected tokens when `positional`: 2-D on the `spatial` modality's h x w grid, 1-D on
+    the other side's tokens; 0 otherwise. Without them the output is invariant to a permutation of the key tokens,
+    so a pooled query cannot tell where in the image a token was.
+
+    Padded key tokens (`mask` False) and every key token of a sample whose key modality is absent (`present` False)
+    are masked out; their values cannot change the output. A sample with no real key token gets zeros as its
+    attended values (no NaN). Exactly two modalities.
 
     `extras["attended"]` holds the per-query attended values before `out_proj` (B, Q, D_out); when weights are
     requested, `extras["attention"]` holds them (B, H, Q, T), 0 on masked tokens.
@@ -33,7 +44,13 @@ class CrossAttentionFusion(Fusion):
         query: "pooled" (the query side's pooled vector, Q = 1) or "tokens" (its tokens, with their mask).
         num_heads: H.
         return_weights: compute attention explicitly and return its weights (else `scaled_dot_product_attention`).
-        residual: add a linear projection of the query side's pooled vector.
+        residual: add a linear projection of the query side's (normalised) pooled vector.
+        norm: LayerNorm the query and key inputs before their projections (pre-norm).
+        positional: add fixed sine-cosine positions to the projected tokens (needs `output_dim` divisible by 4, or
+            by 2 without a spatial modality).
+        spatial: the modality whose tokens are a flattened 2-D grid, or None (1-D positions on both sides); "auto":
+            "image" when one of the modalities is called so, else None.
+        grid: (h, w) of the spatial grid; by default the square grid of its T tokens.
     """
 
     needs_tokens = True
@@ -47,8 +64,14 @@ class CrossAttentionFusion(Fusion):
         num_heads: int = 4,
         return_weights: bool = False,
         residual: bool = True,
+        norm: bool = True,
+        positional: bool = True,
+        spatial: str | None = "auto",
+        grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(input_dims, output_dim)
+        if spatial == "auto":
+            spatial = "image" if "image" in self.input_dims else None
         q_side, _, k_side = direction.partition("_to_")
         if len(self.modalities) != 2 or q_side == k_side or {q_side, k_side} != set(self.modalities):
             raise ValueError(
@@ -59,9 +82,13 @@ class CrossAttentionFusion(Fusion):
             raise ValueError(f"cross_attention query must be 'pooled' or 'tokens', got {query!r}")
         if num_heads < 1 or output_dim % num_heads:
             raise ValueError(f"cross_attention output_dim ({output_dim}) must be divisible by num_heads ({num_heads})")
+        self._check_positions(output_dim, positional, spatial, grid)
         self.q_side, self.k_side, self.query = q_side, k_side, query
         self.num_heads, self.return_weights = num_heads, return_weights
+        self.positional, self.spatial, self.grid = positional, spatial, None if grid is None else tuple(grid)
         d_q, d_k = self.input_dims[q_side], self.input_dims[k_side]
+        self.norm_q = nn.LayerNorm(d_q) if norm else None
+        self.norm_k = nn.LayerNorm(d_k) if norm else None
         self.q_proj = nn.Linear(d_q, output_dim)
         self.k_proj = nn.Linear(d_k, output_dim)
         self.v_proj = nn.Linear(d_k, output_dim)
@@ -74,12 +101,16 @@ class CrossAttentionFusion(Fusion):
         if self.query == "pooled":
             queries = query_side.pooled.unsqueeze(1)  # (B, 1, D_q)
             q_mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)  # (B, 1)
+            q_pos: torch.Tensor | float = 0.0
         else:
             queries, q_mask = self._real_tokens(query_side, self.q_side)  # (B, Q, D_q), (B, Q)
+            q_pos = self._positions(self.q_side, queries)  # (Q, D_out) or 0
         keys, k_mask = self._real_tokens(features[self.k_side], self.k_side)  # (B, T, D_k), (B, T)
-        q = self._split_heads(self.q_proj(queries))  # (B, H, Q, D_h)
-        k = self._split_heads(self.k_proj(keys))  # (B, H, T, D_h)
-        v = self._split_heads(self.v_proj(keys))  # (B, H, T, D_h)
+        keys = self._normed(self.norm_k, keys)
+        k_pos = self._positions(self.k_side, keys)  # (T, D_out) or 0
+        q = self._split_heads(self.q_proj(self._normed(self.norm_q, queries)) + q_pos)  # (B, H, Q, D_h)
+        k = self._split_heads(self.k_proj(keys) + k_pos)  # (B, H, T, D_h)
+        v = self._split_heads(self.v_proj(keys) + k_pos)  # (B, H, T, D_h)
         want = self.return_weights if return_weights is None else return_weights
         out, weights = self._attend(q, k, v, k_mask, want)  # (B, H, Q, D_h), (B, H, Q, T) or None
         extras = {} if weights is None else {"attention": weights}
@@ -88,14 +119,41 @@ class CrossAttentionFusion(Fusion):
         weight = q_mask.unsqueeze(-1).to(attended.dtype)  # (B, Q, 1)
         fused = (self.out_proj(attended) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)  # (B, D_out)
         if self.q_res is not None:
-            fused = fused + self.q_res(query_side.pooled)
+            fused = fused + self.q_res(self._normed(self.norm_q, query_side.pooled))
         return FusionOutput(fused=fused, extras=extras)
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
-        """The query side's `q_proj` (and `q_res`), the key side's `k_proj` and `v_proj`."""
+        """The query side's `norm_q`, `q_proj` (and `q_res`), the key side's `norm_k`, `k_proj` and `v_proj`."""
         super().modality_parameters(modality)  # checks the name
-        layers = [self.q_proj, self.q_res] if modality == self.q_side else [self.k_proj, self.v_proj]
+        if modality == self.q_side:
+            layers = [self.norm_q, self.q_proj, self.q_res]
+        else:
+            layers = [self.norm_k, self.k_proj, self.v_proj]
         return [p for layer in layers if layer is not None for p in layer.parameters()]
+
+    def _check_positions(self, output_dim: int, positional: bool, spatial: str | None, grid: object) -> None:
+        if spatial is not None and spatial not in self.input_dims:
+            raise ValueError(f"cross_attention spatial={spatial!r} is not one of {self.modalities} (or null)")
+        if positional and output_dim % (4 if spatial else 2):
+            raise ValueError(
+                f"cross_attention positions need output_dim ({output_dim}) divisible by {4 if spatial else 2}; "
+                "set positional: false or change output_dim"
+            )
+        if grid is not None and not (positional and spatial):
+            raise ValueError("cross_attention grid acts only with positional=true and a spatial modality")
+
+    def _positions(self, m: str, tokens: torch.Tensor) -> torch.Tensor | float:
+        """(T_m, D_out) fixed encodings of modality m's token positions (0 when `positional` is off)."""
+        if not self.positional:
+            return 0.0
+        n, dim, kw = tokens.shape[1], self.output_dim, {"device": tokens.device, "dtype": tokens.dtype}
+        if m == self.spatial:
+            return sincos_2d(*grid_shape(n, self.grid, f"cross_attention's {m} input"), dim, **kw)
+        return sincos_1d(torch.arange(n, **kw), dim)
+
+    @staticmethod
+    def _normed(norm: nn.LayerNorm | None, x: torch.Tensor) -> torch.Tensor:
+        return x if norm is None else norm(x)
 
     @staticmethod
     def _attend(
