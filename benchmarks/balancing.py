@@ -25,7 +25,7 @@ effects) and `agm` (Li et al. ICCV 2023, alpha 1).
 
     python benchmarks/balancing.py --root runs/balancing                 # everything (hours on 2 CPU cores)
     python benchmarks/balancing.py --root runs/balancing --only evqa_frozen --seeds 0 1 2
-    python benchmarks/balancing.py --root runs/balancing --summarise --table docs/balancing_table.md \
+    python benchmarks/balancing.py --root runs/balancing --summarise \
         --json benchmarks/results/balancing.json --plots docs/img
 """
 
