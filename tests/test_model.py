@@ -91,3 +91,30 @@ def test_given_features_skip_the_encoder(seed: int) -> None:
     feats = model.encode(inputs)
     out = model({}, features=feats)
     assert torch.allclose(out.logits["kind3"], model(inputs).logits["kind3"])
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "co_attention"])
+def test_the_spatial_grid_is_asked_of_the_encoders_not_read_off_a_name(fusion: str) -> None:
+    image = {"name": "torchvision", "model": "resnet18", "image_size": 64, "freeze": True, "tokens": True}
+    text = {"name": "hf_text", "config": TINY_BERT, "max_length": 16, "freeze": True}
+    extra = {"direction": "caption_to_photo"} if fusion == "cross_attention" else {}
+    model = build_model(
+        {
+            "model": {
+                "encoders": {"photo": image, "caption": text},
+                "fusion": {"name": fusion, "output_dim": 16, **extra},
+            },
+            "tasks": {"flag": {"kind": "binary"}},
+        }
+    )
+    assert model.fusion.spatial == "photo"  # the image encoder that gives tokens, whatever its modality's name
+    pooled = build_model(
+        {
+            "model": {
+                "encoders": {"image": {**image, "tokens": False}, "text": text},
+                "fusion": {"name": "cross_attention", "output_dim": 16, "direction": "image_to_text"},
+            },
+            "tasks": {"flag": {"kind": "binary"}},
+        }
+    )
+    assert pooled.fusion.spatial is None  # called "image", but its encoder gives no grid of tokens

@@ -3,6 +3,7 @@ intrude into the classes). The only readers of a `RunConfig` below the CLI."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -51,12 +52,20 @@ def build_encoders(model_cfg: ModelConfig) -> dict[str, Encoder]:
     return {m: build_encoder(m, comp) for m, comp in model_cfg.encoders.items()}
 
 
-def build_fusion(comp: Component, input_dims: Mapping[str, int]) -> Fusion:
+def build_fusion(comp: Component, input_dims: Mapping[str, int], grids: Sequence[str] | None = None) -> Fusion:
+    """The fusion of `comp` over `input_dims`; `grids` names the modalities whose encoders give 2-D token grids.
+
+    A fusion with a `spatial` option left at "auto" gets the one grid modality from `grids` (asked of the
+    encoders, never guessed from a modality's name), or None when there is none or more than one.
+    """
     from mmfuse.fusion import FUSIONS
 
     opts = component_options(FUSIONS, comp, "model.fusion")
+    cls = FUSIONS.get(comp.name)
+    if grids is not None and opts.get("spatial", "auto") == "auto" and "spatial" in inspect.signature(cls).parameters:
+        opts["spatial"] = grids[0] if len(grids) == 1 else None
     try:
-        return FUSIONS.get(comp.name)(input_dims=dict(input_dims), **opts)
+        return cls(input_dims=dict(input_dims), **opts)
     except (ValueError, TypeError, RuntimeError, OverflowError) as err:  # torch: a size it cannot allocate
         raise ConfigError(f"model.fusion: {_one_line(err)}") from None
 
@@ -84,7 +93,8 @@ def build_model_from(
 ) -> MultiTaskModel:
     """The model from its config section; `encoders` (already built and fitted) are used when given."""
     encoders = dict(encoders) if encoders is not None else build_encoders(model_cfg)
-    fusion = build_fusion(model_cfg.fusion, {m: e.output_dim for m, e in encoders.items()})
+    grids = [m for m, e in encoders.items() if e.modality == "image" and e.has_tokens]  # flattened feature maps
+    fusion = build_fusion(model_cfg.fusion, {m: e.output_dim for m, e in encoders.items()}, grids)
     head = model_cfg.head
     heads = {n: MLPHead(fusion.output_dim, t.out_dim, head.hidden_dims, head.dropout) for n, t in tasks.items()}
     return MultiTaskModel(encoders, fusion, tasks, heads)

@@ -90,7 +90,9 @@ class CoAttentionFusion(Fusion):
         ffn_dim: the feed-forward hidden size; defaults to 4 d.
         self_attention: also let each stream attend to itself in every layer.
         positional: add the positional encodings (off: the fusion cannot tell token order or place).
-        spatial: the modality whose tokens are a flattened 2-D grid, or None (1-D positions for both).
+        spatial: the modality whose tokens are a flattened 2-D grid, or None (1-D positions for both). "auto": the
+            builder asks the encoders (the one image encoder that gives tokens); built directly, "auto" means the
+            modality called "image" if there is one.
         grid: (h, w) of the spatial grid; by default the square grid of its T tokens.
         return_weights: compute attention explicitly and return its weights (else `scaled_dot_product_attention`).
     """
@@ -107,11 +109,13 @@ class CoAttentionFusion(Fusion):
         ffn_dim: int | None = None,
         self_attention: bool = True,
         positional: bool = True,
-        spatial: str | None = "image",
+        spatial: str | None = "auto",
         grid: tuple[int, int] | None = None,
         return_weights: bool = False,
     ) -> None:
         super().__init__(input_dims, output_dim)
+        if spatial == "auto":
+            spatial = "image" if "image" in self.input_dims else None
         d = output_dim if hidden_dim is None else hidden_dim
         self._check(d, num_layers, num_heads, positional, spatial, grid)
         self.hidden_dim, self.positional, self.spatial, self.grid = d, positional, spatial, grid

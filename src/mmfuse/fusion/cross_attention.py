@@ -48,8 +48,9 @@ class CrossAttentionFusion(Fusion):
         norm: LayerNorm the query and key inputs before their projections (pre-norm).
         positional: add fixed sine-cosine positions to the projected tokens (needs `output_dim` divisible by 4, or
             by 2 without a spatial modality).
-        spatial: the modality whose tokens are a flattened 2-D grid, or None (1-D positions on both sides); "auto":
-            "image" when one of the modalities is called so, else None.
+        spatial: the modality whose tokens are a flattened 2-D grid, or None (1-D positions on both sides). "auto":
+            the builder asks the encoders (the one image encoder that gives tokens); built directly, "auto" means
+            the modality called "image" if there is one.
         grid: (h, w) of the spatial grid; by default the square grid of its T tokens.
     """
 
