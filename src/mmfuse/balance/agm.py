@@ -103,13 +103,7 @@ class AGM(OGMGE):
             self.steps += 1
             t = float(self.steps)
             self.running.copy_(running * (t - 1) / t + losses / t)
-        if not active:
-            coeffs = torch.ones_like(coeffs)
-        self.lr_scale = {m: float(coeffs[i]) for i, m in enumerate(self.modalities)}
-        logs = {f"coef/{m}": float(coeffs[i]) for i, m in enumerate(self.modalities)}
-        logs.update({f"loss/{m}": float(losses[i]) for i, m in enumerate(self.modalities)})
-        logs.update({f"ratio/{m}": float(ratios[i]) for i, m in enumerate(self.modalities)})
-        return logs
+        return self.set_lr_scale(coeffs, active, loss=losses, ratio=ratios)
 
     @torch.no_grad()
     def mono_losses(

@@ -134,12 +134,17 @@ class OGMGE(Balancer):
         if active and self.noise:
             for m in self.modalities:
                 self.add_noise(modality_parameters(model, m))
+        return self.set_lr_scale(coeffs, active, score=scores, ratio=ratios)
+
+    def set_lr_scale(self, coeffs: torch.Tensor, active: bool, **series: torch.Tensor) -> dict[str, float]:
+        """Set `lr_scale` from the (M,) coefficients (all 1 when not `active`); the values to log, what was
+        applied included: `coef/<m>`, and `<name>/<m>` for each (M,) tensor of `series`."""
         if not active:
-            coeffs = torch.ones_like(coeffs)  # log what was applied
+            coeffs = torch.ones_like(coeffs)
         self.lr_scale = {m: float(coeffs[i]) for i, m in enumerate(self.modalities)}
-        logs = {f"coef/{m}": float(coeffs[i]) for i, m in enumerate(self.modalities)}
-        logs.update({f"score/{m}": float(scores[i]) for i, m in enumerate(self.modalities)})
-        logs.update({f"ratio/{m}": float(ratios[i]) for i, m in enumerate(self.modalities)})
+        logs = {f"coef/{m}": k for m, k in self.lr_scale.items()}
+        for name, values in series.items():
+            logs.update({f"{name}/{m}": float(values[i]) for i, m in enumerate(self.modalities)})
         return logs
 
     def ensure_setup(self, model: MultiTaskModel) -> None:

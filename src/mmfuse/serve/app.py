@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,19 @@ class Service:
                 self.answered += 1
             else:
                 self.errors[status] += 1
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """Count the request handled inside: answered, or failed with its 4xx (`RequestError`) or a 500."""
+        try:
+            yield
+        except RequestError as err:
+            self.count(err.status)
+            raise
+        except Exception:
+            self.count(500)
+            raise
+        self.count(None)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -232,17 +247,11 @@ def create_app(service: Service) -> FastAPI:
     async def explain(request: Request) -> Response:
         uploads = Uploads(service.upload_dir)
         try:
-            rows, _ = await read_rows(request, limit)
-            report, png = await asyncio.to_thread(service.explain, rows, uploads)
-        except RequestError as err:
-            service.count(err.status)
-            raise
-        except Exception:
-            service.count(500)
-            raise
+            with service.counted():
+                rows, _ = await read_rows(request, limit)
+                report, png = await asyncio.to_thread(service.explain, rows, uploads)
         finally:
             uploads.close()
-        service.count(None)
         if request.query_params.get("format") == "png":
             return Response(png, media_type="image/png")
         return json_response({**report, "image": "data:image/png;base64," + base64.b64encode(png).decode()})
@@ -251,23 +260,17 @@ def create_app(service: Service) -> FastAPI:
     async def predict(request: Request) -> Response:
         uploads, pending = Uploads(service.upload_dir), None
         try:
-            rows, single = await read_rows(request, limit)
-            service.reader.check_count(rows)
-            # Decoded and checked by the worker that takes it (`RecordReader.records`), then predicted.
-            pending = service.batcher.enqueue((rows, uploads), len(rows))
-            results = await asyncio.shield(pending)
-        except RequestError as err:
-            service.count(err.status)
-            raise
-        except Exception:
-            service.count(500)
-            raise
+            with service.counted():
+                rows, single = await read_rows(request, limit)
+                service.reader.check_count(rows)
+                # Decoded and checked by the worker that takes it (`RecordReader.records`), then predicted.
+                pending = service.batcher.enqueue((rows, uploads), len(rows))
+                results = await asyncio.shield(pending)
         finally:
             if pending is not None and not pending.done():  # abandoned by its client: clean up once predicted
                 pending.add_done_callback(lambda _: uploads.close())
             else:
                 uploads.close()
-        service.count(None)
         return json_response(results[0] if single else results)
 
     return app
