@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,7 +318,7 @@ def _mark(root: Path) -> None:
     """Write the marker that tells `clear_cache` this folder is a feature cache."""
     marker = root / MARKER
     if not marker.exists():
-        tmp = root / f"{MARKER}.{os.getpid()}.tmp"
+        tmp = root / f"{MARKER}.{os.getpid()}.{threading.get_ident()}.tmp"  # per thread: writers in one process race
         tmp.write_text("mmfuse feature cache: `mmfuse cache clear` deletes only the files mmfuse wrote here\n")
         os.replace(tmp, marker)
 
