@@ -241,7 +241,12 @@ def _parser() -> argparse.ArgumentParser:
         "  mmfuse compare my.yaml --fusions concat,film --stress --out runs/cmp   # + robustness curves",
     )
     cp.add_argument("config", nargs="?", help="YAML run config (default: the built-in easy-VQA config)")
-    cp.add_argument("--fusions", default="all", help="comma-separated fusions, or 'all' (default: all it can feed)")
+    cp.add_argument(
+        "--fusions",
+        default="all",
+        help="comma-separated fusions, or 'all' (default: all it can feed); options per fusion in braces: "
+        "'all,co_attention{hidden_dim: 128}'",
+    )
     cp.add_argument("--seeds", default="3", help="number of seeds: the config's seed, +1, ... (default: 3)")
     cp.add_argument(
         "--vary",
@@ -278,7 +283,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.verbose:  # one line per member: the runs' own info lines stay out
         lib.setLevel(logging.WARNING)
     try:
-        plan = plan_compare(args.config, args.set, args.fusions.split(","), args.seeds, args.vary, args.out)
+        plan = plan_compare(args.config, args.set, args.fusions, args.seeds, args.vary, args.out)
         for name, why in plan.skipped.items():
             print(f"skipped {name}: {why}", flush=True)
         print(f"{len(plan.members)} members -> {plan.out}", flush=True)

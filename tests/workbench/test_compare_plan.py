@@ -58,6 +58,19 @@ def test_the_configs_fusion_keeps_its_options_and_others_get_only_the_shared_one
     assert fusions["gated"].options == {"output_dim": 12}
 
 
+def test_options_in_braces_go_on_top_of_what_each_fusion_gets(config: Path, tmp_path: Path) -> None:
+    plan = plan_compare(config, [], "concat{output_dim: 8, adapters: false},film{hidden_dim: 6},gated", 1, [], tmp_path)
+    fusions = {m.fusion: m.cfg.model.fusion for m in plan.members}
+    assert fusions["concat"].options == {"output_dim": 8, "adapters": False}
+    assert fusions["film"].options == {"output_dim": 12, "condition_on": "image", "hidden_dim": 6}
+    assert fusions["gated"].options == {"output_dim": 12}
+    # "all" with options for one fusion: that one counts as named (so it must be feedable), the rest as "all"
+    tokens = ["model.encoders.image.tokens=true"]
+    every = plan_compare(config, tokens, "all,co_attention{num_layers: 1}", 1, [], tmp_path)
+    assert every.fusions == FUSIONS.names()
+    assert next(m for m in every.members if m.fusion == "co_attention").cfg.model.fusion.options["num_layers"] == 1
+
+
 def test_all_takes_every_fusion_the_encoders_can_feed_and_says_why_others_are_skipped(
     config: Path, tmp_path: Path
 ) -> None:
@@ -106,6 +119,17 @@ def test_a_saved_config_agrees_when_it_only_adds_what_training_learned() -> None
         (["--vary", "model.fusion.name=sum,concat"], "vary model.fusion.name with --fusions"),
         (["--vary", "train.max_epochs=[1"], "--vary 'train.max_epochs=[1': the value is not valid YAML"),
         (["--stress-limit", "5"], "--stress-limit: needs --stress"),
+        (["--fusions", "concat{output_dim: 8"], "the braces of the options do not pair up"),
+        (["--fusions", "concat{output_dim: 8}x"], "nothing may follow the options' closing '}'"),
+        (["--fusions", "all{output_dim: 8}"], "options need one fusion's name before the '{'"),
+        (["--fusions", "{output_dim: 8}"], "options need one fusion's name before the '{'"),
+        (["--fusions", "concat{name: sum}"], "'name' is not an option"),
+        (["--fusions", "concat{output_dim: [8}"], "options are not a YAML mapping"),
+        (["--fusions", "concat{[1]: 2}"], "options are not a YAML mapping"),
+        (["--fusions", "concat{1: 2}"], "options must be a mapping of option names to values"),
+        (["--fusions", "concat{output_dim: 8},concat{output_dim: 9}"], "concat is given two sets of options"),
+        (["--fusions", "concat{nope: 1}"], "--fusions: concat{nope: 1}: nope: unknown option for fusion 'concat'"),
+        (["--fusions", "concat{output_dim: -1}"], "--fusions: concat{output_dim: -1}: Trying to create tensor with"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(

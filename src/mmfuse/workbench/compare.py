@@ -144,20 +144,64 @@ def parse_seeds(text: str | int) -> int:
 
 
 # ---------------------------------------------------------------------- which fusions
-def fusion_component(base: Component, name: str) -> dict[str, Any]:
-    """The config's fusion as is when `name` is it; else `name` with the carried options it takes."""
+def parse_fusions(text: str | Sequence[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """`--fusions` -> the names in order, and the options given to some of them.
+
+    Items are comma-separated; each is a fusion name, `all`, or a name with options in YAML flow form:
+    `film,co_attention{hidden_dim: 128, num_layers: 1}`. Commas inside braces belong to the options.
+
+    Raises:
+        ConfigError: options that are not a YAML mapping (unbalanced braces among them), options on `all`, or
+            one fusion given two sets of options.
+    """
+    items = [i for part in ([text] if isinstance(text, str) else text) for i in split_values(part)]
+    names: list[str] = []
+    options: dict[str, dict[str, Any]] = {}
+    for item in (i.strip() for i in items):
+        name, brace, rest = item.partition("{")
+        name = name.strip()
+        if brace:
+            if item.count("{") != item.count("}"):
+                raise ConfigError(f"--fusions {item!r}: the braces of the options do not pair up")
+            if not rest.endswith("}"):
+                raise ConfigError(f"--fusions {item!r}: nothing may follow the options' closing '}}'")
+            try:
+                opts = yaml.safe_load("{" + rest)
+            except yaml.YAMLError as err:
+                shown = str(err).splitlines()[0]
+                raise ConfigError(f"--fusions {item!r}: options are not a YAML mapping ({shown})") from None
+            if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
+                raise ConfigError(f"--fusions {item!r}: options must be a mapping of option names to values")
+            if not name or name == "all":
+                raise ConfigError(f"--fusions {item!r}: options need one fusion's name before the '{{'")
+            if "name" in opts:
+                raise ConfigError(f"--fusions {item!r}: 'name' is not an option; write the fusion's name before '{{'")
+            if name in options and options[name] != opts:
+                raise ConfigError(f"--fusions: {name} is given two sets of options")
+            options[name] = opts
+        names.append(name)
+    return names, options
+
+
+def fusion_component(base: Component, name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config's fusion as is when `name` is it; else `name` with the carried options it takes; then
+    `options` (from `--fusions name{...}`) on top."""
     if name == base.name:
-        return {"name": name, **base.options}
+        return {"name": name, **base.options, **(options or {})}
     from mmfuse.fusion import FUSIONS
 
     accepted = inspect.signature(FUSIONS.get(name).__init__).parameters
-    return {"name": name, **{k: v for k, v in base.options.items() if k in CARRIED_OPTIONS and k in accepted}}
+    carried = {k: v for k, v in base.options.items() if k in CARRIED_OPTIONS and k in accepted}
+    return {"name": name, **carried, **(options or {})}
 
 
-def why_not_feedable(name: str, base: Component, encoders: dict[str, Any]) -> str | None:
+def why_not_feedable(
+    name: str, base: Component, encoders: dict[str, Any], options: dict[str, Any] | None = None
+) -> str | None:
     """Why the encoders cannot feed fusion `name` (its options invalid for them, or tokens they lack), or None."""
     try:
-        fusion = build_fusion(Component(**fusion_component(base, name)), {m: e.output_dim for m, e in encoders.items()})
+        dims = {m: e.output_dim for m, e in encoders.items()}
+        fusion = build_fusion(Component(**fusion_component(base, name, options)), dims)
     except ConfigError as err:
         return str(err).removeprefix("model.fusion: ")
     lacking = [m for m, e in encoders.items() if not e.has_tokens]
@@ -176,8 +220,11 @@ def why_not_feedable(name: str, base: Component, encoders: dict[str, Any]) -> st
     return None
 
 
-def resolve_fusions(names: Sequence[str], base: RunConfig) -> tuple[list[str], dict[str, str]]:
+def resolve_fusions(
+    names: Sequence[str], base: RunConfig, options: dict[str, dict[str, Any]] | None = None
+) -> tuple[list[str], dict[str, str]]:
     """Registered fusion names in the given order ("all": every one the encoders can feed), and the skipped ones.
+    `options`: fusion -> its options from `--fusions name{...}`; a fusion given options counts as named.
 
     Raises:
         ConfigError: an unknown name, a named fusion the encoders cannot feed, or no fusion at all.
@@ -194,10 +241,21 @@ def resolve_fusions(names: Sequence[str], base: RunConfig) -> tuple[list[str], d
     if not wanted:
         raise ConfigError("--fusions: name at least one fusion (or 'all')")
     encoders = build_encoders(base.model)
-    explicit = {n.strip() for n in names} - {"all"}
+    options = options or {}
+    for f in options:
+        if f not in wanted:
+            raise ConfigError(f"--fusions: options for {f!r}, which is not one of the fusions compared")
+    explicit = ({n.strip() for n in names} | set(options)) - {"all"}
+    dims = {m: e.output_dim for m, e in encoders.items()}
+    for f, opts in options.items():  # options that do not build are the options' fault, not the encoders'
+        try:
+            build_fusion(Component(**fusion_component(base.model.fusion, f, opts)), dims)
+        except ConfigError as err:
+            shown = yaml.safe_dump(opts, default_flow_style=True).strip()
+            raise ConfigError(f"--fusions: {f}{shown}: {str(err).removeprefix('model.fusion')[1:].strip()}") from None
     kept, skipped = [], {}
     for f in wanted:
-        reason = why_not_feedable(f, base.model.fusion, encoders)
+        reason = why_not_feedable(f, base.model.fusion, encoders, options.get(f))
         if reason is None:
             kept.append(f)
         elif f in explicit:
@@ -240,7 +298,7 @@ def _member_config(raw: dict[str, Any], fusion: dict[str, Any], vary: dict[str, 
 def plan_compare(
     config: str | Path | None,
     overrides: Sequence[str],
-    fusions: Sequence[str],
+    fusions: str | Sequence[str],
     seeds: int,
     vary: Sequence[str],
     out: str | Path | None = None,
@@ -250,7 +308,7 @@ def plan_compare(
     Args:
         config: YAML run config (None: the built-in easy-VQA one).
         overrides: `--set a.b=c`, applied to every member.
-        fusions: fusion names, or ["all"].
+        fusions: the `--fusions` text, or its items: fusion names, "all", `name{yaml options}` (`parse_fusions`).
         seeds: how many seeds; member k of a setting uses the config's seed + k.
         vary: `--vary KEY=V1,V2,...` options; every combination of their values is a setting.
         out: the comparison's folder (default: runs/compare-<name>-<date>-<time>).
@@ -260,7 +318,8 @@ def plan_compare(
     base = load_config(config, list(overrides))  # a bad config or --set answers here, as `train` would
     n_seeds = parse_seeds(seeds)
     axes = parse_vary(vary)
-    names, skipped = resolve_fusions(list(fusions), base)
+    listed, options = parse_fusions(fusions)
+    names, skipped = resolve_fusions(listed, base, options)
     raw = apply_overrides(_read_raw(config), list(overrides))
     out = Path(out) if out else Path("runs") / f"compare-{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = Plan(base, str(config) if config else None, list(overrides), names, skipped, axes, [], out)
@@ -269,7 +328,7 @@ def plan_compare(
     for seed in plan.seeds:
         for combo in combos:
             for f in names:
-                cfg = _member_config(raw, fusion_component(base.model.fusion, f), combo, seed)
+                cfg = _member_config(raw, fusion_component(base.model.fusion, f, options.get(f)), combo, seed)
                 name = _member_name(f, combo, seed)
                 plan.members.append(Member(name, f, combo, seed, cfg, plan.out / "members" / name))
     if len({m.name for m in plan.members}) != len(plan.members):
