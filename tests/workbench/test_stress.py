@@ -102,12 +102,33 @@ def test_corruptions_are_deterministic_given_the_seed(trained: Path, stress: Str
     assert flat(Stress(trained, seed=1).evaluate(cond)) != first
 
 
+def test_corrupted_features_are_cached_apart_and_read_back_by_another_run_of_the_encoder(
+    trained: Path, stress: Stress, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cond = [Condition("image", "noise", 0.65)]
+    first = flat(stress.evaluate(cond))
+    again = Stress(trained)  # a fresh process's view: another member of a comparison, a second sweep
+    calls: list[int] = []
+    encoder = again.model.encoders["image"]
+    monkeypatch.setattr(encoder, "forward", lambda x, f=encoder.forward: calls.append(1) or f(x))
+    assert flat(again.evaluate(cond)) == pytest.approx(first, abs=1e-6)
+    assert calls == []  # read back, not encoded
+    moved = flat(again.evaluate([Condition("image", "noise", 0.45)]))  # another severity: its own entries
+    assert calls and moved != first
+    # never the clean features' folder: the clean evaluation is unchanged after the corrupted ones were cached
+    assert flat(Stress(trained).evaluate()) == flat(stress.evaluate())
+
+
 def test_uncached_run_sees_the_same_corruption(trained: Path, stress: Stress, clean: dict) -> None:
+    root = Path(yaml.safe_load((trained / "config.yaml").read_text())["train"]["cache_dir"])
+    before = sorted(p.name for p in root.iterdir())
     uncached = Stress(trained, overrides=["train.cache=false"])
     assert not uncached.features.tables  # every input goes through its encoder
     assert flat(uncached.evaluate()) == pytest.approx(clean, abs=1e-5)
     cond = [Condition("image", "occlude", 0.5)]
-    assert flat(uncached.evaluate(cond)) == pytest.approx(flat(stress.evaluate(cond)), abs=1e-5)
+    got = flat(uncached.evaluate(cond))
+    assert sorted(p.name for p in root.iterdir()) == before  # the cache off: corrupted features are not kept either
+    assert got == pytest.approx(flat(stress.evaluate(cond)), abs=1e-5)
 
 
 def test_sweep_grid_clean_and_limit(trained: Path) -> None:

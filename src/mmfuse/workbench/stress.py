@@ -14,8 +14,9 @@ The metrics are those of `mmfuse evaluate` (the same loader and Lightning test l
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from mmfuse.config import ConfigError
+from mmfuse.data.cache import FeatureCache, encoder_key
 from mmfuse.workbench.corrupt import CORRUPTIONS, absent_mask, kinds_for, rng_for
 from mmfuse.workbench.robustness import robustness  # noqa: F401  (part of this module's interface)
 
@@ -117,6 +119,7 @@ class Stress:
         run.splits = {split: run.splits[split][:limit]}
         self.features = run.prepare()  # validates the records; clean features of the cached modalities
         self.split, self.seed, self.records = split, int(seed), run.splits[split]
+        self.cache_dir = cfg.train.cache_dir
         self.options = run.loader_options
         self.module = run.module()
         self.trainer = L.Trainer(
@@ -193,7 +196,12 @@ class Stress:
 
     @torch.inference_mode()
     def encode_corrupted(self, modality: str, chain: Sequence[Condition]) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """Encode the split's distinct inputs of `modality` after the corruptions of `chain`, in memory.
+        """Encode the split's distinct inputs of `modality` after the corruptions of `chain`.
+
+        Where the run caches the modality's clean features (a frozen encoder, `train.cache` on), what is encoded
+        goes to the feature cache too, under a key of its own per corruption chain and seed (`CorruptedCache`):
+        another run with the same encoder (the members of `mmfuse compare`) or a second sweep reads it back.
+        Otherwise (a fine-tuned encoder, the cache off) it is encoded in memory each time.
 
         Returns:
             (FeatureTable of the distinct inputs, (N,) long row of each record, (N,) bool records without one).
@@ -206,10 +214,14 @@ class Stress:
         distinct = list(dict.fromkeys(r for r in refs if r is not None))
         if not distinct:
             raise StressError(f"--corrupt {chain[0]}: no record of the {self.split!r} split has a {modality!r} input")
-        row_of = {ref: i for i, ref in enumerate(distinct)}
-        rows = torch.tensor([row_of.get(r, 0) for r in refs], dtype=torch.long)
         missing = torch.tensor([r is None for r in refs], dtype=torch.bool)
         keep_tokens = self.model.fusion.needs_tokens and enc.has_tokens
+        if modality in self.features.tables:
+            cache = CorruptedCache(enc, modality, chain, self.seed, self.corrupt_raw, self.cache_dir, keep_tokens)
+            table, rows = cache.build([r if r is not None else distinct[0] for r in refs], batch_size=ENCODE_BATCH)
+            return table, rows, missing
+        row_of = {ref: i for i, ref in enumerate(distinct)}
+        rows = torch.tensor([row_of.get(r, 0) for r in refs], dtype=torch.long)
         device = next((p.device for p in enc.parameters()), torch.device("cpu"))
         was_training = enc.training
         enc.eval()
@@ -246,6 +258,38 @@ class Stress:
             for name, task in self.model.tasks.items()
             for metric, m in task.metrics().items()
         }
+
+
+class CorruptedCache(FeatureCache):
+    """The feature cache of a frozen encoder's outputs on *corrupted* inputs: a `FeatureCache` whose folder is
+    keyed by the encoder, the corruption chain and the seed (never the clean features' folder), and which
+    corrupts each input as it loads it. Corruptions are drawn from (seed, kind, content hash), so a cached
+    row is exactly what encoding again would give.
+
+    Args:
+        corrupt: `(encoder, reference, chain) -> raw input`, the loaded and corrupted input.
+        Others: as for `FeatureCache`.
+    """
+
+    def __init__(
+        self,
+        encoder: Any,
+        modality: str,
+        chain: Sequence[Condition],
+        seed: int,
+        corrupt: Callable[[Any, Any, Sequence[Condition]], Any],
+        root: str | Path | None = None,
+        tokens: bool = False,
+    ) -> None:
+        super().__init__(encoder, modality, root, tokens)
+        self.chain, self.corrupt = list(chain), corrupt
+        tag = ";".join(f"{c.kind}:{c.severity!r}" for c in chain)
+        key = f"{encoder_key(encoder, tokens)}|corrupt={tag}|seed={seed}"
+        self.dir = self.root / hashlib.sha256(key.encode()).hexdigest()[:20]
+        self._read_index()
+
+    def _load_raw(self, raw: str) -> object:
+        return self.corrupt(self.encoder, raw, self.chain)
 
 
 class WithAbsent:
