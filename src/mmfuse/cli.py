@@ -476,7 +476,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         c = explanation.report["contributions"][task]
         parts = ", ".join(f"{m} {v:+.3f}" for m, v in c["modalities"].items())
         print(f"  {line}\n      {c['output']} logit {c['logit']:.3f}: {parts}, baseline {c['baseline']:+.3f}", end="")
-        print(f" ({c['method']})")
+        print(f" ({c['method']})" + (f"\n      note: {c['note']}" if c.get("note") else ""))
     print(f"wrote {png} and {js} ({explanation.report['seconds']:.2f} s)")
     return 0
 

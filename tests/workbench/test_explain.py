@@ -140,8 +140,44 @@ def test_gated_reports_its_gate_and_attributes_with_captum(runs, data: Path) -> 
     assert got["open_fraction"] == pytest.approx(float((gate > 0.5).float().mean()))
     assert sum(got["histogram"]["counts"]) == gate.numel()
     for c in explanation.report["contributions"].values():  # IG completeness: terms sum to logit - baseline
-        assert c["method"] == "integrated_gradients"
+        assert c["method"] == "integrated_gradients" and "note" not in c
         assert sum(c["modalities"].values()) == pytest.approx(c["logit"] - c["baseline"], abs=max(1e-3, c["delta"]))
+
+
+def test_integrated_gradients_that_do_not_add_up_are_replaced_in_auto_and_flagged_when_asked(
+    runs, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("captum")
+    import mmfuse.workbench.explain as explain_module
+
+    real = explain_module.captum_terms
+
+    def off(*args: Any) -> dict[str, Any]:  # the real terms, with a completeness error far above tolerance
+        terms = real(*args)
+        if terms["method"] == "integrated_gradients":
+            terms["delta"] = 1e6
+        return terms
+
+    monkeypatch.setattr(explain_module, "captum_terms", off)
+    _, auto, _ = explain(runs("gated"), data)
+    _, ablated, _ = explain(runs("gated"), data, "feature_ablation")
+    for task, c in auto.report["contributions"].items():
+        assert c["method"] == "feature_ablation" and "do not add up" in c["note"]
+        assert c["modalities"] == pytest.approx(ablated.report["contributions"][task]["modalities"])
+    _, asked, _ = explain(runs("gated"), data, "integrated_gradients")
+    for c in asked.report["contributions"].values():
+        assert c["method"] == "integrated_gradients" and "--attribution feature_ablation" in c["note"]
+
+
+def test_auto_attribution_of_a_normalising_fusion_adds_up_or_says_it_was_replaced(runs, data: Path) -> None:
+    pytest.importorskip("captum")
+    _, explanation, _ = explain(runs("co_attention"), data)
+    for c in explanation.report["contributions"].values():
+        if c["method"] == "integrated_gradients":
+            change = abs(c["logit"] - c["baseline"])
+            assert c["delta"] <= max(0.05 * change, 1e-3) and "note" not in c
+        else:
+            assert c["method"] == "feature_ablation" and "do not add up" in c["note"]
 
 
 def test_feature_ablation_is_the_logit_drop_when_a_modality_is_zeroed(runs, data: Path) -> None:

@@ -155,7 +155,14 @@ class Explainer:
             if method == "exact":
                 entry.update(exact_terms(fused, heads[name], c))
             else:
-                entry.update(captum_terms(self.model, features, name, c, method, self.steps))
+                terms = captum_terms(self.model, features, name, c, method, self.steps)
+                gap = ig_gap(terms, entry["logit"])
+                if gap is not None and self.method == "auto":  # the integral is off: show what does hold
+                    terms = captum_terms(self.model, features, name, c, "feature_ablation", self.steps)
+                    terms["note"] = f"integrated gradients {gap}; feature ablation shown instead"
+                elif gap is not None:
+                    terms["note"] = f"integrated gradients {gap}; try --steps or --attribution feature_ablation"
+                entry.update(terms)
             out[name] = entry
         return out
 
@@ -205,6 +212,21 @@ def exact_terms(fused: FusionOutput, head: nn.Linear, c: int) -> dict[str, Any]:
 def _parts(features: dict[str, EncoderOutput]) -> list[tuple[str, str]]:
     """(modality, "pooled" | "tokens") of every feature tensor, in a fixed order."""
     return [(m, p) for m, f in features.items() for p in ("pooled", "tokens") if getattr(f, p) is not None]
+
+
+IG_TOLERANCE = 0.05  # the largest completeness error accepted, as a share of |logit - baseline|
+
+
+def ig_gap(terms: dict[str, Any], logit: float) -> str | None:
+    """None when Integrated Gradients' terms add up to `logit - baseline` within `IG_TOLERANCE` (or were not
+    computed by it); else what is off, in words. A fusion that normalises its inputs (LayerNorm: co_attention,
+    cross_attention) is flat along most of the path from zero features, so the integral misses the jump near 0."""
+    if terms.get("method") != "integrated_gradients" or terms.get("delta") is None:
+        return None
+    change = abs(logit - terms["baseline"])
+    if terms["delta"] <= max(IG_TOLERANCE * change, 1e-3):
+        return None
+    return f"do not add up (completeness error {terms['delta']:.3g} against logit - baseline {change:.3g})"
 
 
 def captum_terms(

@@ -132,10 +132,14 @@ def _contributions(ax: Any, contributions: dict[str, Any]) -> None:
             ys, values, height=height, color=COLORS[i % len(COLORS)] if name != "baseline" else "#bbbbbb", label=name
         )
     ax.axvline(0, color="#444", linewidth=0.8)
-    ax.set_yticks(np.arange(len(tasks)), [f"{t}: {c['output']}" for t, c in contributions.items()], fontsize=8)
+    labels = [f"{t}: {c['output']}" + (" *" if c.get("note") else "") for t, c in contributions.items()]
+    ax.set_yticks(np.arange(len(tasks)), labels, fontsize=8)
     ax.invert_yaxis()
-    method = {c["method"] for c in contributions.values()}
-    ax.set_title(f"contribution of each modality to each task's top logit ({', '.join(sorted(method))})", fontsize=9)
+    method = ", ".join(sorted({c["method"] for c in contributions.values()}))
+    ax.set_title(f"contribution of each modality to each task's top logit ({method})", fontsize=9)
+    notes = sorted({c["note"] for c in contributions.values() if c.get("note")})
+    if notes:  # a task whose integrated gradients do not add up says so on the picture, not only in the JSON
+        ax.set_xlabel("* " + "; ".join(notes), fontsize=7)
     ax.legend(fontsize=7, loc="lower right")
     ax.tick_params(axis="x", labelsize=8)
 
