@@ -137,9 +137,12 @@ def _contributions(ax: Any, contributions: dict[str, Any]) -> None:
     ax.invert_yaxis()
     method = ", ".join(sorted({c["method"] for c in contributions.values()}))
     ax.set_title(f"contribution of each modality to each task's top logit ({method})", fontsize=9)
-    notes = sorted({c["note"] for c in contributions.values() if c.get("note")})
-    if notes:  # a task whose integrated gradients do not add up says so on the picture, not only in the JSON
-        ax.set_xlabel("* " + "; ".join(notes), fontsize=7)
+    noted = [c for c in contributions.values() if c.get("note")]
+    if noted:  # a task whose integrated gradients do not add up says so on the picture, not only in the JSON
+        replaced = any(c["method"] == "feature_ablation" for c in noted)
+        what = "feature ablation shown instead" if replaced else "read them with care"
+        note = f"* integrated gradients did not add up to the logit (error > 5%): {what}; see the JSON"
+        ax.set_xlabel(note, fontsize=7)
     ax.legend(fontsize=7, loc="lower right")
     ax.tick_params(axis="x", labelsize=8)
 
