@@ -106,15 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "  mmfuse predict runs/easy_vqa --text 'is there a circle?' --allow-missing     # text only",
     )
     pr.add_argument("run", help="run directory")
-    pr.add_argument("--image", help="the input of the run's `image` modality (shorthand for --field <its field>=PATH)")
-    pr.add_argument("--text", help="the input of the run's `text` modality (shorthand for --field <its field>=TEXT)")
-    pr.add_argument(
-        "--field",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an input field of one record (repeatable); a value starting with [ or { is read as JSON",
-    )
+    _add_record_inputs(pr)
     pr.add_argument("--input", help="records file (.jsonl, .json or .csv) with the run's input fields")
     pr.add_argument(
         "--root",
@@ -144,11 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         "  mmfuse explain runs/easy_vqa --image shape.png --text 'is it blue?' --attribution feature_ablation",
     )
     ex.add_argument("run", help="run directory")
-    ex.add_argument("--image", help="the input of the run's `image` modality (shorthand for --field <its field>=PATH)")
-    ex.add_argument("--text", help="the input of the run's `text` modality (shorthand for --field <its field>=TEXT)")
-    ex.add_argument(
-        "--field", action="append", default=[], metavar="NAME=VALUE", help="an input field of the record (repeatable)"
-    )
+    _add_record_inputs(ex)
     ex.add_argument(
         "--out", default="explain.png", help="the picture (.png); the JSON goes beside it (default explain.png)"
     )
@@ -389,6 +377,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_record_inputs(parser: argparse.ArgumentParser) -> None:
+    """--image, --text and --field NAME=VALUE: the inputs of one record (read by `_field_values`)."""
+    for modality, value in (("image", "PATH"), ("text", "TEXT")):
+        shorthand = f"shorthand for --field <its field>={value}"
+        parser.add_argument(f"--{modality}", help=f"the input of the run's `{modality}` modality ({shorthand})")
+    parser.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input field of one record (repeatable); a value starting with [ or { is read as JSON",
+    )
+
+
+def _add_shorthands(fields: dict[str, Any], shorthands: dict[str, Any], input_fields: dict[str, list[str]]) -> None:
+    """Put --image / --text values into `fields` under the field the run's modality of that name reads."""
+    for modality, value in shorthands.items():
+        name = input_fields.get(modality, [modality])[0]
+        if name in fields:
+            raise _usage(f"--{modality} and --field {name}=... name the same field")
+        fields[name] = value
+
+
+def _shorthands(args: argparse.Namespace) -> dict[str, Any]:
+    """{modality: value} of the --image and --text given."""
+    return {m: v for m, v in (("image", args.image), ("text", args.text)) if v is not None}
+
+
 def _field_values(args: argparse.Namespace) -> dict[str, Any]:
     """{field: value} from --image, --text and --field NAME=VALUE (JSON for values starting with [ or {)."""
     fields: dict[str, Any] = {}
@@ -411,7 +427,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmfuse.config import check_run_dir
 
     fields = _field_values(args)
-    shorthands = {m: v for m, v in (("image", args.image), ("text", args.text)) if v is not None}
+    shorthands = _shorthands(args)
     if args.input and (fields or shorthands):
         raise _usage("give either --input or field values (--image/--text/--field), not both")
     if not (args.input or fields or shorthands):
@@ -420,11 +436,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmfuse.predict import Predictor  # torch, never Lightning
 
     predictor = Predictor(args.run)
-    for modality, value in shorthands.items():  # --image: the field the run's "image" modality reads
-        name = predictor.input_fields.get(modality, [modality])[0]
-        if name in fields:
-            raise _usage(f"--{modality} and --field {name}=... name the same field")
-        fields[name] = value
+    _add_shorthands(fields, shorthands, predictor.input_fields)
     bad: list[tuple[str, str]] = []
     errors = bad if args.skip_bad else None
     if args.input:
@@ -458,12 +470,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise _usage(f"--steps must be at least 1, got {args.steps}")
     check_out_path(args.out)
     explainer = Explainer(args.run, device="cpu", method=args.attribution, steps=args.steps)
-    for modality, value in (("image", args.image), ("text", args.text)):
-        if value is not None:
-            name = explainer.predictor.input_fields.get(modality, [modality])[0]
-            if name in fields:
-                raise _usage(f"--{modality} and --field {name}=... name the same field")
-            fields[name] = value
+    _add_shorthands(fields, _shorthands(args), explainer.predictor.input_fields)
     if not fields:
         raise _usage("give the inputs of one record (--image, --text, --field NAME=VALUE)")
     try:

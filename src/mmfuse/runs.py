@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmfuse.builders import build_model_from, build_tasks
-from mmfuse.config import ConfigError, RunConfig, load_config
+from mmfuse.config import ConfigError, RunConfig, check_run_dir, load_config
 from mmfuse.model import MultiTaskModel
 
 
@@ -29,12 +29,7 @@ def open_run(run_dir: str | Path) -> LoadedRun:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        raise ConfigError(f"{run_dir}: pass the run directory (it holds config.yaml and model.safetensors)")
-    for name in ("config.yaml", "model.safetensors"):
-        if not (run_dir / name).exists():
-            raise ConfigError(f"{run_dir}: not a finished run directory ({name} is missing)")
+    run_dir = check_run_dir(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     model = build_model_from(cfg.model, build_tasks(cfg.tasks))
     weights = run_dir / "model.safetensors"

@@ -388,6 +388,29 @@ def export_weights(model: MultiTaskModel, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def only_split(run: Run, run_dir: Path, split: str) -> None:
+    """Keep only `split` of the run's data.
+
+    Raises:
+        ConfigError: the data has no such split, or it is empty.
+    """
+    if not run.splits.get(split):
+        raise ConfigError(f"{run_dir}: the data has no {split!r} split (splits: {', '.join(run.splits)})")
+    run.splits = {split: run.splits[split]}
+
+
+def eval_trainer(accelerator: str) -> L.Trainer:
+    """A Trainer that only evaluates: one device, no logger, progress bar, summary or checkpoints."""
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
 def evaluate(
     run_dir: str | Path, split: str = "test", overrides: list[str] | None = None
 ) -> dict[str, dict[str, float]]:
@@ -396,18 +419,9 @@ def evaluate(
     model = load_run(run_dir)
     cfg = load_config(run_dir / "config.yaml", overrides)
     run = Run(cfg, model)
-    if split not in run.splits or not run.splits[split]:
-        raise ConfigError(f"{run_dir}: the data has no {split!r} split (splits: {', '.join(run.splits)})")
-    run.splits = {split: run.splits[split]}
+    only_split(run, run_dir, split)
     feats = run.prepare()
     loader = make_loader(model, run.splits[split], split, feats, run.loader_options)
-    trainer = L.Trainer(
-        accelerator=cfg.train.accelerator,
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = eval_trainer(cfg.train.accelerator)
     module = run.module()
     return evaluate_module(trainer, module, loader, split if split == "test" else "val")

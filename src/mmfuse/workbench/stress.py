@@ -100,11 +100,9 @@ class Stress:
         seed: int = 0,
         conditions: Sequence[Condition] = (),
     ) -> None:
-        import lightning as L
-
         from mmfuse.config import load_config
         from mmfuse.runs import load_run
-        from mmfuse.train.run import Run
+        from mmfuse.train.run import Run, eval_trainer, only_split
 
         run_dir = Path(run_dir)
         self.model = load_run(run_dir)
@@ -112,8 +110,7 @@ class Stress:
             self.check(c)
         cfg = load_config(run_dir / "config.yaml", list(overrides or []))
         run = Run(cfg, self.model)
-        if not run.splits.get(split):
-            raise ConfigError(f"{run_dir}: the data has no {split!r} split (splits: {', '.join(run.splits)})")
+        only_split(run, run_dir, split)
         if limit is not None and limit < 1:
             raise StressError(f"limit must be at least 1, got {limit}")
         run.splits = {split: run.splits[split][:limit]}
@@ -122,14 +119,7 @@ class Stress:
         self.cache_dir = cfg.train.cache_dir
         self.options = run.loader_options
         self.module = run.module()
-        self.trainer = L.Trainer(
-            accelerator=cfg.train.accelerator,
-            devices=1,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        )
+        self.trainer = eval_trainer(cfg.train.accelerator)
 
     # ------------------------------------------------------------------ conditions
     def kinds(self, modality: str) -> list[str]:
