@@ -111,19 +111,17 @@ def run(s: Settings) -> Result:
         ),
     ]
     res.targets = [
-        Target(
+        Target.at_least(
             "ceiling: fine-tuning step >= 65% of matmul GFLOP/s (headline: median matmul rate of the run)",
             frac,
             TARGET,
-            frac >= TARGET,
-            (min(per_round), max(per_round)),
+            per_round,
         ),
-        Target(
+        Target.at_least(
             "ceiling: fine-tuning step >= 65% of the BEST matmul GFLOP/s of the run (stricter)",
             frac_best,
             TARGET,
-            frac_best >= TARGET,
-            (min(per_round_best), max(per_round_best)),
+            per_round_best,
         ),
     ]
     res.info = {

@@ -284,22 +284,15 @@ def run(s: Settings) -> Result:
     big, base = rounds[0][-1], rounds[0][0]
     per_record_kb = 1024 * (big["peak_rss_mb"] - base["peak_rss_mb"]) / max(big["records"] - base["records"], 1)
     res.targets += [
-        Target(
-            "scaling: per-sample epoch cost at 16x <= 1.2x the 1x cost (linear)",
-            per_ratio,
-            1.2,
-            per_ratio <= 1.2,
-            (min(per_ratios), max(per_ratios)),
-            higher_is_better=False,
+        Target.at_most(
+            "scaling: per-sample epoch cost at 16x <= 1.2x the 1x cost (linear)", per_ratio, 1.2, per_ratios
         ),
-        Target(
+        Target.at_most(
             "scaling: peak RSS at 16x <= 1.1x the 1x peak",
             rss_ratio,
             1.1,
-            rss_ratio <= 1.1,
-            (min(rss_ratios), max(rss_ratios)),
+            rss_ratios,
             detail=f"{per_record_kb:.2f} KB per extra record",
-            higher_is_better=False,
         ),
     ]
     data_s = time.perf_counter() - t0

@@ -207,6 +207,17 @@ class Target:
     detail: str = ""
     higher_is_better: bool = True  # False for "at most" targets (costs, memory)
 
+    @classmethod
+    def at_least(cls, what: str, measured: float, threshold: float, per_round: list[float], **kw: Any) -> Target:
+        """Met when `measured` >= `threshold`; the spread is the min and max of the per-round values."""
+        return cls(what, measured, threshold, measured >= threshold, (min(per_round), max(per_round)), **kw)
+
+    @classmethod
+    def at_most(cls, what: str, measured: float, threshold: float, per_round: list[float], **kw: Any) -> Target:
+        """Met when `measured` <= `threshold` (a cost); the spread is the min and max of the per-round values."""
+        spread = (min(per_round), max(per_round))
+        return cls(what, measured, threshold, measured <= threshold, spread, higher_is_better=False, **kw)
+
     def verdict(self) -> str:
         if self.met is None:
             return "skipped"
