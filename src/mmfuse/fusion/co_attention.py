@@ -9,31 +9,18 @@ import torch
 from torch import nn
 
 from mmfuse.encoders.base import EncoderOutput
+from mmfuse.fusion.attention import (
+    Attention,
+    QueryReadout,
+    check_positions,
+    check_readout,
+    masked_mean,
+    real_tokens,
+    token_positions,
+)
 from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
-from mmfuse.fusion.cross_attention import CrossAttentionFusion
-from mmfuse.fusion.positional import grid_shape, sincos_1d, sincos_2d
 
-
-class Attention(nn.Module):
-    """Multi-head attention of `x` over `context`, masked to the context's real tokens (zeros where none)."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
-        for layer in (self.q, self.k, self.v, self.out):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, c_mask: torch.Tensor, want_weights: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, Q, d), (B, T, d), (B, T) -> (B, Q, d) and the weights (B, H, Q, T) or None."""
-        q, k, v = (
-            t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (self.q(x), self.k(context), self.v(context))
-        )
-        out, weights = CrossAttentionFusion._attend(q, k, v, c_mask, want_weights)  # (B, H, Q, d / H)
-        return self.out(out.transpose(1, 2).flatten(2)), weights
+__all__ = ["Attention", "CoAttentionBlock", "CoAttentionFusion"]
 
 
 class CoAttentionBlock(nn.Module):
@@ -57,14 +44,18 @@ class CoAttentionBlock(nn.Module):
         other: torch.Tensor,
         o_mask: torch.Tensor,
         want_weights: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, d) and its `norm(x)`, the other stream's normalised tokens (B, T_o, d) -> (B, T, d), weights."""
+        want_self_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x (B, T, d) and its `norm(x)`, the other stream's normalised tokens (B, T_o, d) -> (B, T, d), the cross
+        weights (B, H, T, T_o) and the self-attention weights (B, H, T, T) (each None unless wanted)."""
         attended, weights = self.cross(normed, other, o_mask, want_weights)
         x = x + attended
+        self_weights = None
         if self.self_attn is not None:
             h = self.norm_self(x)
-            x = x + self.self_attn(h, h, mask, False)[0]
-        return x + self.ffn(self.norm_ffn(x)), weights
+            out, self_weights = self.self_attn(h, h, mask, want_self_weights)
+            x = x + out
+        return x + self.ffn(self.norm_ffn(x)), weights, self_weights
 
 
 @FUSIONS.register("co_attention")
@@ -74,12 +65,25 @@ class CoAttentionFusion(Fusion):
     Each modality's tokens are layer-normalised, projected to d and given fixed sine-cosine positions (2-D on the
     `spatial` modality's h x w grid, 1-D on the other); then L layers, in each of which both streams attend to the
     other's previous state (ViLBERT's co-attention), optionally to themselves, and pass a feed-forward layer, all
-    pre-norm and residual. `z_m` is the final normalised stream, averaged over its real tokens. Padded tokens and
-    every token of an absent modality are masked out as keys and from the means, so their values change nothing.
-    Exactly two modalities.
+    pre-norm and residual. `z_m` is the final normalised stream. Padded tokens and every token of an absent modality
+    are masked out as keys and from the read-outs, so their values change nothing. Exactly two modalities.
 
-    When weights are requested, `extras["attention_<a>_to_<b>"]` holds the cross-attention weights of stream a over
-    b's tokens in every layer (B, L, H, T_a, T_b), 0 on masked tokens.
+    The read-out turns each stream into a vector, and `fc_out` maps the two, concatenated, to D_out:
+
+    - `mean`: `z_m` averaged over its real tokens. A mean cannot keep two tokens apart ("the square's x" and "the
+      triangle's x" arrive as one average), so only the layers can put a comparison into a token.
+    - `query`: K learned queries per stream attend (multi-head) over `z_m`'s real tokens (Set Transformer's PMA);
+      `fc_out([r_a1, ..., r_aK, r_b1, ..., r_bK])`. Each head can pick a different token.
+    - `cls`: a learned CLS token (no position) is prepended to each stream and goes through every layer: it attends
+      to the other stream like any token and, with `self_attention`, to its own stream; `fc_out([z_a[CLS], z_b[CLS]])`.
+      A stream's CLS is no key of the other stream (which so reads only real tokens); without `self_attention` it
+      reads its own stream only through the other stream's tokens of earlier layers.
+
+    When weights are requested, `extras["attention_<a>_to_<b>"]` holds the cross-attention weights of stream a's
+    tokens over b's tokens in every layer (B, L, H, T_a, T_b), 0 on masked tokens, and the read-out's weights:
+    `extras["readout_<m>"]` (B, H, K, T_m) over `z_m` for `query`; for `cls` the CLS's self-attention row
+    `extras["readout_<m>"]` (B, L, H, 1 + T_m) (index 0 is the CLS itself) and its cross-attention row
+    `extras["readout_<m>_to_<o>"]` (B, L, H, T_o).
 
     Args:
         input_dims: {modality: D_m}, two modalities.
@@ -95,6 +99,8 @@ class CoAttentionFusion(Fusion):
             modality called "image" if there is one.
         grid: (h, w) of the spatial grid; by default the square grid of its T tokens.
         return_weights: compute attention explicitly and return its weights (else `scaled_dot_product_attention`).
+        readout: "mean", "query" or "cls" (above).
+        num_queries: K, the learned queries per stream of `readout="query"`.
     """
 
     needs_tokens = True
@@ -112,14 +118,17 @@ class CoAttentionFusion(Fusion):
         spatial: str | None = "auto",
         grid: tuple[int, int] | None = None,
         return_weights: bool = False,
+        readout: str = "mean",
+        num_queries: int = 1,
     ) -> None:
         super().__init__(input_dims, output_dim)
         if spatial == "auto":
             spatial = "image" if "image" in self.input_dims else None
         d = output_dim if hidden_dim is None else hidden_dim
         self._check(d, num_layers, num_heads, positional, spatial, grid)
+        check_readout("co_attention", readout, num_queries)
         self.hidden_dim, self.positional, self.spatial, self.grid = d, positional, spatial, grid
-        self.return_weights = return_weights
+        self.return_weights, self.readout, self.num_queries = return_weights, readout, num_queries
         self.norm_in = nn.ModuleDict({m: nn.LayerNorm(dm) for m, dm in self.input_dims.items()})
         self.proj = nn.ModuleDict({m: nn.Linear(dm, d) for m, dm in self.input_dims.items()})
         self.layers = nn.ModuleList(
@@ -129,7 +138,13 @@ class CoAttentionFusion(Fusion):
             for _ in range(num_layers)
         )
         self.norm_out = nn.ModuleDict({m: nn.LayerNorm(d) for m in self.modalities})
-        self.fc_out = nn.Linear(2 * d, output_dim)
+        if readout == "cls":
+            self.cls = nn.ParameterDict(
+                {m: nn.Parameter(nn.init.trunc_normal_(torch.empty(d), std=0.02)) for m in self.modalities}
+            )
+        if readout == "query":
+            self.readout_pool = nn.ModuleDict({m: QueryReadout(d, num_queries, num_heads) for m in self.modalities})
+        self.fc_out = nn.Linear(2 * d * (num_queries if readout == "query" else 1), output_dim)
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
         """The modality's input side, `norm_in` and `proj` (its stream's later layers already mix in the other)."""
@@ -141,61 +156,63 @@ class CoAttentionFusion(Fusion):
     ) -> None:
         if len(self.modalities) != 2:
             raise ValueError(f"co_attention fuses exactly two modalities; got {self.modalities}")
-        if spatial is not None and spatial not in self.input_dims:
-            raise ValueError(f"co_attention spatial={spatial!r} is not one of {self.modalities} (or null)")
         if num_layers < 1 or num_heads < 1 or d % num_heads:
             raise ValueError(
                 f"co_attention needs num_layers >= 1 and hidden_dim ({d}) divisible by num_heads ({num_heads})"
             )
-        if positional and d % (4 if spatial else 2):
-            raise ValueError(f"co_attention positions need hidden_dim ({d}) divisible by {4 if spatial else 2}")
-        if grid is not None and not (positional and spatial):
-            raise ValueError("co_attention grid acts only with positional=true and a spatial modality")
+        check_positions("co_attention", "hidden_dim", d, positional, spatial, grid, self.modalities)
 
     def forward(self, features: dict[str, EncoderOutput], return_weights: bool | None = None) -> FusionOutput:
         """Fuse; `return_weights` overrides the init option for this call."""
         want = self.return_weights if return_weights is None else return_weights
-        x, masks = {}, {}
-        for m in self.modalities:
-            tokens, masks[m] = real_tokens(features[m], m)  # (B, T_m, D_m), (B, T_m)
-            x[m] = self.proj[m](self.norm_in[m](tokens)) + self._positions(m, tokens)  # (B, T_m, d)
+        x, masks, own = self._streams(features)  # (B, n + T_m, d), real tokens (B, T_m), own keys (B, n + T_m)
+        n = 1 if self.readout == "cls" else 0  # the CLS in front of each stream
         a, b = self.modalities
         weights: dict[str, list[torch.Tensor]] = {f"attention_{a}_to_{b}": [], f"attention_{b}_to_{a}": []}
         for layer in self.layers:
             normed = {m: layer[m].norm(x[m]) for m in self.modalities}
             new = {}
             for m, o in ((a, b), (b, a)):
-                new[m], w = layer[m](x[m], normed[m], masks[m], normed[o], masks[o], want)
+                new[m], w, w_self = layer[m](x[m], normed[m], own[m], normed[o][:, n:], masks[o], want, want and n > 0)
                 if w is not None:
-                    weights[f"attention_{m}_to_{o}"].append(w)
+                    weights[f"attention_{m}_to_{o}"].append(w[:, :, n:])  # (B, H, T_m, T_o)
+                    if n:
+                        weights.setdefault(f"readout_{m}_to_{o}", []).append(w[:, :, 0])  # (B, H, T_o)
+                if w_self is not None:
+                    weights.setdefault(f"readout_{m}", []).append(w_self[:, :, 0])  # (B, H, 1 + T_m)
             x = new
-        pooled = [masked_mean(self.norm_out[m](x[m]), masks[m]) for m in self.modalities]  # 2 x (B, d)
-        extras = {k: torch.stack(v, dim=1) for k, v in weights.items() if v}  # (B, L, H, T_a, T_b)
-        return FusionOutput(fused=self.fc_out(torch.cat(pooled, dim=1)), extras=extras)
+        extras = {k: torch.stack(v, dim=1) for k, v in weights.items() if v}  # (B, L, H, ...)
+        read = []
+        for m in self.modalities:
+            z = self.norm_out[m](x[m])  # (B, n + T_m, d)
+            if self.readout == "mean":
+                read.append(masked_mean(z, masks[m]))  # (B, d)
+            elif self.readout == "cls":
+                read.append(z[:, 0])  # (B, d)
+            else:
+                r, w = self.readout_pool[m](z, masks[m], want)  # (B, K, d), (B, H, K, T_m) or None
+                read.append(r.flatten(1))  # (B, K * d)
+                if w is not None:
+                    extras[f"readout_{m}"] = w
+        return FusionOutput(fused=self.fc_out(torch.cat(read, dim=1)), extras=extras)
+
+    def _streams(
+        self, features: dict[str, EncoderOutput]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each stream's input (B, n + T_m, d) with the CLS first when `readout="cls"` (n = 1, else 0), the mask of
+        its real tokens (B, T_m), and of the keys of its own self-attention, CLS included (B, n + T_m)."""
+        x, masks, own = {}, {}, {}
+        for m in self.modalities:
+            tokens, masks[m] = real_tokens(features[m], m, "co_attention")  # (B, T_m, D_m), (B, T_m)
+            x[m] = self.proj[m](self.norm_in[m](tokens)) + self._positions(m, tokens)  # (B, T_m, d)
+            own[m] = masks[m]
+            if self.readout == "cls":
+                x[m] = torch.cat([self.cls[m].expand(x[m].shape[0], 1, -1), x[m]], dim=1)  # (B, 1 + T_m, d)
+                own[m] = torch.cat([torch.ones_like(masks[m][:, :1]), masks[m]], dim=1)  # (B, 1 + T_m)
+        return x, masks, own
 
     def _positions(self, m: str, tokens: torch.Tensor) -> torch.Tensor | float:
         """(T_m, d) fixed encodings of modality m's token positions (0 when `positional` is off)."""
         if not self.positional:
             return 0.0
-        n, kw = tokens.shape[1], {"device": tokens.device, "dtype": tokens.dtype}
-        if m == self.spatial:
-            return sincos_2d(*grid_shape(n, self.grid, f"co_attention's {m} input"), self.hidden_dim, **kw)
-        return sincos_1d(torch.arange(n, **kw), self.hidden_dim)
-
-
-def real_tokens(side: EncoderOutput, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens with padded or absent positions zeroed (B, T, D), and the mask of real tokens (B, T)."""
-    if side.tokens is None:
-        raise ValueError(f"co_attention needs {name} tokens, but the {name} features have tokens=None")
-    mask = torch.ones(side.tokens.shape[:2], dtype=torch.bool, device=side.tokens.device)
-    if side.mask is not None:
-        mask = mask & side.mask.bool()
-    if side.present is not None:
-        mask = mask & side.present.unsqueeze(1)
-    return side.tokens.masked_fill(~mask.unsqueeze(-1), 0.0), mask
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, T, d) over the real tokens of (B, T); zeros for a sample without any."""
-    weight = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-    return (x * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+        return token_positions(tokens, self.hidden_dim, m == self.spatial, self.grid, f"co_attention's {m} input")

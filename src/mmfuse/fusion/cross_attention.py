@@ -1,25 +1,33 @@
 """Cross-attention fusion: one modality's queries attend over the other modality's tokens.
 
 Shapes: B batch, Q queries, T key tokens, H heads, D_h = D_out / H head size, D_q / D_k query / key side
-feature sizes, D_out fused size.
+feature sizes, D_out fused size, K learned read-out queries.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmfuse.encoders.base import EncoderOutput
+from mmfuse.fusion.attention import (
+    QueryReadout,
+    attend,
+    check_positions,
+    check_readout,
+    masked_mean,
+    real_tokens,
+    split_heads,
+    token_positions,
+)
 from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
-from mmfuse.fusion.positional import grid_shape, sincos_1d, sincos_2d
 
 
 @FUSIONS.register("cross_attention")
 class CrossAttentionFusion(Fusion):
     """Multi-head attention from a query modality over the other modality's tokens, pooled over queries.
 
-    `fused = masked_mean_q(out_proj(attention(q, k, v))) + q_res(n_q(query_pooled))` with
+    `fused = readout_q(out_proj(attention(q, k, v))) + q_res(n_q(query_pooled))` with
     `q = q_proj(n_q(query)) + p_q`, `k = k_proj(n_k(keys)) + p_k`, `v = v_proj(n_k(keys)) + p_k`
     (the residual term only when `residual`).
 
@@ -34,8 +42,15 @@ class CrossAttentionFusion(Fusion):
     are masked out; their values cannot change the output. A sample with no real key token gets zeros as its
     attended values (no NaN). Exactly two modalities.
 
+    `readout_q` turns the per-query outputs into one vector: `mean` averages them over the real queries; `query`
+    (with `query="tokens"`) lets K learned queries attend over them, masked to the real queries (Set Transformer's
+    PMA), and projects the K results to D_out: `readout_proj([o_1, ..., o_K])`, so it can keep what two query
+    tokens found apart where a mean blends them. (No `cls`: the queries never attend to each other, so a CLS query
+    could read only the keys, never the query tokens; co_attention offers it.)
+
     `extras["attended"]` holds the per-query attended values before `out_proj` (B, Q, D_out); when weights are
-    requested, `extras["attention"]` holds them (B, H, Q, T), 0 on masked tokens.
+    requested, `extras["attention"]` holds them (B, H, Q, T), 0 on masked tokens, and with `readout="query"`
+    `extras["readout"]` holds the read-out's weights over the queries (B, H, K, Q).
 
     Args:
         input_dims: {modality: D_m}, two modalities.
@@ -52,6 +67,8 @@ class CrossAttentionFusion(Fusion):
             the builder asks the encoders (the one image encoder that gives tokens); built directly, "auto" means
             the modality called "image" if there is one.
         grid: (h, w) of the spatial grid; by default the square grid of its T tokens.
+        readout: "mean" or "query" (learned queries over the per-query outputs; needs `query="tokens"`).
+        num_queries: K, the learned queries of `readout="query"`.
     """
 
     needs_tokens = True
@@ -69,6 +86,8 @@ class CrossAttentionFusion(Fusion):
         positional: bool = True,
         spatial: str | None = "auto",
         grid: tuple[int, int] | None = None,
+        readout: str = "mean",
+        num_queries: int = 1,
     ) -> None:
         super().__init__(input_dims, output_dim)
         if spatial == "auto":
@@ -83,7 +102,8 @@ class CrossAttentionFusion(Fusion):
             raise ValueError(f"cross_attention query must be 'pooled' or 'tokens', got {query!r}")
         if num_heads < 1 or output_dim % num_heads:
             raise ValueError(f"cross_attention output_dim ({output_dim}) must be divisible by num_heads ({num_heads})")
-        self._check_positions(output_dim, positional, spatial, grid)
+        check_positions("cross_attention", "output_dim", output_dim, positional, spatial, grid, self.modalities)
+        self._check_readout(readout, num_queries, query)
         self.q_side, self.k_side, self.query = q_side, k_side, query
         self.num_heads, self.return_weights = num_heads, return_weights
         self.positional, self.spatial, self.grid = positional, spatial, None if grid is None else tuple(grid)
@@ -95,6 +115,10 @@ class CrossAttentionFusion(Fusion):
         self.v_proj = nn.Linear(d_k, output_dim)
         self.out_proj = nn.Linear(output_dim, output_dim)
         self.q_res = nn.Linear(d_q, output_dim) if residual else None
+        self.readout, self.num_queries = readout, num_queries
+        if readout == "query":
+            self.readout_pool = QueryReadout(output_dim, num_queries, num_heads)
+            self.readout_proj = nn.Linear(num_queries * output_dim, output_dim)
 
     def forward(self, features: dict[str, EncoderOutput], return_weights: bool | None = None) -> FusionOutput:
         """Fuse; `return_weights` overrides the init option for this call."""
@@ -104,21 +128,27 @@ class CrossAttentionFusion(Fusion):
             q_mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)  # (B, 1)
             q_pos: torch.Tensor | float = 0.0
         else:
-            queries, q_mask = self._real_tokens(query_side, self.q_side)  # (B, Q, D_q), (B, Q)
+            queries, q_mask = real_tokens(query_side, self.q_side, "cross_attention")  # (B, Q, D_q), (B, Q)
             q_pos = self._positions(self.q_side, queries)  # (Q, D_out) or 0
-        keys, k_mask = self._real_tokens(features[self.k_side], self.k_side)  # (B, T, D_k), (B, T)
+        keys, k_mask = real_tokens(features[self.k_side], self.k_side, "cross_attention")  # (B, T, D_k), (B, T)
         keys = self._normed(self.norm_k, keys)
         k_pos = self._positions(self.k_side, keys)  # (T, D_out) or 0
-        q = self._split_heads(self.q_proj(self._normed(self.norm_q, queries)) + q_pos)  # (B, H, Q, D_h)
-        k = self._split_heads(self.k_proj(keys) + k_pos)  # (B, H, T, D_h)
-        v = self._split_heads(self.v_proj(keys) + k_pos)  # (B, H, T, D_h)
+        q = split_heads(self.q_proj(self._normed(self.norm_q, queries)) + q_pos, self.num_heads)  # (B, H, Q, D_h)
+        k = split_heads(self.k_proj(keys) + k_pos, self.num_heads)  # (B, H, T, D_h)
+        v = split_heads(self.v_proj(keys) + k_pos, self.num_heads)  # (B, H, T, D_h)
         want = self.return_weights if return_weights is None else return_weights
-        out, weights = self._attend(q, k, v, k_mask, want)  # (B, H, Q, D_h), (B, H, Q, T) or None
+        out, weights = attend(q, k, v, k_mask, want)  # (B, H, Q, D_h), (B, H, Q, T) or None
         extras = {} if weights is None else {"attention": weights}
         attended = out.transpose(1, 2).flatten(2)  # (B, Q, H * D_h) = (B, Q, D_out)
         extras["attended"] = attended
-        weight = q_mask.unsqueeze(-1).to(attended.dtype)  # (B, Q, 1)
-        fused = (self.out_proj(attended) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)  # (B, D_out)
+        per_query = self.out_proj(attended)  # (B, Q, D_out)
+        if self.readout == "query":
+            read, read_weights = self.readout_pool(per_query, q_mask, want)  # (B, K, D_out), (B, H, K, Q) or None
+            fused = self.readout_proj(read.flatten(1))  # (B, D_out)
+            if read_weights is not None:
+                extras["readout"] = read_weights
+        else:
+            fused = masked_mean(per_query, q_mask)  # (B, D_out)
         if self.q_res is not None:
             fused = fused + self.q_res(self._normed(self.norm_q, query_side.pooled))
         return FusionOutput(fused=fused, extras=extras)
@@ -132,56 +162,23 @@ class CrossAttentionFusion(Fusion):
             layers = [self.norm_k, self.k_proj, self.v_proj]
         return [p for layer in layers if layer is not None for p in layer.parameters()]
 
-    def _check_positions(self, output_dim: int, positional: bool, spatial: str | None, grid: object) -> None:
-        if spatial is not None and spatial not in self.input_dims:
-            raise ValueError(f"cross_attention spatial={spatial!r} is not one of {self.modalities} (or null)")
-        if positional and output_dim % (4 if spatial else 2):
+    @staticmethod
+    def _check_readout(readout: str, num_queries: int, query: str) -> None:
+        if readout == "cls":
             raise ValueError(
-                f"cross_attention positions need output_dim ({output_dim}) divisible by {4 if spatial else 2}; "
-                "set positional: false or change output_dim"
+                "cross_attention readout='cls' is not offered: its queries never attend to each other, so a CLS query "
+                "would read only the keys; use readout='query', or co_attention with readout='cls'"
             )
-        if grid is not None and not (positional and spatial):
-            raise ValueError("cross_attention grid acts only with positional=true and a spatial modality")
+        check_readout("cross_attention", readout, num_queries, allowed=("mean", "query"))
+        if readout == "query" and query != "tokens":
+            raise ValueError("cross_attention readout='query' needs query='tokens' (a pooled query leaves one output)")
 
     def _positions(self, m: str, tokens: torch.Tensor) -> torch.Tensor | float:
         """(T_m, D_out) fixed encodings of modality m's token positions (0 when `positional` is off)."""
         if not self.positional:
             return 0.0
-        n, dim, kw = tokens.shape[1], self.output_dim, {"device": tokens.device, "dtype": tokens.dtype}
-        if m == self.spatial:
-            return sincos_2d(*grid_shape(n, self.grid, f"cross_attention's {m} input"), dim, **kw)
-        return sincos_1d(torch.arange(n, **kw), dim)
+        return token_positions(tokens, self.output_dim, m == self.spatial, self.grid, f"cross_attention's {m} input")
 
     @staticmethod
     def _normed(norm: nn.LayerNorm | None, x: torch.Tensor) -> torch.Tensor:
         return x if norm is None else norm(x)
-
-    @staticmethod
-    def _attend(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mask: torch.Tensor, want_weights: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Masked attention; a sample without any real key gets zero output (and zero weights), not NaN."""
-        has_key = k_mask.any(dim=1).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        # Such a sample attends uniformly here (finite), then its result is zeroed.
-        attn_mask = k_mask[:, None, None, :] | ~has_key  # (B, 1, 1, T)
-        keep = has_key.to(q.dtype)
-        if not want_weights:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask) * keep, None
-        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, Q, T)
-        weights = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1) * keep
-        return weights @ v, weights
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, N, D_out) -> (B, H, N, D_h)
-
-    @staticmethod
-    def _real_tokens(side: EncoderOutput, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens with padded or absent positions zeroed (B, N, D), and the mask of real tokens (B, N)."""
-        if side.tokens is None:
-            raise ValueError(f"cross_attention needs {name} tokens, but the {name} features have tokens=None")
-        tokens = side.tokens
-        ones = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        mask = ones if side.mask is None else side.mask.bool()
-        if side.present is not None:
-            mask = mask & side.present.unsqueeze(1)
-        return tokens.masked_fill(~mask.unsqueeze(-1), 0.0), mask
