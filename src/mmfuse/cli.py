@@ -319,7 +319,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise _usage("--resume needs --out RUN_DIR")
-        cfg = load_config(Path(args.out) / "config.yaml", overrides)
+        from mmfuse.runs import resume_config
+
+        cfg = resume_config(args.out, overrides)  # only what may change on resume (mmfuse.runs.RESUME_MAY_CHANGE)
     else:
         cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else _default_run_dir(cfg.name)

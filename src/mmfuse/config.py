@@ -122,6 +122,7 @@ class TrainConfig(_Strict):
     compile: bool = False
     log_every_n_steps: int = Field(20, gt=0)
     progress_bar: bool = True
+    checkpoint_every_n_steps: int | None = Field(None, gt=0)  # also write last.ckpt every N steps (None: epochs only)
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -23,9 +23,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mmfuse.builders import (
     build_balancer,
@@ -37,7 +36,17 @@ from mmfuse.builders import (
 )
 from mmfuse.config import ConfigError, RunConfig, dump_config, load_config
 from mmfuse.model import MultiTaskModel
-from mmfuse.runs import load_run  # noqa: F401  (re-exported: it moved to mmfuse.runs, which needs no trainer)
+from mmfuse.runs import (
+    check_resume_changes,
+    load_run,  # noqa: F401  (re-exported: it moved to mmfuse.runs, which needs no trainer)
+)
+from mmfuse.train.checkpoints import (  # noqa: F401  (CheckpointError, load_checkpoint: re-exported)
+    BestCheckpoint,
+    CheckpointError,
+    LastCheckpoint,
+    SafeCheckpointIO,
+    load_checkpoint,
+)
 from mmfuse.train.data import (
     GROUP_BATCHES_ALL_CACHED,
     Features,
@@ -79,45 +88,6 @@ def monitor_of(cfg: RunConfig, model: MultiTaskModel) -> tuple[str, str]:
     return name, "max" if metrics[parts[2]].higher_is_better else "min"
 
 
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be read safely (pickled code, truncated, not a checkpoint), as one line."""
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint read with `weights_only=True`: tensors and plain containers only, never code."""
-    import pickle
-    import zipfile
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
-    except pickle.UnpicklingError as err:  # weights_only refused an object: never load it
-        shown = str(err).split("\n")[0][:160]
-        raise CheckpointError(f"{path}: refused: it holds pickled objects, not only tensors ({shown})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
-        shown = str(err).split("\n")[0][:160]
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {shown}") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(f"{path}: not an mmfuse checkpoint (no state_dict)")
-    return ckpt
-
-
-class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O, but every load is `load_checkpoint` (weights only, one-line errors).
-
-    Args:
-        preloaded: {path: checkpoint} already read (and checked) by the run, handed over once instead of re-read.
-    """
-
-    def __init__(self, preloaded: dict[str, dict[str, Any]] | None = None) -> None:
-        self.preloaded = dict(preloaded or {})
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        ckpt = self.preloaded.pop(str(path), None)
-        return ckpt if ckpt is not None else load_checkpoint(path)
-
-
 class EpochLineProgress(ProgressBar):
     """Progress for logs (stderr not a terminal): one line per training epoch, never a redrawn bar.
 
@@ -155,21 +125,30 @@ def progress_callback() -> ProgressBar:
 def build_trainer(
     cfg: RunConfig, run_dir: Path, monitor: str | None, mode: str, resumed: dict[str, Any] | None = None
 ) -> L.Trainer:
-    """The fit trainer; `resumed` is the checkpoint a resumed run continues from (its history is kept)."""
+    """The fit trainer; `resumed` is the checkpoint a resumed run continues from (its history is kept).
+
+    `checkpoints/last.ckpt` is written at the end of every epoch (and every `train.checkpoint_every_n_steps`
+    steps); with a `monitor`, `checkpoints/best.ckpt` holds its best epoch. Both are saved after the epoch's
+    validation and epoch-end hooks, so a resume repeats nothing.
+    """
     t = cfg.train
-    ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor=monitor,
-        mode=mode,
-        save_last=True,
-        save_top_k=1,
-        auto_insert_metric_name=False,
-        enable_version_counter=False,
-        save_on_train_epoch_end=True,  # after the epoch's validation and epoch-end hooks: a resume repeats nothing
-    )
+    ckpts = run_dir / "checkpoints"
     csv_logger = HistoryCSVLogger(run_dir, rows_of(resumed) if resumed else ())
-    callbacks: list[Any] = [ckpt, KeepHistory(csv_logger)]
+    callbacks: list[Any] = [KeepHistory(csv_logger)]
+    if monitor is not None:  # Lightning runs checkpoint callbacks last, in this order: last.ckpt holds the new best
+        callbacks.append(
+            BestCheckpoint(
+                dirpath=ckpts,
+                filename="best",
+                monitor=monitor,
+                mode=mode,
+                save_top_k=1,
+                auto_insert_metric_name=False,
+                enable_version_counter=False,
+                save_on_train_epoch_end=True,
+            )
+        )
+    callbacks.append(LastCheckpoint(ckpts, t.checkpoint_every_n_steps))
     if t.progress_bar:
         callbacks.append(progress_callback())
     # On resume, TensorBoard drops the events of the interrupted epoch (those at or after the checkpoint's step).
@@ -285,6 +264,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     resumed = load_checkpoint(last) if resume else None  # checked before anything starts
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = Run(cfg)
+    if resume and (run_dir / "config.yaml").exists():
+        check_resume_changes(load_config(run_dir / "config.yaml"), run.cfg)  # never record a value not in effect
     write_atomic(run_dir / "config.yaml", dump_config(run.cfg))
     feats = run.prepare()
     if run.bad:
@@ -317,10 +298,15 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     except NonFiniteError as err:
         kept = f"the last good checkpoint is kept: {last}" if last.exists() else "no checkpoint had been written yet"
         raise NonFiniteError(f"{err}; {kept}") from None
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
+        if not (resume and getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None)):
+            raise
+        # Restoring the checkpoint's state failed (a damaged or foreign file): one line, never a traceback.
+        shown = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise CheckpointError(f"{last}: cannot resume from it: {type(err).__name__}: {shown}") from None
     run.timings["fit"] = time.perf_counter() - t0
-    best = trainer.checkpoint_callback.best_model_path if has_val else ""
-    best = best or str(last)
-    module.load_state_dict(_load_state(best, module), strict=True)
+    best = best_checkpoint(trainer, run_dir)
+    module.load_state_dict(_load_state(str(best), module), strict=True)
     if trainer.is_global_zero:
         export_weights(module.model, run_dir / "model.safetensors")
     t0 = time.perf_counter()
@@ -332,7 +318,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     run.timings["total"] = time.perf_counter() - start
     summary = {
         "run_dir": str(run_dir),
-        "best_checkpoint": best,
+        "best_checkpoint": str(best.relative_to(run_dir)),
         "monitor": monitor,
         "epochs": trainer.current_epoch,
         "records": {s: len(r) for s, r in run.splits.items()},
@@ -348,6 +334,13 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2))
         write_report(run_dir, run.cfg, summary, run.bad)
     return summary
+
+
+def best_checkpoint(trainer: L.Trainer, run_dir: Path) -> Path:
+    """The checkpoint whose weights the run keeps: the monitor's best, else `last.ckpt`; always in `run_dir`."""
+    found = next((c.best_model_path for c in trainer.callbacks if isinstance(c, BestCheckpoint)), "")
+    name = Path(found).name if found else "last.ckpt"
+    return run_dir / "checkpoints" / name
 
 
 def _load_state(path: str, module: MMFuseModule) -> dict[str, torch.Tensor]:
