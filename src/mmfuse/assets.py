@@ -14,10 +14,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from mmfuse.files import NotRegularFileError, check_regular, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ def file_sha256(path: str | Path) -> str:
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_HASHES:
         digest = hashlib.sha256()
-        with path.open("rb") as f:
+        with open_regular(path, "weights file") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
         _FILE_HASHES[key] = digest.hexdigest()
@@ -93,22 +96,40 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: when the file does not exist.
-        ValueError: when the file holds no state dict.
+        ValueError: when the file is not a regular file, cannot be read as weights (pickled Python objects
+            besides tensors, truncated, not a weights file) or holds no state dict.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        check_regular(path, "weights file")
+    except NotRegularFileError as err:
+        raise ValueError(str(err)) from None
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path), device="cpu")
+        with open_regular(path, "weights file") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(unsafe_pickle_message(f"weights file {path}")) from None
+    except Exception as err:  # torch and safetensors raise EOFError, KeyError, RuntimeError, their own errors
+        reason = str(err).splitlines()[0][:120] if str(err).strip() else "the file ends early"
+        raise ValueError(f"weights file {path} is not readable weights ({type(err).__name__}: {reason})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
     return dict(obj)
+
+
+def unsafe_pickle_message(what: str) -> str:
+    """The one line for weights that `torch.load(weights_only=True)` refuses: they hold pickled objects."""
+    return (
+        f"{what} holds pickled Python objects besides tensors, which mmfuse never unpickles (that can run code); "
+        "save only the tensors: torch.save(model.state_dict(), path), or a .safetensors file"
+    )
 
 
 def looks_like_path(weights: str) -> bool:

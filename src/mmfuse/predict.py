@@ -47,6 +47,8 @@ class Predictor:
         run = open_run(run_dir)
         self.model, self.config = run.model, run.config
         self.schema = build_schema(self.config, self.model.encoders)
+        labels = {tc.field or name for name, tc in self.config.tasks.items()}
+        self._other_fields = labels | {self.schema.split_field, self.schema.group_by} - {None}
         self.schema.labels, self.schema.split_field, self.schema.group_by = {}, None, None
         self.trained_for_missing = trained_for_missing_inputs(self.config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -69,11 +71,35 @@ class Predictor:
         errors: list[tuple[str, str]] | None = None,
     ) -> list[Record]:
         """Records of a JSONL/JSON/CSV file; file paths in it are confined to `root` (default: its folder)."""
-        rows_errors: list[tuple[str, str]] | None = errors
+        before = len(errors) if errors is not None else 0
         records = read_records(
-            path, self.schema, root=root, allow_outside_root=allow_outside_root, required=False, errors=rows_errors
+            path,
+            self.schema,
+            root=root,
+            allow_outside_root=allow_outside_root,
+            required=False,
+            errors=errors,
+            row_check=self.misspelt_field,
         )
+        if not records and (errors is None or len(errors) == before):
+            raise DataError(f"{path}: no records to predict (the file is empty or holds only blank lines)")
         return records
+
+    def misspelt_field(self, row: Mapping[str, Any]) -> str | None:
+        """Why a row is refused: it lacks an input field and carries an unknown field a typo away from it.
+
+        Fields that are neither inputs, task label fields nor the split/group fields are otherwise accepted
+        (ids, metadata); only a near miss of a field the row lacks (`txet` for `text`) is refused, naming both.
+        """
+        expected = [k for keys in self.input_fields.values() for k in keys]
+        known = set(expected) | self._other_fields
+        for key in expected:
+            if key in row:
+                continue
+            for other in row:
+                if isinstance(other, str) and other not in known and _near(other, key):
+                    return f"field {other!r} is not an input of this run; did you mean {key!r}?"
+        return None
 
     def records_from_fields(self, fields: Mapping[str, Any], source: str = "command line") -> list[Record]:
         """One record from field values given directly (paths relative to the current folder, not confined).
@@ -155,3 +181,29 @@ class Predictor:
     def format(self, result: Mapping[str, Any], top: int = 3) -> list[str]:
         """Terminal lines of one record's result: "task: <the kind's short form>"."""
         return [f"{name}: {self.model.tasks[name].format(r, top)}" for name, r in result.items()]
+
+
+def _near(typed: str, name: str) -> bool:
+    """Whether `typed` is a likely typo of `name`: a few edits apart (a swap of two letters is one edit), case
+    ignored; up to 3 letters only a swap or a changed letter, up to 5 letters one edit, longer ones two."""
+    a, b = typed.lower(), name.lower()
+    if a == b:
+        return True
+    if len(b) <= 3 and len(a) != len(b):
+        return False
+    return _edit_distance(a, b) <= (1 if len(b) <= 5 else 2)
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions and adjacent swaps."""
+    if abs(len(a) - len(b)) > 2:
+        return 3  # more than any threshold in `_near`
+    prev2, prev = [0] * (len(b) + 1), list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[len(b)]

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
 import random
 from collections import Counter
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mmfuse.files import check_regular, open_regular
 
 if TYPE_CHECKING:
     from mmfuse.encoders.base import Encoder
@@ -29,6 +32,7 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val", "test": "test"}
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+RowCheck = Callable[[Mapping[str, Any]], "str | None"]  # a parsed row -> None, or why it is refused
 
 
 class DataError(ValueError):
@@ -128,42 +132,66 @@ def _json_value(text: str, where: str) -> Any:
 
 
 def _read_text(path: Path) -> str:
+    """The file as text; a byte that is not UTF-8 stays in it as a lone surrogate (`_utf8_problem` finds it)."""
+    with open_regular(path, "records file") as f:
+        data = f.read()
+    return data.decode("utf-8-sig", errors="surrogateescape")  # a UTF-8 byte-order mark is accepted and dropped
+
+
+def _utf8_problem(text: str) -> str | None:
+    """None when `text` (decoded with surrogateescape) was valid UTF-8, else what the first bad byte is."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return None
     try:
-        return path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is accepted and dropped
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError as err:
+        return f"not UTF-8 text ({getattr(err, 'reason', err)} at byte {getattr(err, 'start', 0)} of the row)"
+    return None
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(row number, parsed value or DataError) for a JSON-lines file, or for a JSON array (rows = items)."""
+    """(row number, parsed value or DataError) for a JSON-lines file, or for a JSON array (rows = items).
+
+    A line with a byte that is not UTF-8 is that row's error (skippable); in a JSON array it is the file's.
+    """
     content = _read_text(path)
     if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
+        if problem := _utf8_problem(content):
+            raise DataError(f"{path}: {problem.replace(' of the row', '')}")
         items = _json_value(content, str(path))
         if isinstance(items, DataError):
             raise items
         yield from enumerate(items, start=1)
         return
     for number, line in enumerate(content.splitlines(), start=1):
-        if line.strip():
+        if not line.strip():
+            continue
+        if problem := _utf8_problem(line):
+            yield number, DataError(f"{path}:{number}: {problem}")
+        else:
             yield number, _json_value(line, f"{path}:{number}")  # a bad line is that row's error (skippable)
 
 
 def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, Any]]]:
     """(header, iterator of (line number of the row's first line, {column: cell} or DataError))."""
+    handle = io.TextIOWrapper(open_regular(path, "records file"), "utf-8-sig", "surrogateescape", newline="")
+    reader = csv.reader(handle)
     try:
-        handle = path.open(newline="", encoding="utf-8-sig")
-        reader = csv.reader(handle)
         header = [h.strip() for h in next(reader, None) or []]
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except csv.Error as err:
+        handle.close()
         raise DataError(f"{path}:1: bad CSV header: {err}") from None
+    if problem := _utf8_problem("".join(header)):
+        handle.close()
+        raise DataError(f"{path}:1: header: {problem.replace(' of the row', '')}")
 
     def rows() -> Iterator[tuple[int, Any]]:
         start = reader.line_num + 1
         try:
             for cells in reader:
-                if cells and len(cells) != len(header):
+                if cells and (problem := _utf8_problem("".join(cells))):
+                    yield start, DataError(f"{path}:{start}: {problem}")
+                elif cells and len(cells) != len(header):
                     yield (
                         start,
                         DataError(f"{path}:{start}: row has {len(cells)} cells but the header has {len(header)}"),
@@ -171,8 +199,6 @@ def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, Any]]]:
                 elif cells:
                     yield start, dict(zip(header, cells))
                 start = reader.line_num + 1
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         except csv.Error as err:
             raise DataError(f"{path}:{reader.line_num}: bad CSV: {err}") from None
         finally:
@@ -184,8 +210,12 @@ def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, Any]]]:
 def read_rows(path: str | os.PathLike[str]) -> tuple[list[str] | None, Iterator[tuple[int, Any]]]:
     """(CSV header or None, (row number, parsed row or DataError)) for a .jsonl/.json/.ndjson/.csv file."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: records file not found (looked in {path.resolve().parent})")
+    try:
+        check_regular(path, "records file")
+    except FileNotFoundError:
+        raise DataError(f"{path}: records file not found (looked in {path.resolve().parent})") from None
+    except OSError as err:
+        raise DataError(str(err).replace(f"records file {path} is", f"{path}: records file is")) from None
     suffix = path.suffix.lower()
     if suffix in _JSON_SUFFIXES:
         return None, _json_rows(path)
@@ -203,6 +233,7 @@ def records_from_rows(
     required: bool = True,
     header: Sequence[str] | None = None,
     errors: list[tuple[str, str]] | None = None,
+    row_check: RowCheck | None = None,
 ) -> list[Record]:
     """Parsed rows of one source -> records, with the file-level checks of `read_records` (first)."""
     rows = list(rows)
@@ -220,6 +251,8 @@ def records_from_rows(
                 raise row
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+            if row_check is not None and (problem := row_check(row)):
+                raise DataError(f"{where}: {problem}")
             records.append(schema.record(row, where, root, required))
         except DataError as err:
             if errors is None:
@@ -261,6 +294,7 @@ def read_records(
     allow_outside_root: bool = False,
     required: bool = True,
     errors: list[tuple[str, str]] | None = None,
+    row_check: RowCheck | None = None,
 ) -> list[Record]:
     """Read records from a `.jsonl`/`.json` (one object per line, or a JSON array) or `.csv` file.
 
@@ -273,6 +307,7 @@ def read_records(
             input), and the file must have every task's label field. Prediction inputs pass False.
         errors: when given, a bad row (bad JSON, missing field, bad value) is appended here as
             (FILE:ROW, reason) and skipped instead of raising.
+        row_check: called with each parsed row; a reason it returns is that row's error (skippable).
 
     Raises:
         DataError: "FILE:ROW: ..." for a missing file, an unknown extension, bad JSON, a record that is
@@ -283,7 +318,9 @@ def read_records(
     path = Path(path)
     header, rows = read_rows(path)
     data_root = DataRoot(Path(root).expanduser() if root is not None else path.parent, allow_outside_root)
-    records = records_from_rows(rows, str(path), schema, data_root, required=required, header=header, errors=errors)
+    records = records_from_rows(
+        rows, str(path), schema, data_root, required=required, header=header, errors=errors, row_check=row_check
+    )
     logger.debug("read %d records from %s", len(records), path)
     return records
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from mmfuse.assets import module_sha256
+from mmfuse.files import open_regular
 from mmfuse.registry import Registry
 
 ENCODERS: Registry[type[Encoder]] = Registry("encoder")
@@ -119,7 +120,7 @@ def hash_value(value: Any) -> str:
 def hash_file(path: str) -> str:
     """A content hash of a file's bytes (so a renamed copy hits the cache, an edited file misses it)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # never blocks on a FIFO or a device
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:32]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError, hash_file, hash_value
+from mmfuse.files import NotRegularFileError, open_regular
 
 VectorRef = str | tuple[float, ...]  # an absolute .npy path, or the vector's values
 
@@ -160,10 +161,12 @@ class EmbeddingEncoder(Encoder):
     def _load_npy(path: str) -> np.ndarray:
         """Read a `.npy` file strictly: the npy format only (no zip archives), never unpickling objects."""
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # a FIFO or a device is refused, never waited on
                 return np.lib.format.read_array(f, allow_pickle=False)
         except FileNotFoundError:
             raise ValueError("file not found") from None
+        except NotRegularFileError as err:
+            raise ValueError(str(err).replace(f"file {path} is", "the file is")) from None
         except (OSError, EOFError, ValueError) as err:
             raise ValueError(f"not a readable .npy array ({str(err).splitlines()[0][:100]})") from None
 

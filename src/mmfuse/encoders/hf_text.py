@@ -9,14 +9,16 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import pickle
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmfuse.assets import dir_sha256, minilm_dir, module_sha256
+from mmfuse.assets import dir_sha256, minilm_dir, module_sha256, unsafe_pickle_message
 from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError, field_value
+from mmfuse.files import NotRegularFileError, check_folder
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +32,16 @@ def resolve_model_dir(name: str, what: str = "model") -> Path:
 
     Raises:
         FileNotFoundError: for anything else (a hub id cannot be downloaded here).
+        ValueError: for a directory holding a FIFO, a socket or a device (loading it would hang).
     """
     if name in PACKAGED_MODELS:
         return PACKAGED_MODELS[name]()
     path = Path(name).expanduser()
     if path.is_dir():
+        try:
+            check_folder(path, f"hf_text {what} folder")
+        except NotRegularFileError as err:
+            raise ValueError(str(err)) from None
         return path
     raise FileNotFoundError(
         f"hf_text {what} {name!r} is neither a local directory nor a packaged model ({', '.join(PACKAGED_MODELS)}). "
@@ -49,7 +56,10 @@ def _build_model(directory: Path | None, config: dict[str, Any] | None) -> torch
     from transformers import AutoConfig, AutoModel
 
     if config is None:
-        return AutoModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+        try:
+            return AutoModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+        except pickle.UnpicklingError:
+            raise ValueError(unsafe_pickle_message(f"a weights file in hf_text model folder {directory}")) from None
     kwargs = dict(config)
     if "model_type" not in kwargs:
         raise ValueError("hf_text config needs a `model_type` key, e.g. {'model_type': 'bert', 'hidden_size': 32}")

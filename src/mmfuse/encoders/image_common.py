@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from mmfuse.assets import file_sha256, module_sha256
 from mmfuse.encoders.base import DataRoot, Encoder, InputError, field_value, hash_file
+from mmfuse.files import NotRegularFileError, open_regular
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,7 +55,7 @@ def to_rgb_image(raw: Any) -> Image.Image:
     (I;16, I, F) scaled to 8 bits by their range (`_unit_scale`), not clipped.
     """
     if isinstance(raw, (str, Path)):
-        with Image.open(raw) as img:
+        with open_regular(raw, "image") as f, Image.open(f) as img:  # a FIFO or a device is refused, not read
             return to_rgb_image(img)
     if isinstance(raw, np.ndarray):
         raw = Image.fromarray(raw)
@@ -71,12 +72,13 @@ def check_image(path: str) -> str | None:
     """None if `path` is an image file that decodes fully (and converts to RGB), else the reason it is not."""
     p = Path(path)
     try:
-        if not p.is_file():
-            where = "is a folder" if p.is_dir() else "not found"
-            return f"image {p.name!r} {where} (looked in {p.parent})"
-        with Image.open(p) as im:
+        with open_regular(p, "image") as f, Image.open(f) as im:
             im.load()
             to_rgb_image(im)
+    except FileNotFoundError:
+        return f"image {p.name!r} not found (looked in {p.parent})"
+    except NotRegularFileError as err:
+        return f"image {p.name!r} is {str(err).rpartition(' is ')[2]} (looked in {p.parent})"
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         return f"image {p.name!r} cannot be decoded ({type(err).__name__}: {str(err)[:120]}) at {p}"
     return None
