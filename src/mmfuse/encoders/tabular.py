@@ -4,7 +4,9 @@ Shapes: B batch, N numeric columns, C categorical columns, D token size.
 
 Numeric column j: standardised with the training split's mean and std (in `preprocess`, in float64),
 then `z_j * W_j + b_j` (a per-column linear tokenizer); a missing cell is the column's learned
-"missing" token instead, so no NaN ever reaches the network.
+"missing" token instead, so no NaN ever reaches the network. A fitted encoder refuses (in `read`) a cell more
+than `Z_MAX` standard deviations from the training mean, and `preprocess` clamps `z` to +-`Z_MAX`, so a value far
+outside the training range (`weight_kg=1e30`) can never overflow the network into NaN predictions.
 Categorical column j: its own embedding table over index 0 = missing, 1 = unknown (a value not
 seen in training), 2.. = the training vocabulary. A [CLS] token is prepended and `layers`
 pre-norm transformer layers mix the columns; the [CLS] output is the pooled vector. With
@@ -40,6 +42,10 @@ def is_missing(value: Any) -> bool:
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # larger cells would overflow the encoder's float32 inputs
+# |z| of a numeric cell, in training standard deviations: beyond it a record is refused (a fitted encoder's `read`),
+# and `preprocess` clamps to it. A training split of n rows never holds |z| > sqrt(n - 1), so 1e3 refuses nothing
+# a training set of under a million rows could contain, while z * W stays far from float16/float32 overflow.
+Z_MAX = 1e3
 
 
 def parse_number(value: Any, column: str) -> float | None:
@@ -230,7 +236,21 @@ class TabularEncoder(Encoder):
             )
         except ValueError as err:
             raise InputError(str(err)) from None
+        self._check_range(cells)
         return None if all(c is None for c in cells) else cells
+
+    def _check_range(self, cells: Sequence[float | str | None]) -> None:
+        """A fitted encoder refuses a numeric cell more than `Z_MAX` training standard deviations from the mean."""
+        for col, value in zip(self.numeric_columns, cells, strict=False):
+            stat = (self.stats or {}).get(col)
+            if stat is None or value is None:
+                continue
+            z = (float(value) - stat["mean"]) / stat["std"]
+            if abs(z) > Z_MAX:
+                raise InputError(
+                    f"column {col!r}: {value:g} is {abs(z):.3g} standard deviations from the training mean "
+                    f"({stat['mean']:.6g}, std {stat['std']:.6g}); the model answers within {Z_MAX:g}"
+                )
 
     def load(self, ref: Hashable) -> dict[str, Any]:
         """Cells -> `{column: cell}`, what `preprocess` takes."""
@@ -245,8 +265,11 @@ class TabularEncoder(Encoder):
         both are set: a loaded or resumed run keeps its options).
 
         Raises:
-            ValueError: a numeric column without any value in the training split.
+            ValueError: a column (numeric or categorical) without any value in the training split: a misspelt
+                or absent column name.
         """
+        refs = [r for r in refs if r is not None]
+        self._check_columns_hold_values(refs)
         todo_numeric = self.numeric_columns if self.stats is None else []
         todo_categorical = self.categorical_columns if self.vocab is None else []
         if not todo_numeric and not todo_categorical:
@@ -254,15 +277,26 @@ class TabularEncoder(Encoder):
         fitted = fit_table((self.load(r) for r in refs), todo_numeric, todo_categorical, self.min_count)
         return {k: v for k, v in fitted.items() if v}
 
+    def _check_columns_hold_values(self, refs: Sequence[Hashable]) -> None:
+        """Every configured column holds a value in at least one training reference (else it is misspelt)."""
+        empty = [c for j, c in enumerate(self.columns) if all(ref[j] is None for ref in refs)]  # type: ignore[index]
+        if empty:
+            kind = "numeric" if empty[0] in self.numeric_columns else "categorical"
+            raise ValueError(
+                f"{kind} column {empty[0]!r} has no value in any of the {len(refs)} training records: "
+                "check its name against the records' fields"
+            )
+
     def preprocess(self, raw: Mapping[str, Any], train: bool = False) -> dict[str, torch.Tensor]:
         """One row `{column: cell}` -> numeric (N,) standardised values (0 where missing), numeric_present (N,)
         bool, categorical (C,) indices (0 missing, 1 unknown, 2.. vocabulary). `train` changes nothing.
 
-        Standardisation happens here, in float64, so large values (timestamps, prices) keep their precision.
+        Standardisation happens here, in float64, so large values (timestamps, prices) keep their precision; `z` is
+        clamped to +-`Z_MAX`.
         """
         stats = self.stats or {}
         values = [parse_number(raw.get(c), c) for c in self.numeric_columns]
-        z = [0.0 if v is None or c not in stats else (v - stats[c]["mean"]) / stats[c]["std"]
+        z = [0.0 if v is None or c not in stats else _clamp((v - stats[c]["mean"]) / stats[c]["std"])
              for c, v in zip(self.numeric_columns, values, strict=True)]  # fmt: skip
         lookup = self._lookup()
         codes = []
@@ -314,6 +348,10 @@ class TabularEncoder(Encoder):
             f"{type(self).__name__}:options={self.options()}:columns={self.numeric_columns}+{self.categorical_columns}"
             f":dim={self.output_dim}:layers={self.layers_n}:weights={self.weights_identity()}"
         )
+
+
+def _clamp(z: float) -> float:
+    return max(-Z_MAX, min(Z_MAX, z))
 
 
 def _for_columns(values: Mapping[str, Any] | None, columns: list[str], key: str, kind: str) -> dict[str, Any] | None:

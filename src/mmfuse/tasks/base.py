@@ -121,8 +121,28 @@ class Task:
 
     # ------------------------------------------------------------------ predictions
     def predict(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"prediction": (B,) or (B, C), "probabilities": (B, C) where the kind has them}."""
+        """{"prediction": (B,) or (B, C), "probabilities": (B, C) where the kind has them}.
+
+        Every kind calls `check_finite(logits)` first: no prediction is ever made from NaN or infinite logits.
+        """
         raise NotImplementedError
+
+    def check_finite(self, logits: torch.Tensor) -> None:
+        """Refuse a batch whose logits (B, C) hold NaN or an infinity (an input far outside the training data).
+
+        Raises:
+            DataError: one line (the CLI exits 2, the server answers 422); its `rows` are the batch positions of
+                the records without a finite output.
+        """
+        finite = torch.isfinite(logits.detach()).reshape(logits.shape[0], -1).all(dim=1)  # (B,)
+        if bool(finite.all()):
+            return
+        rows = (~finite).nonzero().flatten().tolist()
+        raise non_finite_error(
+            f"the model's output for task {self.name!r} is not finite (NaN or infinite) for {len(rows)} of "
+            f"{logits.shape[0]} record(s), most often an input far outside the training data; no answer is given",
+            rows,
+        )
 
     def describe(self, pred: dict[str, torch.Tensor], i: int) -> dict[str, Any]:
         """Sample `i` of `predict`'s output as JSON-ready values, e.g. {"label": ..., "probabilities": {...}}."""
@@ -140,6 +160,18 @@ class Task:
 
 
 # ---------------------------------------------------------------------- helpers shared by the kinds
+def non_finite_error(message: str, rows: list[int]) -> Exception:
+    """A `DataError` (one line: exit 2 in the CLI, 422 from the server) whose `rows` are the batch positions.
+
+    Imported on use: `mmfuse.data` imports this module, so it cannot import `mmfuse.data` at the top.
+    """
+    from mmfuse.data.records import DataError
+
+    err = DataError(message)
+    err.rows = rows  # type: ignore[attr-defined]
+    return err
+
+
 def require_classes(task: Task, minimum: int) -> list[str]:
     """The task's classes, checked: at least `minimum`, no duplicates, each a sane name."""
     if not task.classes or len(task.classes) < minimum:

@@ -1,7 +1,9 @@
-"""Binary task: two classes, one logit, BCE-with-logits."""
+"""Binary task: two classes, one logit, BCE-with-logits; the class names are learned from the training labels."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,7 +18,10 @@ _FALSY = {"0", "false", "no", "0.0"}
 
 @TASK_KINDS.register("binary")
 class BinaryTask(Task):
-    """Two classes, one logit, BCE-with-logits; labels 0/1, true/false or the two class names.
+    """Two classes, one logit, BCE-with-logits; labels 0/1, true/false, yes/no or the two class names.
+
+    The classes are learned from the training labels when the config leaves them out (`fit`): `yes`/`no` or
+    `spam`/`ham` data is answered with `yes`/`no` or `spam`/`ham`, not 0/1.
 
     Args:
         name: the task's name.
@@ -32,6 +37,32 @@ class BinaryTask(Task):
         super().__init__(name, classes or ["0", "1"], weight)
         if len(self.classes) != 2 or self.classes[0] == self.classes[1]:
             raise ValueError(f"task {name!r} (binary) needs exactly 2 distinct classes, got {self.classes}")
+
+    @classmethod
+    def fit(cls, labels: Sequence[Any], options: dict[str, Any]) -> dict[str, Any]:
+        """{"classes": [negative, positive]} from the training labels unless the config names the classes.
+
+        Two names that are not 0/1/true/false/yes/no are the classes, sorted (so `ham`, `spam`). Otherwise the
+        most common false-like and true-like spellings are (`no`, `yes`; `false`, `true`; `0`, `1`), false
+        first. Anything else (one class, three names) keeps the default ["0", "1"]: validation then names the
+        rows it cannot read.
+        """
+        if options.get("classes") is not None:
+            return {}
+        counts: Counter[str] = Counter()
+        for raw in labels:
+            try:
+                counts[str(raw).lower() if isinstance(raw, bool) else class_name(raw)] += 1
+            except LabelError:
+                continue
+        words = [n for n in counts if n.lower() not in _TRUTHY | _FALSY]
+        if len(words) == 2:
+            return {"classes": sorted(words)}
+        if words:
+            return {}
+        falsy = [n for n, _ in counts.most_common() if n.lower() in _FALSY]
+        truthy = [n for n, _ in counts.most_common() if n.lower() in _TRUTHY]
+        return {"classes": [falsy[0], truthy[0]]} if falsy and truthy else {}
 
     @property
     def out_dim(self) -> int:
@@ -49,6 +80,7 @@ class BinaryTask(Task):
         return F.binary_cross_entropy_with_logits(logits.squeeze(-1), target.float())
 
     def predict(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.check_finite(logits)
         p = torch.sigmoid(logits.squeeze(-1))
         return {"prediction": (p > 0.5).long(), "probabilities": torch.stack([1 - p, p], dim=-1)}
 

@@ -62,6 +62,7 @@ class MulticlassTask(Task):
         return F.cross_entropy(logits, target.long())
 
     def predict(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.check_finite(logits)
         p = logits.softmax(-1)
         return {"prediction": p.argmax(-1), "probabilities": p}
 

@@ -81,6 +81,7 @@ class MultilabelTask(Task):
         return F.binary_cross_entropy_with_logits(logits, target.float())
 
     def predict(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.check_finite(logits)
         p = torch.sigmoid(logits)
         return {"prediction": (p > 0.5).long(), "probabilities": p}
 

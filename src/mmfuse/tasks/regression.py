@@ -65,6 +65,7 @@ class RegressionTask(Task):
         return LOSSES[self.loss_name](logits.squeeze(-1), target.float())
 
     def predict(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.check_finite(logits)
         return {"prediction": logits.squeeze(-1)}
 
     def metric_input(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
