@@ -450,3 +450,48 @@ def test_the_demo_page_in_a_real_browser(url: str, images: list[Path], expected)
             assert page.is_hidden("#error")
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------------------------------- issue 19
+def test_an_aborted_upload_is_the_clients_499_in_one_log_line(run_dir: Path, caplog) -> None:
+    """A client that closes the connection halfway through its body: counted as 499 (not 500), one log line,
+    no traceback."""
+    import logging
+
+    with running(run_dir, max_batch=4, max_wait_ms=20) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+                head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                sock.sendall(head.encode() + b"Content-Length: 100000\r\n\r\n" + b'{"text": "' + b"a" * 1000)
+                time.sleep(0.3)
+            deadline = time.monotonic() + TIMEOUT
+            while not stats(server.url)["errors"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            errors = stats(server.url)["errors"]
+        assert errors == {"499": 1}, errors
+        lines = [r for r in caplog.records if r.name.startswith(("mmfuse", "uvicorn"))]
+        assert len(lines) == 1 and lines[0].exc_info is None, [r.getMessage() for r in lines]
+        assert "went away" in lines[0].getMessage()
+
+
+def test_a_request_whose_output_is_not_finite_fails_alone_with_422() -> None:
+    """The batcher predicts a failed batch again request by request; the failing request alone gets its error."""
+    from mmfuse.data import DataError
+
+    def model(records: list[Any]) -> list[dict[str, Any]]:
+        if "nan" in records:
+            raise DataError("the model's output for task 't' is not finite")
+        return [{"echo": r} for r in records]
+
+    batcher = Batcher([model], max_batch=8, max_wait_s=0.2)
+
+    async def drive() -> list[Any]:
+        return await asyncio.gather(*(batcher.submit([p]) for p in ("a", "nan", "b")), return_exceptions=True)
+
+    try:
+        a, bad, b = asyncio.run(drive())
+    finally:
+        batcher.close()
+    assert a == [{"echo": "a"}] and b == [{"echo": "b"}] and isinstance(bad, DataError)

@@ -36,7 +36,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from mmfuse.data.records import DataError
 from mmfuse.serve.batcher import Batcher
 from mmfuse.serve.inputs import RecordReader, RequestError, Uploads, parse_json
 
@@ -84,6 +86,8 @@ class Service:
                 explanation = self._explainer.explain(records[0])
             except NeedsCaptum as err:
                 raise RequestError(501, f"{err} on the server") from None
+            except DataError as err:  # e.g. the record's output is not finite
+                raise RequestError(422, str(err)) from None
             report = {k: v for k, v in explanation.report.items() if k != "inputs"}  # no server upload paths
             return report, render(explanation)
 
@@ -136,7 +140,16 @@ async def _drain(request: Request, budget: int) -> None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to be over `limit` bytes."""
+    """The request body, refused with 413 as soon as it is known to be over `limit` bytes; 499 (one log line,
+    no traceback) when the client goes away before sending all of it."""
+    try:
+        return await _read_body(request, limit)
+    except ClientDisconnect:
+        log.info("%s %s: the client went away before sending its whole body", request.method, request.url.path)
+        raise RequestError(499, "the client went away before sending the whole body") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -265,7 +278,10 @@ def create_app(service: Service) -> FastAPI:
                 service.reader.check_count(rows)
                 # Decoded and checked by the worker that takes it (`RecordReader.records`), then predicted.
                 pending = service.batcher.enqueue((rows, uploads), len(rows))
-                results = await asyncio.shield(pending)
+                try:
+                    results = await asyncio.shield(pending)
+                except DataError as err:  # e.g. a record whose output would not be finite
+                    raise RequestError(422, uploads.scrub(str(err))) from None
         finally:
             if pending is not None and not pending.done():  # abandoned by its client: clean up once predicted
                 pending.add_done_callback(lambda _: uploads.close())

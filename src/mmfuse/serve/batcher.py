@@ -10,7 +10,9 @@ same queue, so one batch's forward overlaps with the next batch's gathering.
 A request may be queued raw, with the number of records it holds, and turned into records by the worker that
 takes it (`prepare`): decoding then stays off the event loop without a trip through a thread pool (each hop
 between threads costs a scheduler wake-up, several milliseconds on a loaded machine). A request whose
-`prepare` fails gets that error alone; the rest of its batch goes on.
+`prepare` fails gets that error alone; the rest of its batch goes on. A batch whose prediction fails is predicted
+again request by request, so a request that makes the model fail (a record whose output would be NaN) fails
+alone too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from mmfuse.data.records import DataError
 
 log = logging.getLogger(__name__)
 
@@ -172,22 +176,33 @@ class Batcher:
                     jobs.append(job)
                 except Exception as err:  # this request is bad (or gone): it alone gets the error
                     _answer(job, err)
-            records = [r for part in parts for r in part]
-            if not records:
-                for job in jobs:
-                    _answer(job, [])
-                continue
-            start = time.monotonic()
-            try:
-                results: list[dict[str, Any]] | BaseException = predict(records)
-            except Exception as err:  # a failed batch answers its requests with an error; the worker lives on
+            self._predict(worker, predict, jobs, parts)
+
+    def _predict(self, worker: int, predict: PredictFn, jobs: list[_Job], parts: list[list[Any]]) -> None:
+        """Predict the records of `jobs` in one call and answer each job; if that fails, each job alone."""
+        records = [r for part in parts for r in part]
+        if not records:
+            for job in jobs:
+                _answer(job, [])
+            return
+        start = time.monotonic()
+        try:
+            results: list[dict[str, Any]] | BaseException = predict(records)
+        except Exception as err:  # the worker lives on
+            if len(jobs) > 1:  # one request may be the cause: each alone, so the others still get their answers
+                for job, part in zip(jobs, parts):
+                    self._predict(worker, predict, [job], [part])
+                return
+            if isinstance(err, DataError):  # the request's records: its client gets the one line (422)
+                log.info("refused a request of %d records: %s", len(records), err)
+            else:
                 log.exception("prediction failed for a batch of %d records", len(records))
-                results = err
-            self.stats.add(worker, len(records), time.monotonic() - start)
-            at = 0
-            for job, part in zip(jobs, parts):
-                _answer(job, results if isinstance(results, BaseException) else results[at : at + len(part)])
-                at += len(part)
+            results = err
+        self.stats.add(worker, len(records), time.monotonic() - start)
+        at = 0
+        for job, part in zip(jobs, parts):
+            _answer(job, results if isinstance(results, BaseException) else results[at : at + len(part)])
+            at += len(part)
 
 
 def _answer(job: _Job, outcome: list[dict[str, Any]] | BaseException) -> None:
