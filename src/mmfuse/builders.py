@@ -64,6 +64,8 @@ def build_fusion(comp: Component, input_dims: Mapping[str, int], grids: Sequence
     cls = FUSIONS.get(comp.name)
     if grids is not None and opts.get("spatial", "auto") == "auto" and "spatial" in inspect.signature(cls).parameters:
         opts["spatial"] = grids[0] if len(grids) == 1 else None
+    if grids is not None and getattr(cls, "needs_grid", False) and opts.get("spatial") not in grids:
+        raise ConfigError(_no_grid(comp.name, opts.get("spatial"), grids))
     try:
         return cls(input_dims=dict(input_dims), **opts)
     except (ValueError, TypeError, RuntimeError, OverflowError) as err:  # torch: a size it cannot allocate
@@ -314,3 +316,19 @@ def build_balancer(comp: Component | None, model: MultiTaskModel) -> Any:
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def _no_grid(fusion: str, spatial: Any, grids: Sequence[str]) -> str:
+    """Why fusion `fusion` (which reasons over a grid of tokens) cannot run on these encoders, naming the key."""
+    if spatial not in (None, "auto"):
+        return (
+            f"model.fusion.spatial: {fusion} reasons over the grid of tokens of {spatial!r}, but "
+            f"model.encoders.{spatial} gives no grid of tokens: set tokens: true on it (torchvision, timm) "
+            "or use the conv encoder"
+        )
+    if grids:
+        return f"model.fusion.spatial: {fusion} needs one grid; the encoders giving one are {', '.join(grids)}: name it"
+    return (
+        f"model.fusion.spatial: {fusion} reasons over a grid of image tokens, but no encoder gives one: "
+        "set tokens: true on the image encoder (torchvision, timm) or use the conv encoder"
+    )

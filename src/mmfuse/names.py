@@ -72,6 +72,14 @@ BUILTIN: dict[str, dict[str, Entry]] = {
             "mmfuse.fusion.lmf:LowRankFusion",
             "Low-rank tensor fusion (LMF): `fused_o = sum_r prod_m ([h_m, 1] . factors_m[r, :, o]) + bias_o`.",
         ),
+        "relation": Entry(
+            "mmfuse.fusion.relation:RelationFusion",
+            "Relation Network: `fused = f(sum_{i,j} g([o_i; o_j; q]))` over all ordered pairs of grid cells.",
+        ),
+        "spatial_film": Entry(
+            "mmfuse.fusion.spatial_film:SpatialFiLMFusion",
+            "FiLM on the token grid: `fused = fc(maxpool(relu(conv1x1([x_N; xy]))))`, x_N after N FiLM-ed conv blocks.",
+        ),
         "sum": Entry(
             "mmfuse.fusion.sum:SumFusion",
             "Project each modality to the output size and add: `sum_m (W_m x_m + b_m)`.",

@@ -54,3 +54,18 @@ def grid_shape(num_tokens: int, grid: tuple[int, int] | None, name: str) -> tupl
     if side * side != num_tokens:
         raise ValueError(f"{name} has {num_tokens} tokens, not a square grid; set the fusion option grid: [h, w]")
     return side, side
+
+
+def coord_grid(h: int, w: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The normalised (x, y) coordinates of every cell of an h x w grid, row-major (FiLM's `coord_map`, Perez et al.
+    2018; the relation network's object coordinates, Santoro et al. 2017).
+
+    `x = linspace(-1, 1, w)[j]` (the column, left to right), `y = linspace(-1, 1, h)[i]` (the row, top to bottom);
+    a side of one cell sits at -1.
+
+    Returns:
+        (h * w, 2) coordinates: token i * w + j is `[x_j, y_i]`.
+    """
+    xs = torch.linspace(-1.0, 1.0, w, device=device, dtype=dtype or torch.float32)  # (w,)
+    ys = torch.linspace(-1.0, 1.0, h, device=device, dtype=dtype or torch.float32)  # (h,)
+    return torch.stack([xs.repeat(h), ys.repeat_interleave(w)], dim=1)  # (h * w, 2)

@@ -1,0 +1,116 @@
+"""Spatial FiLM fusion (Perez et al. 2018): FiLM-ed residual conv blocks over a grid of tokens, then a max-pooled stem.
+
+Shapes: B batch, T = h * w spatial tokens, C their feature size, D_q the question's pooled size, W the blocks'
+width, K the classifier's channels, N blocks, D_out fused size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmfuse.encoders.base import EncoderOutput
+from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
+from mmfuse.fusion.positional import coord_grid, grid_shape
+from mmfuse.fusion.relation import spatial_and_question, spatial_tokens
+
+
+class FiLMedBlock(nn.Module):
+    """`p = relu(conv1x1([x; xy]))`, `out = p + relu(gamma * bn(conv3x3(p)) + beta)` (the official FiLMedResBlock:
+    coordinates before the input projection, BatchNorm without affine, FiLM after it, residual on `p`)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.input_proj = nn.Conv2d(width + 2, width, kernel_size=1)
+        self.conv = nn.Conv2d(width, width, kernel_size=3, padding=1)
+        self.bn = nn.BatchNorm2d(width, affine=False)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """(B, W, h, w), (B, 2, h, w), (B, W), (B, W) -> (B, W, h, w)."""
+        p = torch.relu(self.input_proj(torch.cat([x, coords], dim=1)))
+        out = self.bn(self.conv(p)) * gamma[:, :, None, None] + beta[:, :, None, None]
+        return p + torch.relu(out)
+
+
+@FUSIONS.register("spatial_film")
+class SpatialFiLMFusion(Fusion):
+    """FiLM on the token grid: `fused = fc(maxpool(relu(conv1x1([x_N; xy]))))`, x_N after N FiLM-ed conv blocks.
+
+    The `spatial` modality's tokens (B, T, C) become a map (B, C, h, w); the stem `x_0 = relu(bn(conv1x1([map; xy])))`
+    projects it with its coordinate channels (x, y in [-1, 1]) to `width` channels. Each of the `num_blocks` blocks
+    is `p = relu(conv1x1([x; xy]))`, `x' = p + relu(gamma_k * bn(conv3x3(p)) + beta_k)`, BatchNorm without affine,
+    and `gamma_k = 1 + dgamma_k`, `beta_k` predicted from the other modality's pooled vector `q` by one linear layer
+    (`film`: `[dgamma_1, beta_1, ..., dgamma_N, beta_N] = W q + b`, gamma around 1 as in the official code). The
+    classifier stem: coordinates, a 1x1 conv to `classifier_channels`, ReLU, global max pooling over real cells, and a
+    linear layer to D_out. Padded or absent cells are zero in the map and left out of the max (a sample without any
+    real cell pools to 0). BatchNorm uses batch statistics in training: there, samples of a batch are not independent.
+    Exactly two modalities.
+
+    Args:
+        input_dims: {modality: D_m}, two modalities.
+        output_dim: D_out.
+        spatial: the modality whose tokens are a flattened h x w grid. "auto": the builder asks the encoders (the one
+            image encoder that gives tokens); built directly, the modality called "image".
+        grid: (h, w) of the spatial grid; by default the square grid of its T tokens (a non-square T needs it).
+        width: W, the channels of the blocks (the paper: 128).
+        num_blocks: N (the paper: 4).
+        classifier_channels: K (the paper: 512).
+    """
+
+    needs_tokens = True
+    needs_grid = True  # the builder refuses it, before training, when no encoder gives a grid of tokens
+
+    def __init__(
+        self,
+        input_dims: dict[str, int],
+        output_dim: int,
+        spatial: str | None = "auto",
+        grid: tuple[int, int] | None = None,
+        width: int = 128,
+        num_blocks: int = 4,
+        classifier_channels: int = 512,
+    ) -> None:
+        super().__init__(input_dims, output_dim)
+        self.spatial, self.question = spatial_and_question("spatial_film", self.modalities, spatial)
+        if min(width, num_blocks, classifier_channels) < 1:
+            raise ValueError("spatial_film width, num_blocks and classifier_channels must be >= 1")
+        self.grid = None if grid is None else tuple(grid)
+        self.width, self.num_blocks = width, num_blocks
+        self.stem = nn.Sequential(
+            nn.Conv2d(self.input_dims[self.spatial] + 2, width, kernel_size=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.film = nn.Linear(self.input_dims[self.question], 2 * width * num_blocks)
+        self.blocks = nn.ModuleList(FiLMedBlock(width) for _ in range(num_blocks))
+        self.classifier = nn.Conv2d(width + 2, classifier_channels, kernel_size=1)
+        self.fc = nn.Linear(classifier_channels, output_dim)
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The stem (the grid's own projection) for the spatial modality, the FiLM generator for the question."""
+        super().modality_parameters(modality)  # checks the name
+        return list((self.stem if modality == self.spatial else self.film).parameters())
+
+    def forward(self, features: dict[str, EncoderOutput]) -> FusionOutput:
+        tokens, mask = spatial_tokens(features[self.spatial], self.spatial, "spatial_film")  # (B, T, C), (B, T)
+        b, t = mask.shape
+        h, w = grid_shape(t, self.grid, f"spatial_film's {self.spatial} input")
+        fmap = tokens.transpose(1, 2).unflatten(2, (h, w))  # (B, C, h, w)
+        coords = coord_grid(h, w, device=tokens.device, dtype=tokens.dtype).T.unflatten(1, (h, w)).expand(b, 2, h, w)
+        film = self.film(features[self.question].pooled).view(b, self.num_blocks, 2, self.width)  # (B, N, 2, W)
+        x = self.stem(torch.cat([fmap, coords], dim=1))  # (B, W, h, w)
+        for k, block in enumerate(self.blocks):
+            x = block(x, coords, 1 + film[:, k, 0], film[:, k, 1])
+        x = torch.relu(self.classifier(torch.cat([x, coords], dim=1))).flatten(2)  # (B, K, T)
+        pooled = x.masked_fill(~mask.unsqueeze(1), float("-inf")).amax(dim=2)  # (B, K)
+        pooled = torch.where(mask.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))
+        extras = {"gamma": 1 + film[:, :, 0].flatten(1), "beta": film[:, :, 1].flatten(1)}  # each (B, N * W)
+        return FusionOutput(fused=self.fc(pooled), extras=extras)
+
+    @property
+    def condition_on(self) -> str:
+        """The modality that predicts gamma and beta (as `film`'s option of that name; `explain` reads it)."""
+        return self.question
+
+    @property
+    def target(self) -> str:
+        """The modality that is modulated."""
+        return self.spatial
