@@ -115,3 +115,25 @@ def test_a_file_as_cache_dir_is_one_line(tmp_path: Path, data: Path, capsys) -> 
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mmfuse train: error: feature cache") and "not a directory" in err
+
+
+def test_a_run_on_a_cache_with_swapped_index_rows_reencodes_and_matches_a_clean_run(
+    tmp_path: Path, data: Path, capsys
+) -> None:
+    """Two rows of each index.json swapped (still valid JSON): detected, re-encoded, same metrics as a clean run."""
+    rc, clean = train(tmp_path, data, "clean")
+    assert rc == 0
+    indexes = sorted(Path(os.environ["MMFUSE_CACHE_DIR"]).rglob("index.json"))
+    assert len(indexes) == 2  # image and text
+    for index in indexes:
+        content = json.loads(index.read_text())
+        first, second = list(content["rows"])[:2]
+        content["rows"][first], content["rows"][second] = content["rows"][second], content["rows"][first]
+        index.write_text(json.dumps(content))
+    cache_mod._VERIFIED.clear()  # a new process: nothing verified yet
+    capsys.readouterr()
+    rc, again = train(tmp_path, data, "again")
+    assert rc == 0 and again == clean
+    err = capsys.readouterr().err
+    assert err.count("(its rows in index.json were edited); encoding its") == 2
+    assert "Traceback" not in err

@@ -284,3 +284,39 @@ def test_concurrent_writers_encode_each_input_once(tmp_path: Path, text_encoder)
         t.join()
     assert len(results) == 3 and counter.n == len(TEXTS)  # the lock made the others wait, then read
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_swapped_index_rows_are_detected_and_encoded_again(tmp_path: Path, text_encoder, caplog) -> None:
+    """index.json is valid JSON after two rows are swapped: the shard's own list of its row keys catches it."""
+    clean = features(tmp_path, text_encoder, "c")
+    path = next((tmp_path / "c").rglob("index.json"))
+    data = json.loads(path.read_text())
+    first, second = list(data["rows"])[:2]
+    data["rows"][first], data["rows"][second] = data["rows"][second], data["rows"][first]
+    path.write_text(json.dumps(data))
+    counter = Counting(text_encoder)
+    with caplog.at_level(logging.WARNING, logger="mmfuse"):
+        assert torch.equal(features(tmp_path, text_encoder, "c"), clean)  # not the swapped features
+    assert counter.n == len(TEXTS)
+    assert "its rows in index.json were edited); encoding its 7 inputs again" in caplog.text
+    counter.n = 0
+    a_new_process()
+    assert torch.equal(features(tmp_path, text_encoder, "c"), clean) and counter.n == 0  # the repaired index holds
+
+
+def test_a_shard_without_row_keys_is_encoded_again(tmp_path: Path, text_encoder, caplog) -> None:
+    """A shard whose header lists no row keys (written by an older mmfuse) cannot vouch for the index's rows."""
+    from safetensors.torch import load_file, save_file
+
+    clean = features(tmp_path, text_encoder, "c")
+    shard = next((tmp_path / "c").rglob("shard_00000.safetensors"))
+    save_file(load_file(str(shard)), str(shard))  # same tensors, no metadata
+    path = next((tmp_path / "c").rglob("index.json"))
+    data = json.loads(path.read_text())
+    data["shards"]["0"].update(sha256=cache_mod._shard_digests(shard)[0], bytes=shard.stat().st_size)
+    path.write_text(json.dumps(data))
+    a_new_process()
+    counter = Counting(text_encoder)
+    with caplog.at_level(logging.WARNING, logger="mmfuse"):
+        assert torch.equal(features(tmp_path, text_encoder, "c"), clean)
+    assert counter.n == len(TEXTS) and "were edited" in caplog.text

@@ -14,8 +14,12 @@ to their longest item).
 
 Safety: a shard is checked against its sha256 the first time a process reads it; a corrupt or
 missing shard is dropped and the inputs that need it are encoded again (with a warning), and an
-unreadable index is rebuilt the same way. `clear_cache` deletes only the files this module writes
-(by name, never through a symbolic link) and refuses a folder that is not a cache.
+unreadable index is rebuilt the same way. The index's rows are covered too: each shard holds, in its
+safetensors header (so under its sha256), the content hash of every row in row order, and the index's
+rows of that shard must list exactly those keys at exactly those rows; a shard whose rows were edited
+(two rows swapped, a key changed, a row removed or added) is dropped and its inputs encoded again.
+`clear_cache` deletes only the files this module writes (by name, never through a symbolic link) and
+refuses a folder that is not a cache.
 """
 
 from __future__ import annotations
@@ -42,14 +46,16 @@ from mmfuse.utils import move_to
 log = logging.getLogger(__name__)
 
 SHARD_ITEMS = 4096
-INDEX_FORMAT = "mmfuse-feature-cache/2"
+INDEX_FORMAT = "mmfuse-feature-cache/3"  # /3: shards hold their row keys
+KEYS_META = "mmfuse_row_keys"  # safetensors header metadata: JSON list of the content hash of each row
 MARKER = ".mmfuse-cache"
 _KEY_DIR = re.compile(r"[0-9a-f]{20}")  # `encoder_key`
 _CACHE_FILE = re.compile(
     r"index\.json|shard_\d{5}\.safetensors|\.lock|\.index\.json\.\d+\.tmp|\.shard_\d{5}\.safetensors\.\d+\.tmp"
 )
-# Shards verified by this process: path -> (size, mtime_ns, sha256). A shard is hashed once per process.
-_VERIFIED: dict[str, tuple[int, int, str]] = {}
+# Shards verified by this process: path -> ((size, mtime_ns, sha256), digest of its row keys or None).
+# A shard is hashed once per process.
+_VERIFIED: dict[str, tuple[tuple[int, int, str], str | None]] = {}
 
 
 class CacheError(DataError):
@@ -140,11 +146,12 @@ class FeatureCache:
         self.index: dict[str, list[int]] = {}  # content hash -> [shard, row]
         self.shards: dict[int, dict[str, object]] = {}  # shard -> {"sha256", "bytes", "items"}
         self._index_warned = False
+        self._row_digests: dict[int, str | None] | None = None  # memo of `_index_row_digests`
         self._read_index()
 
     def _read_index(self) -> None:
         """Load index.json; an unreadable one is dropped with a warning (what it listed is encoded again)."""
-        self.index, self.shards = {}, {}
+        self.index, self.shards, self._row_digests = {}, {}, None
         index_file = self.dir / "index.json"
         if not index_file.is_file():
             return
@@ -190,34 +197,51 @@ class FeatureCache:
         """Every input has a row, in a shard that passes its checksum."""
         if any(h not in self.index for h in distinct):
             return False
-        return all(self._shard_ok(s) for s in {self.index[h][0] for h in distinct})
+        return all(self._shard_problem(s) is None for s in {self.index[h][0] for h in distinct})
 
     def _shard_path(self, shard: int) -> Path:
         return self.dir / f"shard_{shard:05d}.safetensors"
 
-    def _shard_ok(self, shard: int) -> bool:
-        """Whether the shard file is the one the index describes (sha256, checked once per process)."""
+    def _shard_problem(self, shard: int) -> str | None:
+        """None when the shard file is the one the index describes (sha256, checked once per process) and the
+        index's rows of that shard are the keys the shard holds, in its row order; else what is wrong."""
         meta, path = self.shards[shard], self._shard_path(shard)
         try:
             st = os.stat(path, follow_symlinks=False)
         except OSError:
-            return False
+            return "missing"
         seen = (st.st_size, st.st_mtime_ns, str(meta["sha256"]))
-        if _VERIFIED.get(str(path)) == seen:
-            return True
-        if st.st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
-            return False
-        _VERIFIED[str(path)] = seen
-        return True
+        verified = _VERIFIED.get(str(path))
+        if verified is None or verified[0] != seen:
+            digest, keys = _shard_digests(path) if st.st_size == meta["bytes"] else (None, None)
+            if digest != meta["sha256"]:
+                return "corrupt (its sha256 does not match the index)"
+            verified = _VERIFIED[str(path)] = (seen, keys)
+        if verified[1] is None or verified[1] != self._index_row_digests().get(shard):
+            return "not what index.json says it holds (its rows in index.json were edited)"
+        return None
+
+    def _index_row_digests(self) -> dict[int, str | None]:
+        """{shard: digest of the keys the index puts at its rows 0..n-1, or None when the rows have gaps}."""
+        if self._row_digests is None:
+            by_shard: dict[int, list[tuple[int, str]]] = {}
+            for h, (shard, row) in self.index.items():
+                by_shard.setdefault(shard, []).append((row, h))
+            self._row_digests = {}
+            for shard, rows in by_shard.items():
+                rows.sort()
+                whole = [r for r, _ in rows] == list(range(len(rows)))
+                self._row_digests[shard] = _keys_digest([h for _, h in rows]) if whole else None
+        return self._row_digests
 
     def _drop_corrupt(self, distinct: Sequence[str]) -> None:
-        """Forget (and delete) the shards these inputs need that fail their checksum; the caller re-encodes."""
-        bad = sorted(s for s in {self.index[h][0] for h in distinct if h in self.index} if not self._shard_ok(s))
+        """Forget (and delete) the shards these inputs need that fail their checks; the caller re-encodes."""
+        problems = {s: self._shard_problem(s) for s in {self.index[h][0] for h in distinct if h in self.index}}
+        bad = sorted(s for s, problem in problems.items() if problem is not None)
         for shard in bad:
             path = self._shard_path(shard)
             held = [h for h, (s, _) in self.index.items() if s == shard]
-            state = "missing" if not path.exists() else "corrupt (its sha256 does not match the index)"
-            log.warning("feature cache: %s is %s; encoding its %d inputs again", path, state, len(held))
+            log.warning("feature cache: %s is %s; encoding its %d inputs again", path, problems[shard], len(held))
             for h in held:
                 del self.index[h]
             del self.shards[shard]
@@ -259,16 +283,18 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._shard_path(shard_no)
         tmp = self.dir / f".{path.name}.{os.getpid()}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        digest, size = _sha256(tmp), tmp.stat().st_size
+        keys = {KEYS_META: json.dumps(hashes)}  # under the shard's sha256: the index's rows are checked against it
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=keys)
+        (digest, keys_digest), size = _shard_digests(tmp), tmp.stat().st_size
         os.replace(tmp, path)  # atomic: a reader never sees half a shard
-        _VERIFIED[str(path)] = (size, path.stat().st_mtime_ns, digest)
+        _VERIFIED[str(path)] = ((size, path.stat().st_mtime_ns, digest), keys_digest)
         self.shards[shard_no] = {"sha256": digest, "bytes": size, "items": len(hashes)}
         for row, h in enumerate(hashes):
             self.index[h] = [shard_no, row]
         self._write_index()
 
     def _write_index(self) -> None:
+        self._row_digests = None  # the rows changed
         shards = {str(s): meta for s, meta in sorted(self.shards.items())}
         tmp_index = self.dir / f".index.json.{os.getpid()}.tmp"
         tmp_index.write_text(json.dumps({"format": INDEX_FORMAT, "shards": shards, "rows": self.index}))
@@ -283,12 +309,29 @@ class FeatureCache:
         return FeatureTable(shards, loc.reshape(-1, 2))
 
 
-def _sha256(path: Path) -> str:
+def _shard_digests(path: Path) -> tuple[str, str | None]:
+    """(sha256 of the file, digest of the row keys in its safetensors header, or None when it has none).
+
+    One read: the header (8-byte little-endian length, then JSON) is parsed on the way through.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        header = f.read(size) if 0 < size <= 100_000_000 else b""
+        h.update(head + header)
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    try:
+        keys = json.loads(json.loads(header)["__metadata__"][KEYS_META])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return h.hexdigest(), None
+    ok = isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+    return h.hexdigest(), _keys_digest(keys) if ok else None
+
+
+def _keys_digest(keys: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _parse_index(data: object) -> tuple[dict[str, list[int]], dict[int, dict[str, object]]]:
@@ -296,7 +339,7 @@ def _parse_index(data: object) -> tuple[dict[str, list[int]], dict[int, dict[str
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     if data.get("format") != INDEX_FORMAT:
-        raise ValueError("written by an older mmfuse, without shard checksums")
+        raise ValueError(f"written by another mmfuse version (format {data.get('format')!r:.40}, not {INDEX_FORMAT})")
     raw_shards, rows = data.get("shards"), data.get("rows")
     if not isinstance(raw_shards, dict) or not isinstance(rows, dict):
         raise ValueError("no 'shards' or 'rows' map")
