@@ -136,6 +136,9 @@ class LastCheckpoint(RunCheckpoint):
     Lightning's `save_last` writes only when a top-k checkpoint was saved: with a monitor whose best epoch
     has passed, `last.ckpt` stays at the best epoch and a resume repeats every epoch since.
 
+    A resume from a mid-epoch (step) checkpoint is not exact: the training loader cannot skip the batches
+    already seen, so the rest of that epoch reads the epoch's first batches again (`train` warns).
+
     Args:
         dirpath: the run's `checkpoints/` folder.
         every_n_train_steps: also save every this many optimiser steps (None: at epoch ends only).
@@ -155,6 +158,11 @@ class LastCheckpoint(RunCheckpoint):
     @property
     def state_key(self) -> str:
         return type(self).__qualname__
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        """Every N steps, except at an epoch's last batch: the epoch-end save (after validation) follows it."""
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Save, even when a step-triggered save already wrote this step (mid-epoch): this one closes the epoch."""

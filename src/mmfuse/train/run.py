@@ -277,6 +277,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         log.warning("no validation records: no model selection; the last epoch's weights are kept")
     monitor, mode = monitor_of(run.cfg, run.model) if has_val else (None, "min")
     trainer = build_trainer(run.cfg, run_dir, monitor, mode, resumed)
+    if resumed is not None:
+        _warn_mid_epoch(resumed)
     del resumed
     world = trainer.world_size
     loaders = {
@@ -334,6 +336,22 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2))
         write_report(run_dir, run.cfg, summary, run.bad)
     return summary
+
+
+def _warn_mid_epoch(ckpt: dict[str, Any]) -> None:
+    """Say so when a resume starts inside an epoch (a `train.checkpoint_every_n_steps` checkpoint)."""
+    try:
+        done = int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"])
+        finished = bool(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"])
+    except (KeyError, TypeError, ValueError):
+        return
+    if done and not finished:
+        log.warning(
+            "resuming inside epoch %s after %d of its batches: the rest of that epoch reads the epoch's first "
+            "batches again (the loader cannot skip ahead), so the run will differ from an uninterrupted one",
+            ckpt.get("epoch"),
+            done,
+        )
 
 
 def best_checkpoint(trainer: L.Trainer, run_dir: Path) -> Path:
