@@ -26,6 +26,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "film": {},
     "cross_attention": {"direction": "text_to_image", "query": "tokens"},
     "co_attention": {"hidden_dim": 16, "num_layers": 1},
+    "relation": {"g_layers": 2, "g_dim": 16, "f_dim": 16},
 }
 
 
@@ -48,7 +49,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Any:
                 del cfg["model"]["encoders"]["image"]
             else:
                 cfg["model"] = tiny_model(name, **RUNS[name])
-            if "attention" in name:  # spatial tokens: a 3 x 3 grid from resnet18 at 96 px
+            if "attention" in name or name == "relation":  # spatial tokens: a 3 x 3 grid from resnet18 at 96 px
                 cfg["model"]["encoders"]["image"].update(tokens=True, image_size=96)
             (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
             assert main(["train", str(root / f"{name}.yaml"), "--out", str(root / name)]) == 0
@@ -238,6 +239,58 @@ def test_co_attention_maps_both_ways(runs, data: Path) -> None:
     assert words["tokens"][0] == "[CLS]" and len(words["tokens"]) == feats["text"].tokens.shape[1]
     for entry in maps.values():
         assert sum(entry["weights"]) == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- relation pairs
+def test_relation_reports_its_heaviest_pairs_and_draws_them(runs, data: Path, tmp_path: Path, capsys) -> None:
+    ex, explanation, feats = explain(runs("relation"), data)
+    fusion = ex.model.fusion
+    tokens = feats["image"].tokens[0]  # (9, C): a 3 x 3 grid
+    xy = torch.tensor([[x, y] for y in (-1.0, 0.0, 1.0) for x in (-1.0, 0.0, 1.0)])  # (column, row) of each cell
+    with torch.no_grad():  # ||g([o_i; o_j; q])|| with g's first layer on the concatenation, computed here
+        objects = torch.cat([tokens, xy], dim=1)
+        first = torch.cat([fusion.g_in_i.weight, fusion.g_in_j.weight, fusion.g_in_q.weight], dim=1)
+        q = feats["text"].pooled[0]
+        norms = torch.tensor(
+            [
+                [fusion.g(torch.relu(first @ torch.cat([objects[i], objects[j], q]) + fusion.g_in_q.bias)).norm()
+                 for j in range(9)]
+                for i in range(9)
+            ]
+        )  # fmt: skip
+    pairs = explanation.report["pairs"]
+    assert (pairs["modality"], pairs["grid"], pairs["weight"], pairs["real_pairs"]) == (
+        "image",
+        [3, 3],
+        "norm of g",
+        81,
+    )
+    values, index = norms.flatten().topk(8)
+    assert [(p["i"], p["j"]) for p in pairs["top"]] == [divmod(k, 9) for k in index.tolist()]
+    assert [p["weight"] for p in pairs["top"]] == pytest.approx(values.tolist(), rel=1e-4)
+    assert pairs["top"][0]["share"] == pytest.approx(float(values[0] / norms.sum()), rel=1e-4)
+    assert all(p["cells"] == [list(divmod(p["i"], 3)), list(divmod(p["j"], 3))] for p in pairs["top"])
+
+    from matplotlib.figure import Figure
+
+    from mmfuse.workbench.explain_figure import _image
+
+    ax = Figure().add_subplot()
+    _image(ax, "image", explanation.images["image"], None, pairs)
+    assert len(ax.lines) == 8 and "top 8 of 81 pairs of its 3x3 cells" in ax.get_title()
+    side = explanation.images["image"].size[0]
+    first_pair = next(line for line, p in zip(ax.lines, pairs["top"]) if p["i"] != p["j"])
+    cells = next(p["cells"] for p in pairs["top"] if p["i"] != p["j"])
+    want_x = [(c[1] + 0.5) * side / 3 - 0.5 for c in cells]  # the cells' centres in pixels
+    assert list(first_pair.get_xdata()) == pytest.approx(want_x)
+
+    out = tmp_path / "pairs.png"
+    image = str(data.parent / "images" / "2.png")
+    assert main(["explain", str(runs("relation")), "--image", image, "--text", QUESTION, "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["pairs"]["top"][0]["i"] == pairs["top"][0]["i"]
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+    capsys.readouterr()
 
 
 # ---------------------------------------------------------------------------------------------- the command

@@ -1,5 +1,5 @@
 """Explain one prediction of a finished run: what each task predicts, how much each modality gave to it, and what
-the fusion did on the way (attention weights, gates, FiLM's gamma and beta).
+the fusion did on the way (attention weights, a relation network's heaviest pairs, gates, FiLM's gamma and beta).
 
 Shapes: B batch (1 here), D_m modality m's feature size, T tokens, Q query tokens, H heads, L layers, C_t outputs.
 
@@ -41,6 +41,7 @@ from mmfuse.utils import move_to
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "exact", "integrated_gradients", "feature_ablation")
+PAIRS_SHOWN = 8  # a relation fusion's heaviest pairs in the report and the picture
 
 
 class NeedsCaptum(RuntimeError):
@@ -322,7 +323,7 @@ def fusion_internals(
     token_labels: dict[str, list[str]],
     spatial: set[str],
 ) -> dict[str, Any]:
-    """{"attention": [...]} / {"gate": ...} / {"film": ...}: what the fusion returned besides `fused`.
+    """{"attention": [...]} / {"pairs": ...} / {"gate": ...} / {"film": ...}: what the fusion returned besides `fused`.
 
     `spatial` names the modalities whose tokens are a flattened image grid (image encoders' feature maps).
     """
@@ -330,6 +331,8 @@ def fusion_internals(
     maps = attention_maps(fusion, fused.extras, features, token_labels, spatial)
     if maps:
         out["attention"] = maps
+    if "pair_weights" in fused.extras:
+        out["pairs"] = top_pairs(fusion, fused.extras["pair_weights"][0])
     if "gate" in fused.extras:
         out["gate"] = {
             "gate_on": getattr(fusion, "gate_on", None),
@@ -345,6 +348,31 @@ def fusion_internals(
             "beta": value_stats(fused.extras["beta"][0]),
         }
     return out
+
+
+def top_pairs(fusion: nn.Module, weights: torch.Tensor, top: int = PAIRS_SHOWN) -> dict[str, Any]:
+    """The `top` heaviest pairs of a relation fusion's (T, T) pair weights (`relation`'s `extras["pair_weights"]`).
+
+    Each pair names its two cells (row, column) on the grid, its weight and its share of all the weight: an attention
+    weight (the shares sum to 1), or the norm of g on the pair (its contribution to g's sum over pairs).
+    """
+    w = weights.detach().float().cpu()
+    n = w.shape[0]
+    grid = _grid(fusion, n) or (1, n)
+    total = float(w.sum()) or 1.0
+    values, index = w.flatten().topk(min(top, int((w > 0).sum())))
+    pairs = []
+    for value, k in zip(values.tolist(), index.tolist()):
+        i, j = divmod(k, n)
+        cells = [list(divmod(i, grid[1])), list(divmod(j, grid[1]))]
+        pairs.append({"i": i, "j": j, "cells": cells, "weight": value, "share": value / total})
+    return {
+        "modality": getattr(fusion, "spatial", None),
+        "weight": "attention" if getattr(fusion, "aggregate", None) == "attention" else "norm of g",
+        "grid": list(grid),
+        "real_pairs": int((w > 0).sum()),
+        "top": pairs,
+    }
 
 
 def value_stats(values: torch.Tensor, bins: int = 20) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The picture of one explained prediction (`mmfuse explain`), drawn from `Explanation.report` alone.
 
 Panels, top to bottom: the inputs (each image with the attention over its spatial tokens as a heat map, when the
-fusion attends to it) next to every task's prediction and top probabilities; each modality's contribution to
-every task's top logit; the attention over text tokens as shaded words; the gate values (`gated`); the
-distributions of FiLM's gamma and beta. Matplotlib's object API only (no pyplot): safe in a server's threads.
+fusion attends to it, and with lines between the cells of a relation network's heaviest pairs) next to every task's
+prediction and top probabilities; each modality's contribution to every task's top logit; the attention over text
+tokens as shaded words; the gate values (`gated`); the distributions of FiLM's gamma and beta. Matplotlib's object
+API only (no pyplot): safe in a server's threads.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ def _rows(report: dict[str, Any], images: dict[str, Any]) -> list[tuple[float, l
     """[(height in inches, [one or two panel functions])] for the report's contents."""
     heat = {a["key"]: a for a in report.get("attention", []) if a.get("grid")}
     words = [a for a in report.get("attention", []) if a.get("tokens")]
-    first: list[Panel] = [lambda ax, m=m: _image(ax, m, images[m], heat.get(m)) for m in list(images)[:1]]
+    pairs = {report["pairs"]["modality"]: report["pairs"]} if "pairs" in report else {}
+    first: list[Panel] = [lambda ax, m=m: _image(ax, m, images[m], heat.get(m), pairs.get(m)) for m in list(images)[:1]]
     first.append(lambda ax: _predictions(ax, report["predictions"], report["inputs"]))
     rows: list[tuple[float, list[Panel]]] = [(3.2, first)]
     for m in list(images)[1:]:
-        rows.append((3.2, [lambda ax, m=m: _image(ax, m, images[m], heat.get(m))]))
+        rows.append((3.2, [lambda ax, m=m: _image(ax, m, images[m], heat.get(m), pairs.get(m))]))
     rows.append((0.6 + 0.45 * len(report["contributions"]), [lambda ax: _contributions(ax, report["contributions"])]))
     for entry in words:
         rows.append((1.1 + 0.35 * (len(entry["tokens"]) // 14), [lambda ax, e=entry: _words(ax, e)]))
@@ -71,7 +73,9 @@ def _rows(report: dict[str, Any], images: dict[str, Any]) -> list[tuple[float, l
     return rows
 
 
-def _image(ax: Any, modality: str, image: Any, attention: dict[str, Any] | None) -> None:
+def _image(
+    ax: Any, modality: str, image: Any, attention: dict[str, Any] | None, pairs: dict[str, Any] | None = None
+) -> None:
     arr = np.asarray(image)
     ax.imshow(arr)
     title = f"{modality}"
@@ -86,9 +90,32 @@ def _image(ax: Any, modality: str, image: Any, attention: dict[str, Any] | None)
             interpolation="bilinear" if h * w > 4 else "nearest",
         )
         title += f": attention of {attention['query']} over its {h}x{w} tokens"
+    if pairs is not None and pairs["top"]:
+        _pairs(ax, pairs, arr.shape[:2])
+        h, w = pairs["grid"]
+        title += f": top {len(pairs['top'])} of {pairs['real_pairs']} pairs of its {h}x{w} cells ({pairs['weight']})"
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _pairs(ax: Any, pairs: dict[str, Any], size: tuple[int, int]) -> None:
+    """A line between the centres of the two cells of every top pair (a ring for a cell paired with itself), wider
+    and more opaque for a heavier pair, numbered by rank at its midpoint."""
+    (h, w), (height, width) = pairs["grid"], size
+    top = max(p["weight"] for p in pairs["top"]) or 1.0
+    for rank, pair in enumerate(pairs["top"], start=1):
+        cells = np.asarray(pair["cells"], dtype=float)  # (2, 2): (row, column) of cells i and j
+        ys, xs = (cells[:, 0] + 0.5) * height / h - 0.5, (cells[:, 1] + 0.5) * width / w - 0.5  # pixel centres
+        strength, color = pair["weight"] / top, COLORS[(rank - 1) % len(COLORS)]
+        if pair["i"] == pair["j"]:
+            ax.plot(xs[:1], ys[:1], "o", markersize=6 + 10 * strength, markerfacecolor="none", color=color)
+        else:
+            ax.plot(xs, ys, "-o", linewidth=1 + 4 * strength, markersize=4, color=color, alpha=0.4 + 0.6 * strength)
+        badge = {"boxstyle": "circle,pad=0.15", "facecolor": color, "edgecolor": "none"}
+        ax.annotate(str(rank), (xs.mean(), ys.mean()), fontsize=7, color="white", ha="center", va="center", bbox=badge)
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
 
 
 def _predictions(ax: Any, predictions: dict[str, Any], inputs: dict[str, Any]) -> None:
