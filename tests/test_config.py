@@ -144,3 +144,100 @@ def test_a_config_from_before_the_data_redesign_still_loads() -> None:
     assert cfg.model.encoders["image"].field == "photo"
     assert cfg.model.encoders["text"].field == "text"
     assert "image_field" not in old["data"] or old["data"]["image_field"] == "photo"  # the input is not mutated
+
+
+# ---------------------------------------------------------------- issue 19: sizes, counts, rates and seeds
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.fusion.output_dim=0", "model.fusion.output_dim: must be an integer from 1 to 1048576 (got 0)"),
+        ("model.encoders.image.image_size=0", "model.encoders.image.image_size: must be an integer from 1 to"),
+        ("model.encoders.text.max_length=0", "model.encoders.text.max_length: must be an integer from 1 to"),
+        ("model.fusion.output_dim=1e9", "model.fusion.output_dim: "),
+        ("seed=-1", "seed: Input should be greater than or equal to 0 (got -1)"),
+        ("seed=4294967296", "seed: Input should be less than or equal to 4294967295"),
+        ("tasks={}", "tasks: Dictionary should have at least 1 item"),
+        ("model.encoders={}", "model.encoders: Dictionary should have at least 1 item"),
+        ("model.head.hidden_dims=[16,0]", "model.head.hidden_dims.1: Input should be greater than or equal to 1"),
+        ("model.head.dropout=1.0", "model.head.dropout: Input should be less than 1"),
+        ("tasks.color.weight=-1", "tasks.color.weight: Input should be greater than or equal to 0"),
+        ("train.lr=.nan", "train.lr: Input should be a finite number"),
+        ("train.weighting={name: dwa, temperature: 0}", "train.weighting.temperature: must be a number > 0 (got 0.0)"),
+        ("train.weighting={name: pcgrad, seed: -3}", "train.weighting.seed: must be an integer from 0 to 4294967295"),
+        (
+            "train.balance={name: modality_dropout, p: 1.5}",
+            "train.balance.p: must be a probability in [0, 1] (got 1.5)",
+        ),
+    ],
+)
+def test_nonsense_sizes_counts_rates_and_seeds_are_one_line_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture, override: str, message: str
+) -> None:
+    from mmfuse.cli import main
+    from tiny import run_config
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(run_config(tmp_path / "records.jsonl")))
+    code = main(["train", str(tmp_path / "cfg.yaml"), "--set", override, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith(f"mmfuse train: error: {message}"), err
+
+
+def _numeric_options() -> list[tuple[str, str, str, str]]:
+    """(registry kind, component name, option, annotation) of every int/float option of every registered class."""
+    import inspect
+    import typing
+
+    from mmfuse.balance import BALANCERS
+    from mmfuse.config import _DERIVED
+    from mmfuse.encoders import ENCODERS
+    from mmfuse.fusion import FUSIONS
+    from mmfuse.mtl import WEIGHTINGS
+    from mmfuse.tasks import TASK_KINDS
+
+    found = []
+    for registry in (ENCODERS, FUSIONS, WEIGHTINGS, BALANCERS, TASK_KINDS):
+        for name in registry.names():
+            init = registry.get(name).__init__
+            hints = typing.get_type_hints(init)
+            for p in inspect.signature(init).parameters.values():
+                hint = str(hints.get(p.name, ""))
+                if p.name not in _DERIVED and ("int" in hint or "float" in hint):
+                    found.append((registry.kind, name, p.name, hint))
+    return found
+
+
+NUMERIC_OPTIONS = _numeric_options()
+
+
+def test_every_numeric_option_of_every_component_has_a_range() -> None:
+    """The class stays closed: a new component's size, count, rate or seed option needs a rule in `option_range`
+    (or a place in FREE_OPTIONS when any finite value is meaningful)."""
+    from mmfuse.config import FREE_OPTIONS, option_range
+
+    unruled = [f"{kind} {name}.{opt}" for kind, name, opt, _ in NUMERIC_OPTIONS if opt not in FREE_OPTIONS]
+    unruled = [u for u in unruled if option_range(u.rsplit(".", 1)[1]) is None]
+    assert not unruled, f"add a range rule in config._RANGES for: {unruled}"
+
+
+@pytest.mark.parametrize(("kind", "name", "option", "hint"), NUMERIC_OPTIONS, ids=lambda v: str(v)[:20])
+def test_a_numeric_option_out_of_its_range_is_refused_by_the_schema(kind, name, option, hint) -> None:
+    from mmfuse.balance import BALANCERS
+    from mmfuse.config import FREE_OPTIONS, Component, component_options, option_range
+    from mmfuse.encoders import ENCODERS
+    from mmfuse.fusion import FUSIONS
+    from mmfuse.mtl import WEIGHTINGS
+    from mmfuse.tasks import TASK_KINDS
+
+    registry = {r.kind: r for r in (ENCODERS, FUSIONS, WEIGHTINGS, BALANCERS, TASK_KINDS)}[kind]
+    required = {"fusion": {"output_dim": 8}, "encoder": {"dim": 3} if name == "embedding" else {}}.get(kind, {})
+    nan = {**required, option: float("nan") if "float" in hint else "x"}
+    with pytest.raises(ConfigError, match=rf"^key\.{option}[.:]"):
+        component_options(registry, Component(name=name, **nan), "key")
+    if option in FREE_OPTIONS:
+        return
+    low, high, _ = option_range(option)
+    below = low - 1 if "int" in hint and "float" not in hint else low - 0.5
+    bad = [below, below] if "tuple" in hint else {"a": below} if hint.startswith("dict") else below
+    with pytest.raises(ConfigError, match=rf"^key\.{option}: must be "):
+        component_options(registry, Component(name=name, **{**required, option: bad}), "key")

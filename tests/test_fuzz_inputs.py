@@ -489,8 +489,11 @@ def test_config_faults_found_by_the_fuzzer_are_one_line() -> None:
             parse_config(cfg)
         assert "\n" not in str(info.value)
     cfg = base_config()
-    cfg["model"]["fusion"]["output_dim"] = 10**30
-    with pytest.raises(ConfigError, match=r"^model.fusion: "):
+    cfg["model"]["fusion"]["output_dim"] = 10**30  # now refused by the schema's range, before any builder
+    with pytest.raises(ConfigError, match=r"^model.fusion.output_dim: must be an integer from 1 to "):
+        parse_config(cfg)
+    cfg["model"]["fusion"] = {"name": "bilinear", "output_dim": 2**20, "hidden_dim": 2**20, "factor": 2**20}
+    with pytest.raises(ConfigError, match=r"^model.fusion: "):  # in range, but more than torch can allocate
         build_fusion(parse_config(cfg).model.fusion, {"image": 8, "text": 8})
 
 

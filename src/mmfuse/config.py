@@ -1,20 +1,23 @@
 """Typed run configuration and the builders that turn it into objects (the only reader of config).
 
 A run is one YAML file with the sections `model`, `tasks`, `data`, `train` (see configs/). Every
-key is validated: an unknown key or a wrong type is one `ConfigError` line naming the key.
+key is validated: an unknown key, a wrong type or a value out of range is one `ConfigError` line naming the key.
 Components are chosen by registry name (`fusion: {name: film, ...}`); their other keys are checked
-against the registered class's signature, so a config can never run arbitrary code.
+against the registered class's signature, so a config can never run arbitrary code, and each numeric option is
+range-checked by its name (`option_range`: sizes >= 1, rates in [0, 1), seeds in [0, 2**32 - 1], ...).
+No float anywhere may be NaN or infinite.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import typing
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -27,8 +30,12 @@ class ConfigError(ValueError):
     """A config problem, as one line that names the key."""
 
 
+MAX_SIZE = 2**20  # the largest size (a width, a length, a count of heads or layers) a config may ask for
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Component(BaseModel):
@@ -49,12 +56,12 @@ class EncoderConfig(Component):
 
 
 class HeadConfig(_Strict):
-    hidden_dims: list[int] = Field(default_factory=list)
-    dropout: float = 0.0
+    hidden_dims: list[Annotated[int, Field(ge=1, le=MAX_SIZE)]] = Field(default_factory=list)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class ModelConfig(_Strict):
-    encoders: dict[str, EncoderConfig]
+    encoders: dict[str, EncoderConfig] = Field(min_length=1)
     fusion: Component
     head: HeadConfig = Field(default_factory=HeadConfig)
 
@@ -62,10 +69,10 @@ class ModelConfig(_Strict):
 class TaskConfig(BaseModel):
     """`{kind: registry_name, field:, weight:, classes:, **options}`; options are checked against the kind."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     kind: str
     classes: list[str] | None = None
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=0.0)
     field: str | None = None  # record field holding the label; default: the task's name
 
     @property
@@ -153,9 +160,9 @@ RUN_NAME_MAX = 100
 
 class RunConfig(_Strict):
     name: str = "run"  # one folder name: the default run directory is runs/<name>-<date>-<time>
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     model: ModelConfig
-    tasks: dict[str, TaskConfig]
+    tasks: dict[str, TaskConfig] = Field(min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
@@ -272,7 +279,7 @@ def component_options(registry: Registry[Any], comp: Component, key: str) -> dic
             continue
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (hints.get(p.name, Any), default)
-    model = create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
+    model = create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
     try:
         opts = model.model_validate(comp.options)
     except ValidationError as err:
@@ -283,7 +290,66 @@ def component_options(registry: Registry[Any], comp: Component, key: str) -> dic
                 f"allowed: {', '.join(fields)}"
             ) from None
         raise _first_error(err, key) from None
-    return {k: getattr(opts, k) for k in comp.options}
+    values = {k: getattr(opts, k) for k in comp.options}
+    for name, value in values.items():
+        check_option_range(f"{key}.{name}", name, value)
+    return values
+
+
+# ---------------------------------------------------------------- ranges of numeric options, by name
+# (low, high, what) per option name; the first rule whose pattern matches the whole name applies.
+_RANGES: list[tuple[str, float, float, str]] = [
+    (r"seed", 0, MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+    (r"ffn_factor|temperature|tol", 0, math.inf, "a number > 0"),
+    (r"layers|\w*_epoch", 0, MAX_SIZE, f"an integer from 0 to {MAX_SIZE}"),
+    (r"dropout", 0, 1, "a rate in [0, 1)"),
+    (r"p", 0, 1, "a probability in [0, 1]"),
+    (r"max_\w+_pairs", 1, 2**40, f"an integer from 1 to {2**40}"),
+    (
+        r"(\w*_)?(dim|dims|size|length|width|depth|heads|rank|factor|stride|project|grid|count|channels|layers)"
+        r"|num_\w+",
+        1,
+        MAX_SIZE,
+        f"an integer from 1 to {MAX_SIZE}",
+    ),
+    (r"alpha|c|max_coeff|min_weight|weights?", 0, math.inf, "a number >= 0"),
+]
+_OPEN_ABOVE = {"dropout", "ffn_factor", "temperature", "tol"}  # > 0 or < 1: the bound itself is refused
+FREE_OPTIONS = {"init_log_var", "stats"}  # numbers of any finite value (a log-variance; learned statistics)
+
+
+def option_range(name: str) -> tuple[float, float, str] | None:
+    """(low, high, description) for a numeric option named `name`, or None when no rule names it."""
+    for pattern, low, high, what in _RANGES:
+        if re.fullmatch(pattern, name):
+            return low, high, what
+    return None
+
+
+def check_option_range(key: str, name: str, value: Any) -> None:
+    """Raise ConfigError (naming `key`) when a number in `value` (a number, or a list/tuple/dict of them) is out of
+    the range `option_range(name)` gives it."""
+    rule = option_range(name)
+    if rule is None:
+        return
+    low, high, what = rule
+    for number in _numbers(value):
+        bad = not low <= number <= high
+        bad |= name in _OPEN_ABOVE and number == (high if name == "dropout" else low)
+        if bad:
+            raise ConfigError(f"{shown_key(key)}: must be {what} (got {number!r})")
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int | float):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [n for v in value for n in _numbers(v)]
+    return []
 
 
 def check_name(name: str, key: str, what: str) -> None:
