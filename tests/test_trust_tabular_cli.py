@@ -192,3 +192,14 @@ def test_binary_fit_learns_the_two_class_names(labels: list[Any], classes: list[
     if classes is not None:  # 0/1/true/false keep working next to the learned names
         assert [task.encode(x) for x in (classes[0], classes[1], 0, 1, "false", "true")] == [0, 1, 0, 1, 0, 1]
     assert TASK_KINDS.get("binary").fit(labels, {"classes": ["n", "p"]}) == {}
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_predict_batch_size_below_one_is_a_usage_error(table_run, capsys, value: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["predict", str(table_run), "--field", "weight_kg=3", "--batch-size", value])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        info.value.code == 2
+        and err == f"mmfuse predict: error: argument --batch-size: expected an integer >= 1, got {value!r}"
+    )

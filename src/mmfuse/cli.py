@@ -27,6 +27,17 @@ EPILOG_TRAIN = """examples:
 """
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse answers a bad value with one usage line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -122,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping, and list them")
     pr.add_argument("--output", help="write predictions as JSONL here instead of printing them")
-    pr.add_argument("--batch-size", type=int, default=64, help="records per forward pass (default 64)")
+    pr.add_argument("--batch-size", type=_positive_int, default=64, help="records per forward pass (default 64)")
     pr.add_argument("--top", type=int, default=3, help="classes shown per task in the terminal (default 3)")
 
     ex = sub.add_parser(
