@@ -91,6 +91,7 @@ def _image(
         )
         title += f": attention of {attention['query']} over its {h}x{w} tokens"
     if pairs is not None and pairs["top"]:
+        ax.imshow(np.full_like(arr, 255), alpha=0.35)  # the image faded, so that the lines stand out
         _pairs(ax, pairs, arr.shape[:2])
         h, w = pairs["grid"]
         title += f": top {len(pairs['top'])} of {pairs['real_pairs']} pairs of its {h}x{w} cells ({pairs['weight']})"
@@ -111,9 +112,10 @@ def _pairs(ax: Any, pairs: dict[str, Any], size: tuple[int, int]) -> None:
         if pair["i"] == pair["j"]:
             ax.plot(xs[:1], ys[:1], "o", markersize=6 + 10 * strength, markerfacecolor="none", color=color)
         else:
-            ax.plot(xs, ys, "-o", linewidth=1 + 4 * strength, markersize=4, color=color, alpha=0.4 + 0.6 * strength)
-        badge = {"boxstyle": "circle,pad=0.15", "facecolor": color, "edgecolor": "none"}
-        ax.annotate(str(rank), (xs.mean(), ys.mean()), fontsize=7, color="white", ha="center", va="center", bbox=badge)
+            ax.plot(xs, ys, "-o", linewidth=1.5 + 4 * strength, markersize=5, color=color, alpha=0.6 + 0.4 * strength)
+        badge = {"boxstyle": "circle,pad=0.15", "facecolor": color, "edgecolor": "white"}
+        at = (0.65 * xs[0] + 0.35 * xs[1], 0.65 * ys[0] + 0.35 * ys[1])  # a third of the way from cell i: badges part
+        ax.annotate(str(rank), at, fontsize=7, color="white", ha="center", va="center", bbox=badge)
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
 
