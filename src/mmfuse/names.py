@@ -22,6 +22,10 @@ class Entry(NamedTuple):
 
 BUILTIN: dict[str, dict[str, Entry]] = {
     "encoder": {
+        "conv": Entry(
+            "mmfuse.encoders.conv:ConvImageEncoder",
+            "A small CNN trained from scratch (by default Santoro et al. 2017's): spatial tokens on a square grid.",
+        ),
         "embedding": Entry(
             "mmfuse.encoders.embedding:EmbeddingEncoder",
             "Precomputed vectors of size `dim`, through an optional Linear (+ LayerNorm) projection.",
