@@ -129,7 +129,10 @@ def test_a_saved_config_agrees_when_it_only_adds_what_training_learned() -> None
         (["--fusions", "concat{1: 2}"], "options must be a mapping of option names to values"),
         (["--fusions", "concat{output_dim: 8},concat{output_dim: 9}"], "concat is given two sets of options"),
         (["--fusions", "concat{nope: 1}"], "--fusions: concat{nope: 1}: nope: unknown option for fusion 'concat'"),
-        (["--fusions", "concat{output_dim: -1}"], "--fusions: concat{output_dim: -1}: Trying to create tensor with"),
+        (
+            ["--fusions", "concat{output_dim: -1}"],
+            "--fusions: concat{output_dim: -1}: output_dim: must be an integer from 1 to 1048576 (got -1)",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(

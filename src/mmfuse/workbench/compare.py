@@ -33,7 +33,15 @@ import torch
 import yaml
 
 from mmfuse.builders import build_encoders, build_fusion, build_tasks
-from mmfuse.config import Component, ConfigError, RunConfig, apply_overrides, default_config_path, parse_config
+from mmfuse.config import (
+    MAX_SEED,
+    Component,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    default_config_path,
+    parse_config,
+)
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.train.run import train, write_atomic
 
@@ -132,15 +140,38 @@ def parse_vary(items: Sequence[str]) -> dict[str, list[str]]:
     return vary
 
 
+MAX_SEEDS = 1000  # seeds per setting: each is a full training run
+
+
 def parse_seeds(text: str | int) -> int:
-    """The number of seeds, at least 1."""
+    """The number of seeds, from 1 to `MAX_SEEDS`."""
     try:
         n = int(str(text).strip())
     except ValueError:
-        raise ConfigError(f"--seeds: expected a number of seeds (>= 1), got {text!r}") from None
+        raise ConfigError(f"--seeds: expected a number of seeds (>= 1), got {str(text)[:40]!r}") from None
     if n < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {n}")
+    if n > MAX_SEEDS:
+        raise ConfigError(f"--seeds: at most {MAX_SEEDS} seeds (each is a training run per setting), got {n}")
     return n
+
+
+def check_out(out: Path) -> None:
+    """`--out` must be a new or empty folder, or a previous comparison's output (which is continued).
+
+    Raises:
+        ConfigError: a file, or a folder holding something else (its compare.md would be overwritten).
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; name a folder (a new one, or a previous compare's output)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / "compare.json").is_file() or (out / "members").is_dir():
+        return
+    raise ConfigError(
+        f"--out {out}: the folder holds other files and is not a previous compare's output (no compare.json or "
+        "members/); name a new or empty folder"
+    )
 
 
 # ---------------------------------------------------------------------- which fusions
@@ -317,11 +348,14 @@ def plan_compare(
 
     base = load_config(config, list(overrides))  # a bad config or --set answers here, as `train` would
     n_seeds = parse_seeds(seeds)
+    if base.seed + n_seeds - 1 > MAX_SEED:
+        raise ConfigError(f"--seeds: the config's seed {base.seed} + {n_seeds - 1} is over the largest seed {MAX_SEED}")
     axes = parse_vary(vary)
     listed, options = parse_fusions(fusions)
     names, skipped = resolve_fusions(listed, base, options)
     raw = apply_overrides(_read_raw(config), list(overrides))
     out = Path(out) if out else Path("runs") / f"compare-{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_out(out)
     plan = Plan(base, str(config) if config else None, list(overrides), names, skipped, axes, [], out)
     plan.seeds = [base.seed + k for k in range(n_seeds)]
     combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] if axes else [{}]
