@@ -77,9 +77,11 @@ def test_all_takes_every_fusion_the_encoders_can_feed_and_says_why_others_are_sk
     plan = plan_compare(config, [], ["all"], 1, [], tmp_path)
     # the tiny image encoder gives no tokens: co_attention reads the image's tokens; cross_attention's
     # default (pooled image queries over text tokens) needs only the text's
-    assert plan.skipped.keys() == {"co_attention"}
-    assert "image" in plan.skipped["co_attention"] and "tokens" in plan.skipped["co_attention"]
-    assert plan.fusions == [f for f in FUSIONS.names() if f != "co_attention"]
+    # (relation and spatial_film reason over the image's token grid)
+    grid = {"co_attention", "relation", "spatial_film"}
+    assert plan.skipped.keys() == grid
+    assert all("image" in plan.skipped[f] and "tokens" in plan.skipped[f] for f in grid)
+    assert plan.fusions == [f for f in FUSIONS.names() if f not in grid]
     with_tokens = plan_compare(config, ["model.encoders.image.tokens=true"], ["all"], 1, [], tmp_path)
     assert with_tokens.skipped == {} and with_tokens.fusions == FUSIONS.names()
 
