@@ -199,3 +199,23 @@ def test_no_validation_records_keeps_the_last_epoch_and_says_so(tmp_path: Path) 
     exported = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert all(torch.equal(v, last[f"model.{k}"]) for k, v in exported.items())
     shutil.rmtree(tmp_path / "run")
+
+
+@pytest.mark.parametrize("where", ["state_dict", "optimizer", "best_score"])
+def test_resume_from_a_last_ckpt_with_a_wrong_entry_is_one_line(
+    run_dir: Path, capsys: pytest.CaptureFixture, where: str
+) -> None:
+    """Entries that load with weights_only but are not what Lightning restores: one `error:` line, exit 2."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    if where == "state_dict":
+        ckpt["state_dict"][next(iter(ckpt["state_dict"]))] = 1.5
+    elif where == "optimizer":
+        ckpt["optimizer_states"] = [{"state": {}, "param_groups": "x"}]
+    else:
+        key = next(k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint"))
+        ckpt["callbacks"][key]["best_model_score"] = "x"
+    torch.save(ckpt, last)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run_dir), "--resume"]) == 2
+    assert "last.ckpt" in one_error_line(capsys, "train")
