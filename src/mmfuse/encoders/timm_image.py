@@ -95,6 +95,29 @@ def _resolve_weights(model: str, weights: str | None) -> str | None:
     return str(efficientnet_lite0_file())
 
 
+def truncate_to_stage(net: nn.Module, model: str, stage: int) -> int:
+    """Remove the layers of `net` after feature level `stage` (timm's `prune_intermediate_layers`); its channels.
+
+    Raises:
+        ValueError: one line naming `stage` and its valid range (or saying the model has no feature levels).
+    """
+    levels = getattr(net, "feature_info", None)
+    if not levels or not hasattr(net, "forward_intermediates"):
+        raise ValueError(f"stage: timm model {model} has no feature levels to choose from; leave stage unset")
+    strides = ", ".join(str(level["reduction"]) for level in levels)
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < len(levels):
+        raise ValueError(
+            f"stage must be an integer in 0..{len(levels) - 1} for {model} (feature levels at strides {strides}), "
+            f"got {stage!r}"
+        )
+    channels = int(levels[stage]["num_chs"])
+    try:
+        net.prune_intermediate_layers(indices=[stage], prune_norm=True, prune_head=True)
+    except (AttributeError, NotImplementedError) as err:
+        raise ValueError(f"stage: timm model {model} cannot be cut at a feature level ({err})") from None
+    return channels
+
+
 @ENCODERS.register("timm")
 class TimmImageEncoder(ImageEncoder):
     """Any timm model as an image encoder; by default the packaged ImageNet EfficientNet-Lite0 (1280-d).
@@ -105,8 +128,12 @@ class TimmImageEncoder(ImageEncoder):
             initialisation, or a local .pth/.pt/.safetensors state dict (classifier keys are ignored).
         freeze: no gradients and always eval mode.
         image_size: side of the square input; None takes the model's pretrained config (224 for Lite0).
-        tokens: also return tokens: the flattened `forward_features` map (B, h*w, D).
+        tokens: also return tokens: the flattened `forward_features` map (B, h*w, D), or with `stage` that stage's map.
         augment: random resized crop + horizontal flip in `preprocess(raw, train=True)`.
+        stage: None for the final features; else an index into the model's feature levels (timm's `feature_info`,
+            0 = the finest; EfficientNet-Lite0 has 0-4 at strides 2, 4, 8, 16, 32 with 16, 24, 40, 112, 320
+            channels): that level's map gives the tokens (B, h*w, C) and pooled = their mean (B, C), and the
+            layers after it are removed (weights load into the whole model first).
     """
 
     def __init__(
@@ -117,9 +144,10 @@ class TimmImageEncoder(ImageEncoder):
         image_size: int | None = None,
         tokens: bool = False,
         augment: bool = False,
+        stage: int | None = None,
     ) -> None:
         super().__init__(freeze)
-        self.model_name, self.tokens = model, tokens
+        self.model_name, self.tokens, self.stage = model, tokens, stage
         if not timm.is_model(model):
             close = timm.list_models(f"{model[:6]}*")[:8]
             raise ValueError(f"unknown timm model {model!r}" + (f"; similar: {', '.join(close)}" if close else ""))
@@ -129,7 +157,9 @@ class TimmImageEncoder(ImageEncoder):
             load_weights(self.net, self.weights)
         # pooled size; timm's MobileNetV3 has a conv after pooling, so head_hidden_size != num_features
         self.output_dim = int(getattr(self.net, "head_hidden_size", None) or self.net.num_features)
-        if tokens and self.net.num_features != self.output_dim:
+        if stage is not None:
+            self.output_dim = truncate_to_stage(self.net, model, stage)
+        elif tokens and self.net.num_features != self.output_dim:
             raise ValueError(f"tokens=True: {model}'s feature map size differs from its pooled size")
         cfg = resolve_model_data_config(self.net)
         size = image_size or cfg["input_size"][-1]
@@ -138,9 +168,18 @@ class TimmImageEncoder(ImageEncoder):
         self.net.to(memory_format=torch.channels_last)
         self.finish_init()
 
+    def cache_key(self) -> str:
+        key = super().cache_key()
+        return key if self.stage is None else f"{key}:stage={self.stage}"
+
     def forward(self, inputs: torch.Tensor) -> EncoderOutput:
         """(B, 3, S, S) normalised images -> pooled (B, D) and, with `tokens`, (B, T, D)."""
         inputs = inputs.contiguous(memory_format=torch.channels_last)  # 2-4x faster convolutions on CPU
+        if self.stage is not None:
+            fmap = self.net.forward_intermediates(inputs, indices=[self.stage], intermediates_only=True)[0]
+            return EncoderOutput(
+                pooled=fmap.mean(dim=(2, 3)), tokens=flatten_feature_map(fmap) if self.tokens else None
+            )
         features = self.net.forward_features(inputs)  # (B, D, h, w), or (B, T, D) for transformers
         pooled = self.net.forward_head(features, pre_logits=True)  # (B, D)
         return EncoderOutput(pooled=pooled, tokens=flatten_feature_map(features) if self.tokens else None)
