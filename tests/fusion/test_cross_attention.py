@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from mmfuse.builders import build_fusion
+from mmfuse.config import Component, ConfigError
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.cross_attention import CrossAttentionFusion
 
@@ -58,8 +60,10 @@ def reference(
     norm: bool = True,
     positional: bool = True,
     grid: tuple[int, int] | None = None,
+    readout: str = "mean",
 ) -> torch.Tensor:
-    """The fusion by hand, one sample, query and head at a time; padding never enters."""
+    """The fusion by hand, one sample, query and head at a time; padding never enters. `readout="query"`: the
+    learned queries attend over the per-query outputs, one head at a time, and `readout_proj` maps their results."""
     q_side, k_side = direction.split("_to_")
     d_out = w["out_proj.weight"].shape[0]
     d_h = d_out // heads
@@ -90,11 +94,30 @@ def reference(
                 weights = torch.softmax(k[:, s] @ q[s] / math.sqrt(d_h), dim=0)  # (T_b,)
                 attended.append(weights @ v[:, s])
             per_query.append(torch.cat(attended) @ w["out_proj.weight"].T + w["out_proj.bias"])
-        out = torch.stack(per_query).mean(dim=0)
+        out = torch.stack(per_query).mean(dim=0) if readout == "mean" else read(torch.stack(per_query), w, heads)
         if residual:
             out = out + normed(features[q_side].pooled[b], "q") @ w["q_res.weight"].T + w["q_res.bias"]
         fused.append(out)
     return torch.stack(fused)
+
+
+def read(outputs: torch.Tensor, w: dict[str, torch.Tensor], heads: int) -> torch.Tensor:
+    """The query read-out of (Q_b, D_out) real per-query outputs -> (D_out,)."""
+    d_out = outputs.shape[1]
+    d_h = d_out // heads
+
+    def lin(x: torch.Tensor, name: str) -> torch.Tensor:
+        return x @ w[f"readout_pool.attn.{name}.weight"].T + w[f"readout_pool.attn.{name}.bias"]
+
+    results = []
+    for s in w["readout_pool.queries"]:  # each learned query (D_out,)
+        q, k, v = lin(s, "q"), lin(outputs, "k"), lin(outputs, "v")
+        heads_out = []
+        for h in range(heads):
+            c = slice(h * d_h, (h + 1) * d_h)
+            heads_out.append(torch.softmax(k[:, c] @ q[c] / math.sqrt(d_h), dim=0) @ v[:, c])
+        results.append(lin(torch.cat(heads_out), "out"))
+    return torch.cat(results) @ w["readout_proj.weight"].T + w["readout_proj.bias"]
 
 
 @pytest.mark.parametrize("return_weights", [False, True])
@@ -313,3 +336,90 @@ def test_spatial_auto_is_the_image_when_there_is_one(dims, out_dim) -> None:
     assert CrossAttentionFusion({"q": 6, "table": 10}, 10, direction="q_to_table", num_heads=2).spatial is None
     assert CrossAttentionFusion(dims, out_dim, spatial=None).spatial is None
     assert CrossAttentionFusion(dims, out_dim, spatial="text").spatial == "text"
+
+
+# ---------------------------------------------------------------------- read-outs
+DIRECTIONS = ["image_to_text", "text_to_image"]
+
+
+def xq(dims, out_dim, direction: str, num_queries: int = 1, **kwargs) -> CrossAttentionFusion:
+    """cross_attention with token queries and the learned-query read-out."""
+    return CrossAttentionFusion(
+        dims, out_dim, direction=direction, query="tokens", readout="query", num_queries=num_queries, **kwargs
+    )
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+@pytest.mark.parametrize("num_queries", [1, 2])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_query_readout_golden_value(direction, num_queries, return_weights, dims, out_dim, features, fixed_init):
+    fusion = xq(dims, out_dim, direction, num_queries, num_heads=2, return_weights=return_weights)
+    w = fixed_init(fusion)
+    expected = reference(features, w, direction, "tokens", heads=2, residual=True, readout="query")
+    torch.testing.assert_close(fusion(features).fused, expected)
+
+
+def test_the_mean_readout_is_the_default_and_adds_no_parameter(dims, out_dim) -> None:
+    default = CrossAttentionFusion(dims, out_dim, query="tokens")
+    assert default.readout == "mean"
+    assert (
+        default.state_dict().keys()
+        == CrossAttentionFusion(dims, out_dim, query="tokens", readout="mean").state_dict().keys()
+    )
+    assert not any(k.startswith("readout") for k in default.state_dict())
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_query_readout_shape_gradients_and_determinism(direction, dims, out_dim, features) -> None:
+    fusion = xq(dims, out_dim, direction, num_queries=2)
+    for f in features.values():
+        f.pooled.requires_grad_()
+        f.tokens.requires_grad_()
+    out = fusion(features)
+    assert out.fused.shape == (3, out_dim)
+    (out.fused * torch.randn_like(out.fused)).sum().backward()
+    for name, p in fusion.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    for m, f in features.items():
+        assert f.tokens.grad.abs().sum() > 0, f"no gradient reaches {m}"
+    fusion.eval()
+    with torch.no_grad():
+        assert torch.equal(fusion(features).fused, fusion(features).fused)
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_query_readout_padding_values_change_nothing(direction, return_weights, dims, out_dim, features, new_padding):
+    fusion = xq(dims, out_dim, direction, num_queries=2, return_weights=return_weights)
+    before, after = fusion(features), fusion(new_padding(features))
+    assert torch.equal(before.fused, after.fused)
+    assert ("readout" in before.extras) == return_weights
+    if return_weights:
+        assert torch.equal(before.extras["readout"], after.extras["readout"])
+
+
+def test_query_readout_weights_cover_the_real_queries_only(dims, out_dim, features) -> None:
+    out = xq(dims, out_dim, "text_to_image", num_queries=3, return_weights=True)(features)
+    weights = out.extras["readout"]  # (B, H, K, Q): over the 5 text queries, [5, 3, 1] real
+    assert weights.shape == (3, 4, 3, 5)
+    assert (weights.masked_select(~features["text"].mask[:, None, None, :]) == 0).all()
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones(3, 4, 3))
+    assert torch.equal(weights[2, :, :, 0], torch.ones(4, 3))  # sample 2 has one real text query
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"readout": "max"}, r"^cross_attention readout must be one of 'mean', 'query'; got 'max'$"),
+        ({"readout": "cls", "query": "tokens"}, r"^cross_attention readout='cls' is not offered: its queries never"),
+        ({"readout": "query"}, r"^cross_attention readout='query' needs query='tokens'"),
+        ({"readout": "mean", "num_queries": 2}, r"^cross_attention num_queries acts only with readout='query'"),
+    ],
+)
+def test_bad_readout_options_are_one_line_naming_the_option(kwargs, match, dims, out_dim) -> None:
+    with pytest.raises(ValueError, match=match):
+        CrossAttentionFusion(dims, out_dim, **kwargs)
+    option = "num_queries" if "num_queries" in kwargs else "readout"
+    with pytest.raises(ConfigError, match=rf"^model\.fusion[.:].*{option}") as info:
+        build_fusion(Component(name="cross_attention", output_dim=out_dim, **kwargs), dims)
+    assert "\n" not in str(info.value)
