@@ -121,3 +121,63 @@ def test_cache_key(tmp_path: Path, seed: int) -> None:
         TorchvisionImageEncoder("resnet18", weights=str(path), image_size=SIZE, tokens=True),
     ]
     assert len({key, *(e.cache_key() for e in others)}) == 4
+
+
+# ---------------------------------------------------------------------- stage: tokens from an earlier layer
+@pytest.mark.parametrize(
+    ("model", "stage", "size", "grid", "dim"),
+    [
+        ("resnet18", "layer2", 64, 8, 128),  # stride 8
+        ("resnet18", "layer3", 128, 8, 256),  # stride 16
+        ("efficientnet_b0", "features.3", 128, 16, 40),  # stride 8
+    ],
+)
+def test_stage_tokens_keep_an_earlier_grid(model: str, stage: str, size: int, grid: int, dim: int, seed: int) -> None:
+    encoder = TorchvisionImageEncoder(model, image_size=size, tokens=True, stage=stage)
+    out = encoder(torch.randn(2, 3, size, size))
+    assert encoder.output_dim == dim
+    assert out.tokens.shape == (2, grid * grid, dim) and out.pooled.shape == (2, dim)
+    torch.testing.assert_close(out.tokens.mean(1), out.pooled)
+    (out.pooled.sum() + out.tokens.square().sum()).backward()
+    assert [n for n, p in encoder.named_parameters() if p.grad is None] == []  # the later layers are gone
+    encoder.eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x).tokens, encoder(x).tokens, rtol=0, atol=0)
+
+
+def test_stage_with_local_weights_matches_the_whole_model(tmp_path: Path, seed: int) -> None:
+    reference = torchvision.models.resnet18().eval()
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    encoder = TorchvisionImageEncoder("resnet18", weights=str(path), image_size=SIZE, tokens=True, stage="layer2")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        r = reference
+        expected = r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(x))))))  # (2, 128, 8, 8)
+        torch.testing.assert_close(encoder.eval()(x).tokens, expected.flatten(2).transpose(1, 2))
+    assert encoder.cache_key().endswith(":stage=layer2")
+
+
+@pytest.mark.parametrize(
+    ("model", "stage", "message"),
+    [
+        (
+            "resnet18",
+            "layer9",
+            "stage 'layer9' is not a layer of resnet18; choose a layer such as conv1, bn1, relu, maxpool, layer1, "
+            "layer2, layer3, layer4",
+        ),
+        (
+            "efficientnet_b0",
+            "classifier",
+            "stage 'classifier' of efficientnet_b0 gives (1, 1280), not a (B, C, h, w) feature map; choose a layer "
+            "such as features.0, features.1, features.2, features.3, features.4, features.5, features.6, "
+            "features.7, features.8",
+        ),
+    ],
+)
+def test_bad_stage_is_one_line(model: str, stage: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        TorchvisionImageEncoder(model, image_size=SIZE, stage=stage)
+    assert str(info.value) == message

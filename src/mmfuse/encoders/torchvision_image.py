@@ -77,6 +77,41 @@ def load_weights_file(net: nn.Module, path: str, head_prefix: str) -> None:
     logger.info("loaded %s weights from %s", type(net).__name__, path)
 
 
+def stage_names(net: nn.Module) -> list[str]:
+    """The layers a `stage` is usually cut at: the top-level children (not the pooling or the classifier), with the
+    blocks of a `features` sequence one by one (ResNet: layer1..layer4; EfficientNet, ConvNeXt: features.0..)."""
+    names = []
+    for name, child in net.named_children():
+        if name in ("avgpool", "flatten", *_HEAD_ATTRS):
+            continue
+        inner = list(child.named_children()) if isinstance(child, nn.Sequential) else []
+        nested = inner and all(isinstance(m, nn.Sequential) for _, m in inner)
+        names += [f"{name}.{n}" for n, _ in inner] if nested else [name]
+    return names
+
+
+def cut_at_stage(net: nn.Module, model: str, stage: str, image_size: int) -> tuple[nn.Module, int]:
+    """`net` up to layer `stage` (a graph module returning {"map": (B, C, h, w)}, later layers dropped); C.
+
+    Raises:
+        ValueError: one line naming `stage` and the usual choices, when it is no layer of `net` or its output is
+            not a feature map.
+    """
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    choices = f"choose a layer such as {', '.join(stage_names(net))}"
+    try:
+        cut = create_feature_extractor(net, return_nodes={stage: "map"})
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"stage {stage!r} is not a layer of {model}; {choices}") from err
+    with torch.no_grad():
+        out = cut.eval()(torch.zeros(1, 3, image_size, image_size))["map"]
+    if not isinstance(out, torch.Tensor) or out.ndim != 4:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"stage {stage!r} of {model} gives {shape}, not a (B, C, h, w) feature map; {choices}")
+    return cut, int(out.shape[1])
+
+
 @ENCODERS.register("torchvision")
 class TorchvisionImageEncoder(ImageEncoder):
     """Any torchvision classification model (ResNet, EfficientNet, ConvNeXt, ViT, ...) as an image encoder.
@@ -90,6 +125,9 @@ class TorchvisionImageEncoder(ImageEncoder):
         image_size: side of the square input image.
         tokens: also return spatial tokens, the flattened last feature map (the input of `avgpool`).
         augment: random resized crop + horizontal flip in `preprocess(raw, train=True)`.
+        stage: None for the final features; else the name of the layer whose output map gives the tokens
+            (B, h*w, C) and pooled = their mean (B, C), the layers after it dropped (weights load into the
+            whole model first): e.g. "layer2" (ResNet, stride 8), "features.3" (EfficientNet-B0, stride 8).
     """
 
     def __init__(
@@ -100,9 +138,10 @@ class TorchvisionImageEncoder(ImageEncoder):
         image_size: int = 224,
         tokens: bool = False,
         augment: bool = False,
+        stage: str | None = None,
     ) -> None:
         super().__init__(freeze)
-        self.model_name, self.weights, self.tokens = model, weights, tokens
+        self.model_name, self.weights, self.tokens, self.stage = model, weights, tokens, stage
         if model not in torchvision.models.list_models(module=torchvision.models):
             close = [m for m in torchvision.models.list_models(module=torchvision.models) if m.startswith(model[:6])]
             raise ValueError(
@@ -120,7 +159,9 @@ class TorchvisionImageEncoder(ImageEncoder):
                 load_weights_file(self.net, weights, head_prefix)
         self.processor = ImagePreprocessor(image_size, augment=augment)
         self._fmap: torch.Tensor | None = None
-        if tokens:
+        if stage is not None:
+            self.net, self.output_dim = cut_at_stage(self.net, model, stage, image_size)
+        elif tokens:
             self._attach_token_hook()
         self.net.to(memory_format=torch.channels_last)
         self.finish_init()
@@ -143,9 +184,18 @@ class TorchvisionImageEncoder(ImageEncoder):
     def _capture(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self._fmap = args[0]  # (B, C, h, w)
 
+    def cache_key(self) -> str:
+        key = super().cache_key()
+        return key if self.stage is None else f"{key}:stage={self.stage}"
+
     def forward(self, inputs: torch.Tensor) -> EncoderOutput:
         """(B, 3, S, S) normalised images -> pooled (B, D) and, with `tokens`, (B, h*w, D)."""
         inputs = inputs.contiguous(memory_format=torch.channels_last)  # 2-4x faster convolutions on CPU
+        if self.stage is not None:
+            fmap = self.net(inputs)["map"]  # (B, C, h, w)
+            return EncoderOutput(
+                pooled=fmap.mean(dim=(2, 3)), tokens=flatten_feature_map(fmap) if self.tokens else None
+            )
         pooled = self.net(inputs)
         if not isinstance(pooled, torch.Tensor):  # Inception/GoogLeNet auxiliary outputs in train mode
             pooled = pooled[0]
