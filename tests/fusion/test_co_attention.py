@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from mmfuse.builders import build_fusion
+from mmfuse.config import Component, ConfigError
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.co_attention import CoAttentionFusion
 from mmfuse.fusion.film import FiLMFusion
@@ -56,9 +58,14 @@ def pos_2d(h: int, w: int, d: int) -> torch.Tensor:
     return torch.stack([torch.cat([rows[i], cols[j]]) for i in range(h) for j in range(w)])
 
 
-def reference(features, w, layers: int, heads: int, self_attention: bool, positional: bool) -> torch.Tensor:
-    """The fusion by hand, one sample at a time over its real tokens only (padding never enters)."""
+def reference(
+    features, w, layers: int, heads: int, self_attention: bool, positional: bool, readout: str = "mean"
+) -> torch.Tensor:
+    """The fusion by hand, one sample at a time over its real tokens only (padding never enters). `readout="cls"`
+    puts each stream's CLS (no position) in front and reads it; `"query"` lets the learned queries attend over the
+    final stream and concatenates their results."""
     d = w["proj.image.weight"].shape[0]
+    n = 1 if readout == "cls" else 0
     fused = []
     for b in range(3):
         x = {}
@@ -67,12 +74,14 @@ def reference(features, w, layers: int, heads: int, self_attention: bool, positi
             x[m] = linear(layer_norm(tokens, w, f"norm_in.{m}"), w, f"proj.{m}")
             if positional:
                 x[m] = x[m] + (pos_2d(2, 2, d) if m == "image" else pos_1d(5, d)[: len(tokens)])
+            if readout == "cls":
+                x[m] = torch.cat([w[f"cls.{m}"].unsqueeze(0), x[m]])
         for layer in range(layers):
             normed = {m: layer_norm(x[m], w, f"layers.{layer}.{m}.norm") for m in x}
             new = {}
             for m, o in (("image", "text"), ("text", "image")):
                 p = f"layers.{layer}.{m}"
-                y = x[m] + attention(normed[m], normed[o], w, f"{p}.cross", heads)
+                y = x[m] + attention(normed[m], normed[o][n:], w, f"{p}.cross", heads)  # the other's real tokens
                 if self_attention:
                     h = layer_norm(y, w, f"{p}.norm_self")
                     y = y + attention(h, h, w, f"{p}.self_attn", heads)
@@ -80,7 +89,16 @@ def reference(features, w, layers: int, heads: int, self_attention: bool, positi
                 y = y + linear(0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2))), w, f"{p}.ffn.2")
                 new[m] = y
             x = new
-        pooled = [layer_norm(x[m], w, f"norm_out.{m}").mean(dim=0) for m in ("image", "text")]
+        pooled = []
+        for m in ("image", "text"):
+            z = layer_norm(x[m], w, f"norm_out.{m}")
+            if readout == "mean":
+                pooled.append(z.mean(dim=0))
+            elif readout == "cls":
+                pooled.append(z[0])
+            else:
+                q = w[f"readout_pool.{m}.queries"]  # (K, d)
+                pooled.append(attention(q, z, w, f"readout_pool.{m}.attn", heads).flatten())
         fused.append(linear(torch.cat(pooled), w, "fc_out"))
     return torch.stack(fused)
 
@@ -262,3 +280,126 @@ def test_learns_where_the_bright_token_is_which_pooled_features_cannot(seed) -> 
     assert corner_accuracy(CoAttentionFusion(dims, 2, **small)) > 0.9
     assert corner_accuracy(CoAttentionFusion(dims, 2, positional=False, **small)) < 0.65
     assert corner_accuracy(FiLMFusion(dims, 2, hidden_dim=16)) < 0.65
+
+
+# ---------------------------------------------------------------------- read-outs
+READOUTS = [("query", 1), ("query", 2), ("cls", 1)]
+
+
+def co(dims, out_dim, readout: str, num_queries: int = 1, **kwargs) -> CoAttentionFusion:
+    return CoAttentionFusion(dims, out_dim, readout=readout, num_queries=num_queries, **kwargs)
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+@pytest.mark.parametrize(("readout", "num_queries"), READOUTS)
+@pytest.mark.parametrize(("layers", "self_attention"), [(2, True), (1, False)])
+def test_readout_golden_value(
+    readout, num_queries, layers, self_attention, return_weights, dims, out_dim, features, fixed_init
+) -> None:
+    fusion = co(
+        dims,
+        out_dim,
+        readout,
+        num_queries,
+        num_layers=layers,
+        num_heads=2,
+        ffn_dim=6,
+        self_attention=self_attention,
+        return_weights=return_weights,
+    )
+    w = fixed_init(fusion)
+    expected = reference(features, w, layers, heads=2, self_attention=self_attention, positional=True, readout=readout)
+    torch.testing.assert_close(fusion(features).fused, expected)
+
+
+def test_the_mean_readout_is_the_default_and_adds_no_parameter(dims, out_dim) -> None:
+    default, mean = CoAttentionFusion(dims, out_dim), co(dims, out_dim, "mean")
+    assert default.readout == "mean"
+    assert default.state_dict().keys() == mean.state_dict().keys()
+    assert not any(k.startswith(("cls", "readout")) for k in default.state_dict())
+
+
+@pytest.mark.parametrize(("readout", "num_queries"), READOUTS)
+def test_readout_shape_gradients_and_determinism(readout, num_queries, dims, out_dim, features) -> None:
+    fusion = co(dims, out_dim, readout, num_queries)
+    for f in features.values():
+        f.tokens.requires_grad_()
+    out = fusion(features)
+    assert out.fused.shape == (3, out_dim)
+    (out.fused * torch.randn_like(out.fused)).sum().backward()
+    for name, p in fusion.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    for m, f in features.items():
+        assert f.tokens.grad.abs().sum() > 0, f"no gradient reaches {m}"
+    fusion.eval()
+    with torch.no_grad():
+        assert torch.equal(fusion(features).fused, fusion(features).fused)
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+@pytest.mark.parametrize(("readout", "num_queries"), READOUTS)
+def test_readout_padding_values_change_nothing(
+    readout, num_queries, return_weights, dims, out_dim, features, new_padding
+) -> None:
+    fusion = co(dims, out_dim, readout, num_queries, return_weights=return_weights)
+    before, after = fusion(features), fusion(new_padding(features))
+    assert torch.equal(before.fused, after.fused)
+    # (attention_text_to_image has rows for padded text queries too, never used: its real rows are checked above.)
+    keys = {"attention_image_to_text", "readout_image", "readout_text"}
+    keys |= {"readout_image_to_text", "readout_text_to_image"} if readout == "cls" else set()
+    assert keys <= before.extras.keys() if return_weights else not before.extras
+    for key in keys & before.extras.keys():
+        assert torch.equal(before.extras[key], after.extras[key]), key
+
+
+def test_query_readout_weights_pick_real_tokens_only(dims, out_dim, features) -> None:
+    out = co(dims, out_dim, "query", 3, return_weights=True)(features)
+    to_image, to_text = out.extras["readout_image"], out.extras["readout_text"]
+    assert to_image.shape == (3, 4, 3, 4) and to_text.shape == (3, 4, 3, 5)  # (B, H, K, T_m)
+    text_mask = features["text"].mask
+    assert (to_text.masked_select(~text_mask[:, None, None, :]) == 0).all()
+    torch.testing.assert_close(to_text.sum(dim=-1), torch.ones(3, 4, 3))
+    torch.testing.assert_close(to_image.sum(dim=-1), torch.ones(3, 4, 3))
+
+
+def test_cls_readout_weights_and_the_token_maps_keep_their_shape(dims, out_dim, features) -> None:
+    out = co(dims, out_dim, "cls", num_layers=3, return_weights=True)(features)
+    # The token-to-token maps are those of `mean` (the CLS rows apart), so `mmfuse explain` reads them alike.
+    assert out.extras["attention_image_to_text"].shape == (3, 3, 4, 4, 5)
+    assert out.extras["attention_text_to_image"].shape == (3, 3, 4, 5, 4)
+    cls_self, cls_cross = out.extras["readout_text"], out.extras["readout_text_to_image"]
+    assert cls_self.shape == (3, 3, 4, 1 + 5) and cls_cross.shape == (3, 3, 4, 4)  # (B, L, H, n + T)
+    padded = ~features["text"].mask
+    assert (cls_self[:, :, :, 1:].masked_select(padded[:, None, None, :]) == 0).all()
+    assert (cls_self[:, :, :, 0] > 0).all()  # the CLS is a key of its own stream
+    torch.testing.assert_close(cls_self.sum(dim=-1), torch.ones(3, 3, 4))
+    torch.testing.assert_close(cls_cross.sum(dim=-1), torch.ones(3, 3, 4))
+    # SDPA and the explicit path agree
+    fusion = co(dims, out_dim, "cls", num_layers=3)
+    torch.testing.assert_close(fusion(features).fused, fusion(features, return_weights=True).fused)
+
+
+@pytest.mark.parametrize("readout", ["query", "cls"])
+def test_readout_of_an_absent_modality_stays_finite(readout, dims, out_dim, features) -> None:
+    absent = torch.tensor([False, True, False])
+    fusion = co(dims, out_dim, readout, return_weights=True)
+    out = fusion(dict(features, text=features["text"].without(absent)))
+    assert torch.isfinite(out.fused).all()
+    assert (out.extras["attention_image_to_text"][1] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"readout": "max"}, r"^co_attention readout must be one of 'mean', 'query', 'cls'; got 'max'$"),
+        ({"readout": "query", "num_queries": 0}, r"^co_attention num_queries must be an integer >= 1; got 0$"),
+        ({"readout": "mean", "num_queries": 2}, r"^co_attention num_queries acts only with readout='query'"),
+    ],
+)
+def test_bad_readout_options_are_one_line_naming_the_option(kwargs, match, dims, out_dim) -> None:
+    with pytest.raises(ValueError, match=match):
+        CoAttentionFusion(dims, out_dim, **kwargs)
+    option = next(iter(kwargs.keys() - {"readout"}), "readout")  # the option named by the config's error
+    with pytest.raises(ConfigError, match=rf"^model\.fusion[.:].*{option}") as info:
+        build_fusion(Component(name="co_attention", output_dim=out_dim, **kwargs), dims)
+    assert "\n" not in str(info.value)
