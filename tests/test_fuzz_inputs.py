@@ -5,7 +5,8 @@ The bulk (well over 1,000 mutated records and 1,000 mutated configs per run) goe
 layers: records reading + schema, up-front validation, dataset loading + collation; config parsing and the
 cheap builders. A handful of full `mmfuse train`/`predict` runs on tiny data confirm the CLI contract (exit 0,
 or exit 2 with a single `mmfuse <cmd>: error: ...` line). Reproduce a failure with the printed seed
-(`pytest tests/test_fuzz_inputs.py --hypothesis-seed=N`).
+(`pytest tests/test_fuzz_inputs.py --hypothesis-seed=N`); run more cases with MMFUSE_FUZZ_SCALE (a multiplier).
+The size/range keys and tabular/embedding records through a trained run: tests/test_fuzz_sizes_tables.py.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from tiny import run_config, write_dataset
 TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MIN_EXAMPLES = 1000
+SCALE = max(1.0, float(os.environ.get("MMFUSE_FUZZ_SCALE", "1")))  # more cases by hand: MMFUSE_FUZZ_SCALE=20
 
 
 # ---------------------------------------------------------------------- a data folder, and files outside it
@@ -271,7 +273,7 @@ def test_mutated_records_are_loaded_or_refused_in_one_line(folders: dict[str, Pa
     stats = {"examples": 0, "records": 0, "accepted": 0, "refused": 0}
     files = [0]
 
-    @settings(FUZZ, max_examples=300)
+    @settings(FUZZ, max_examples=int(300 * SCALE))
     @given(st.lists(mutated_record(), min_size=4, max_size=6), st.booleans(), st.booleans())
     def check(rows: list[tuple[str, bool]], bom: bool, skip: bool) -> None:
         stats["examples"] += 1
@@ -434,7 +436,7 @@ def test_mutated_configs_are_accepted_or_refused_in_one_line(tmp_path: Path) -> 
     stats = {"examples": 0, "accepted": 0, "refused": 0}
     allowed = allowed_dirs(tmp_path)
 
-    @settings(FUZZ, max_examples=MIN_EXAMPLES)
+    @settings(FUZZ, max_examples=int(MIN_EXAMPLES * SCALE))
     @given(mutated_config(), st.sampled_from(["dict", "yaml", "set"]))
     def check(data: dict[str, Any], route: str) -> None:
         stats["examples"] += 1
