@@ -36,10 +36,7 @@ from mmfuse.builders import (
 )
 from mmfuse.config import ConfigError, RunConfig, dump_config, load_config
 from mmfuse.model import MultiTaskModel
-from mmfuse.runs import (
-    check_resume_changes,
-    load_run,  # noqa: F401  (re-exported: it moved to mmfuse.runs, which needs no trainer)
-)
+from mmfuse.runs import load_run  # noqa: F401  (re-exported: it moved to mmfuse.runs, which needs no trainer)
 from mmfuse.train.checkpoints import (  # noqa: F401  (CheckpointError, load_checkpoint: re-exported)
     BestCheckpoint,
     CheckpointError,
@@ -264,8 +261,6 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     resumed = load_checkpoint(last) if resume else None  # checked before anything starts
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = Run(cfg)
-    if resume and (run_dir / "config.yaml").exists():
-        check_resume_changes(load_config(run_dir / "config.yaml"), run.cfg)  # never record a value not in effect
     write_atomic(run_dir / "config.yaml", dump_config(run.cfg))
     feats = run.prepare()
     if run.bad:
