@@ -10,14 +10,17 @@ import math
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from mmfuse.builders import build_fusion
+from mmfuse.cli import main
 from mmfuse.config import Component, ConfigError
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.co_attention import CoAttentionFusion
 from mmfuse.fusion.film import FiLMFusion
 from mmfuse.fusion.positional import sincos_1d, sincos_2d
+from tiny import run_config, tiny_model, write_dataset
 
 
 def layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -403,3 +406,22 @@ def test_bad_readout_options_are_one_line_naming_the_option(kwargs, match, dims,
     with pytest.raises(ConfigError, match=rf"^model\.fusion[.:].*{option}") as info:
         build_fusion(Component(name="co_attention", output_dim=out_dim, **kwargs), dims)
     assert "\n" not in str(info.value)
+
+
+def test_readout_through_the_cli(tmp_path, capsys) -> None:
+    """`readout: cls` trains end to end from a config; an unknown read-out is one `error:` line and exit 2."""
+    data = write_dataset(tmp_path / "data", n=16)
+    cfg = run_config(data, max_epochs=1, cache_dir=str(tmp_path / "cache"))
+    cfg["model"] = tiny_model("co_attention", hidden_dim=16, num_layers=1, readout="cls")
+    cfg["model"]["encoders"]["image"].update(tokens=True, image_size=64)  # a 2 x 2 grid of resnet18 tokens
+    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "cls.yaml"), "--out", str(tmp_path / "cls")]) == 0, capsys.readouterr().err
+    assert yaml.safe_load((tmp_path / "cls" / "config.yaml").read_text())["model"]["fusion"]["readout"] == "cls"
+    capsys.readouterr()
+    cfg["model"]["fusion"]["readout"] = "max"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        "mmfuse train: error: model.fusion: co_attention readout must be one of 'mean', 'query', 'cls'; got 'max'"
+    ]
