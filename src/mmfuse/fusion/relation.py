@@ -87,7 +87,9 @@ class RelationFusion(Fusion):
         self.g_in_i = nn.Linear(d_o, g_dim, bias=False)  # A
         self.g_in_j = nn.Linear(d_o, g_dim, bias=False)  # B
         self.g_in_q = nn.Linear(self.input_dims[self.question], g_dim)  # C, b
-        self.g = nn.Sequential(*(m for _ in range(g_layers - 1) for m in (nn.Linear(g_dim, g_dim), nn.ReLU())))
+        self.g = nn.Sequential(
+            *(m for _ in range(g_layers - 1) for m in (nn.Linear(g_dim, g_dim), nn.ReLU(inplace=True)))
+        )
         self.score = nn.Linear(g_dim, 1) if aggregate == "attention" else None
         f_dim = f_dim or g_dim
         dims = [g_dim] + [f_dim] * (f_layers - 1)
@@ -138,10 +140,13 @@ class RelationFusion(Fusion):
         Returns (sum of g (B, G), g's norms (B, R, T)) or, for attention, (its max score (B,), sum of
         exp(score - max) (B,), sum of exp(score - max) g (B, G), scores (B, R, T)).
         """
-        g = self.g(torch.relu(a_i.unsqueeze(2) + b_j.unsqueeze(1) + c_q[:, None, None]))  # (B, R, T, G)
-        keep = pair_mask.unsqueeze(-1).to(g.dtype)  # (B, R, T, 1)
+        first = (a_i + c_q.unsqueeze(1)).unsqueeze(2) + b_j.unsqueeze(1)  # (B, R, T, G): a fresh tensor
+        g = self.g(first.relu_())  # in place: one full-size tensor fewer per layer
         if self.score is None:
-            return (g * keep).sum(dim=(1, 2)), g.norm(dim=-1) * keep.squeeze(-1)
+            keep = pair_mask.to(g.dtype)  # (B, R, T)
+            with torch.no_grad():  # the pair weights are for reading, not for training
+                norms = torch.linalg.vector_norm(g, dim=-1) * keep
+            return torch.einsum("brt,brtg->bg", keep, g), norms
         scores = self.score(g).squeeze(-1)  # (B, R, T)
         top = scores.masked_fill(~pair_mask, float("-inf")).amax(dim=(1, 2))  # (B,), -inf without a real pair
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
