@@ -31,7 +31,7 @@ def reference(features, w, aggregate: str, g_layers: int, h: int = 2, width: int
 
     g's first weight is the three column blocks `[A B C]` of the fusion put together, so the test checks the per-object
     split against the concatenated layer it must equal."""
-    first = torch.cat([w["g_in_i.weight"], w["g_in_j.weight"], w["g_in_q.weight"]], dim=1)
+    first = torch.cat([w[f"g_{k}.weight"] for k in ("in_i", "pos_i", "in_j", "pos_j", "in_q")], dim=1)
     fused = []
     for b in range(3):
         image = features["image"]
@@ -112,9 +112,10 @@ def test_pair_weights_are_the_norms_of_g(dims, out_dim, features, fixed_init) ->
     fusion = RelationFusion(dims, out_dim, **SMALL)
     fixed_init(fusion)
     weights = fusion(features).extras["pair_weights"]
-    objects = torch.cat([features["image"].tokens, coord_grid(2, 2).expand(3, 4, 2)], dim=-1)
+    tokens, xy = features["image"].tokens, coord_grid(2, 2)
     with torch.no_grad():
-        first = fusion.g_in_i(objects)[:, :, None] + fusion.g_in_j(objects)[:, None] + fusion.g_in_q.bias
+        a_i, b_j = fusion.g_in_i(tokens) + fusion.g_pos_i(xy), fusion.g_in_j(tokens) + fusion.g_pos_j(xy)
+        first = a_i[:, :, None] + b_j[:, None] + fusion.g_in_q.bias
         first = first + (features["text"].pooled @ fusion.g_in_q.weight.T)[:, None, None]
         g = fusion.g(torch.relu(first))  # (B, T, T, G)
     torch.testing.assert_close(weights, g.norm(dim=-1))

@@ -42,8 +42,9 @@ def reference(features, w, num_blocks: int, width: int) -> torch.Tensor:
     tokens = image.tokens * mask.unsqueeze(-1)
     fmap = tokens.transpose(1, 2).reshape(3, -1, 2, 2)  # row-major: token 2 i + j is cell (i, j)
     xy = torch.tensor([[[-1.0, 1], [-1, 1]], [[-1, -1], [1, 1]]]).expand(3, 2, 2, 2)  # x = column, y = row
-    x = conv(torch.cat([fmap, xy], 1), w, "stem.0")
-    x = torch.relu(batch_norm(x) * w["stem.1.weight"][:, None, None] + w["stem.1.bias"][:, None, None])
+    stem = {"stem.weight": torch.cat([w["stem.weight"], w["stem_xy.weight"]], dim=1), "stem.bias": w["stem.bias"]}
+    x = conv(torch.cat([fmap, xy], 1), stem, "stem")  # one 1x1 conv over [map; xy]
+    x = torch.relu(batch_norm(x) * w["stem_norm.weight"][:, None, None] + w["stem_norm.bias"][:, None, None])
     film = q @ w["film.weight"].T + w["film.bias"]  # (B, N * 2 * W): [dgamma_1, beta_1, dgamma_2, ...]
     for k in range(num_blocks):
         gamma = 1 + film[:, 2 * k * width : (2 * k + 1) * width, None, None]

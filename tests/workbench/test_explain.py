@@ -249,7 +249,8 @@ def test_relation_reports_its_heaviest_pairs_and_draws_them(runs, data: Path, tm
     xy = torch.tensor([[x, y] for y in (-1.0, 0.0, 1.0) for x in (-1.0, 0.0, 1.0)])  # (column, row) of each cell
     with torch.no_grad():  # ||g([o_i; o_j; q])|| with g's first layer on the concatenation, computed here
         objects = torch.cat([tokens, xy], dim=1)
-        first = torch.cat([fusion.g_in_i.weight, fusion.g_in_j.weight, fusion.g_in_q.weight], dim=1)
+        parts = (fusion.g_in_i, fusion.g_pos_i, fusion.g_in_j, fusion.g_pos_j, fusion.g_in_q)
+        first = torch.cat([layer.weight for layer in parts], dim=1)
         q = feats["text"].pooled[0]
         norms = torch.tensor(
             [

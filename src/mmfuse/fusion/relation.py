@@ -26,9 +26,10 @@ class RelationFusion(Fusion):
     The objects `o_i = [x_i; x_pos_i; y_pos_i]` are the `spatial` modality's tokens with their normalised grid
     coordinates (column, row in [-1, 1]); `q` is the other modality's pooled vector. `g` has `g_layers` Linear+ReLU
     layers of width G; its first layer is computed per object and per question, never per pair:
-    `W [o_i; o_j; q] + b = A o_i + B o_j + (C q + b)` (`g_in_i`, `g_in_j`, `g_in_q`), so only the later layers run on
+    `W [o_i; o_j; q] + b = A o_i + B o_j + (C q + b)` (A o_i = `g_in_i(x_i) + g_pos_i(xy_i)`, B o_j likewise with
+    `g_in_j`, `g_pos_j`; `g_in_q` gives C q + b), so only the later layers run on
     the P pairs, in chunks of at most `max_chunk_pairs` (sample, pair) rows; with `recompute` a chunk's activations
-    are recomputed in the backward pass instead of kept (memory bounded by one chunk, about a third more time).
+    are recomputed in the backward pass instead of kept (memory bounded by one chunk, 10-20% more time).
     `f` has `f_layers` Linear layers (ReLU between, width F; dropout before the last) ending at D_out.
 
     Aggregates: "sum" (the paper), "mean" (over real pairs), or "attention": `sum_ij softmax_ij(a . g_ij) g_ij`
@@ -83,9 +84,9 @@ class RelationFusion(Fusion):
         self.grid = None if grid is None else tuple(grid)
         self.aggregate, self.recompute = aggregate, recompute
         self.max_chunk_pairs, self.max_batch_pairs = max_chunk_pairs, max_batch_pairs
-        d_o = self.input_dims[self.spatial] + 2
-        self.g_in_i = nn.Linear(d_o, g_dim, bias=False)  # A
-        self.g_in_j = nn.Linear(d_o, g_dim, bias=False)  # B
+        d_s = self.input_dims[self.spatial]
+        self.g_in_i, self.g_in_j = nn.Linear(d_s, g_dim, bias=False), nn.Linear(d_s, g_dim, bias=False)  # A, B: x
+        self.g_pos_i, self.g_pos_j = nn.Linear(2, g_dim, bias=False), nn.Linear(2, g_dim, bias=False)  # A, B: xy
         self.g_in_q = nn.Linear(self.input_dims[self.question], g_dim)  # C, b
         self.g = nn.Sequential(
             *(m for _ in range(g_layers - 1) for m in (nn.Linear(g_dim, g_dim), nn.ReLU(inplace=True)))
@@ -97,7 +98,8 @@ class RelationFusion(Fusion):
         self.f = nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(dims[-1], output_dim))
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
-        """The objects' first layer of g (`g_in_i`, `g_in_j`) for the spatial modality, `g_in_q` for the question."""
+        """g's first layer on the tokens (`g_in_i`, `g_in_j`) for the spatial modality, `g_in_q` for the question
+        (the coordinates' `g_pos_i`, `g_pos_j` belong to no modality)."""
         super().modality_parameters(modality)  # checks the name
         if modality == self.spatial:
             return [*self.g_in_i.parameters(), *self.g_in_j.parameters()]
@@ -118,9 +120,9 @@ class RelationFusion(Fusion):
         b, t = mask.shape
         self.check_batch(b, t)
         h, w = grid_shape(t, self.grid, f"relation's {self.spatial} input")
-        coords = coord_grid(h, w, device=tokens.device, dtype=tokens.dtype).expand(b, t, 2)
-        objects = torch.cat([tokens, coords], dim=-1)  # (B, T, O)
-        a_i, b_j = self.g_in_i(objects), self.g_in_j(objects)  # each (B, T, G)
+        coords = coord_grid(h, w, device=tokens.device, dtype=tokens.dtype)  # (T, 2)
+        a_i = self.g_in_i(tokens) + self.g_pos_i(coords)  # (B, T, G): A o_i with o_i = [x_i; xy_i]
+        b_j = self.g_in_j(tokens) + self.g_pos_j(coords)  # (B, T, G): B o_j
         c_q = self.g_in_q(features[self.question].pooled)  # (B, G)
         pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)  # (B, T, T)
         rows = max(1, self.max_chunk_pairs // max(1, b * t))  # object rows i per chunk

@@ -76,16 +76,17 @@ class SpatialFiLMFusion(Fusion):
             raise ValueError("spatial_film width, num_blocks and classifier_channels must be >= 1")
         self.grid = None if grid is None else tuple(grid)
         self.width, self.num_blocks = width, num_blocks
-        self.stem = nn.Sequential(
-            nn.Conv2d(self.input_dims[self.spatial] + 2, width, kernel_size=1), nn.BatchNorm2d(width), nn.ReLU()
-        )
+        # The stem's 1x1 conv over [map; xy], split into the tokens' part (the modality's own) and the coordinates'.
+        self.stem = nn.Conv2d(self.input_dims[self.spatial], width, kernel_size=1)
+        self.stem_xy = nn.Conv2d(2, width, kernel_size=1, bias=False)
+        self.stem_norm = nn.BatchNorm2d(width)
         self.film = nn.Linear(self.input_dims[self.question], 2 * width * num_blocks)
         self.blocks = nn.ModuleList(FiLMedBlock(width) for _ in range(num_blocks))
         self.classifier = nn.Conv2d(width + 2, classifier_channels, kernel_size=1)
         self.fc = nn.Linear(classifier_channels, output_dim)
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
-        """The stem (the grid's own projection) for the spatial modality, the FiLM generator for the question."""
+        """The stem's conv over the tokens for the spatial modality, the FiLM generator for the question."""
         super().modality_parameters(modality)  # checks the name
         return list((self.stem if modality == self.spatial else self.film).parameters())
 
@@ -96,7 +97,7 @@ class SpatialFiLMFusion(Fusion):
         fmap = tokens.transpose(1, 2).unflatten(2, (h, w))  # (B, C, h, w)
         coords = coord_grid(h, w, device=tokens.device, dtype=tokens.dtype).T.unflatten(1, (h, w)).expand(b, 2, h, w)
         film = self.film(features[self.question].pooled).view(b, self.num_blocks, 2, self.width)  # (B, N, 2, W)
-        x = self.stem(torch.cat([fmap, coords], dim=1))  # (B, W, h, w)
+        x = torch.relu(self.stem_norm(self.stem(fmap) + self.stem_xy(coords)))  # (B, W, h, w)
         for k, block in enumerate(self.blocks):
             x = block(x, coords, 1 + film[:, k, 0], film[:, k, 1])
         x = torch.relu(self.classifier(torch.cat([x, coords], dim=1))).flatten(2)  # (B, K, T)
