@@ -495,3 +495,26 @@ def test_a_request_whose_output_is_not_finite_fails_alone_with_422() -> None:
     finally:
         batcher.close()
     assert a == [{"echo": "a"}] and b == [{"echo": "b"}] and isinstance(bad, DataError)
+
+
+def test_a_record_whose_output_is_not_finite_is_a_422_with_one_line(
+    run_dir: Path, images: list[Path], tmp_path
+) -> None:
+    """Whatever makes an output NaN (here a head weight, in a copy of the run): the server answers 422 with one
+    line and counts it as 422 (it answered 200 with null probabilities)."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "run"
+    shutil.copytree(run_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(k for k in weights if k.startswith("heads.size") and k.endswith("weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors")
+    with running(broken, max_batch=4, max_wait_ms=20) as server:
+        status, reply = predict(server.url, {"image": b64(images[0]), "text": QUESTION})
+        assert status == 422, reply
+        assert reply["error"] == (
+            "the model's output for task 'size' is not finite (NaN or infinite) for 1 of 1 record(s), most often "
+            "an input far outside the training data; no answer is given"
+        )
+        assert stats(server.url)["errors"] == {"422": 1}
