@@ -202,28 +202,70 @@ class Encoder(nn.Module):
         groups_records: references name shared objects (image files): records with the same reference
             are split together by default and reported when they leak from train into test.
         augment: preprocessing is random in training (such an encoder's features cannot be cached).
+        file_suffixes: the name endings a file reference must have, if any (the server names an upload with
+            the first).
     """
 
     modality: str = ""
     groups_records: bool = False
     augment: bool = False
+    file_suffixes: tuple[str, ...] = ()
     output_dim: int
 
-    def __init__(self, freeze: bool = False) -> None:
+    def __init__(self, freeze: bool = False, unfreeze: int | None = None) -> None:
         super().__init__()
-        self.frozen = freeze
+        if unfreeze is not None and (isinstance(unfreeze, bool) or not isinstance(unfreeze, int) or unfreeze < 0):
+            raise ValueError(f"unfreeze must be a number of blocks >= 0 (0: frozen) or null, got {unfreeze!r}")
+        if freeze and unfreeze:
+            raise ValueError(
+                f"freeze: true and unfreeze: {unfreeze} contradict each other; drop freeze to fine-tune the last "
+                f"{unfreeze} blocks, or drop unfreeze to keep the whole encoder frozen"
+            )
+        # `frozen`: the WHOLE encoder is frozen (its features may be cached); a partly unfrozen one is trainable.
+        self.frozen = freeze or unfreeze == 0
+        self.unfreeze = unfreeze if unfreeze else None  # N > 0: only the last N of `blocks()` train
         self._weights_id: str | None = None  # memo of weights_identity(); reset whenever weights are loaded
         self.register_load_state_dict_post_hook(_forget_weights_identity)
 
     def finish_init(self) -> None:
-        """Call at the end of a subclass `__init__`: applies `freeze`."""
+        """Call at the end of a subclass `__init__`: applies `freeze`, or `unfreeze` (the last N blocks train)."""
         if self.frozen:
             self.requires_grad_(False)
             self.eval()
+        elif self.unfreeze:
+            self.requires_grad_(False)
+            for block in self._unfrozen_blocks():
+                block.requires_grad_(True)
+            self.train(self.training)
+
+    def blocks(self) -> list[nn.Module]:
+        """The network's blocks in order from input to output: what `unfreeze: N` counts from the top and what
+        layer-wise learning-rate decay ranks (`train.layer_decay`). Each family says what a block is (a stage of
+        a CNN, a transformer layer); parameters in no block count as the lowest block. Default: none (such an
+        encoder refuses `unfreeze`, and layer decay gives it one learning rate)."""
+        return []
+
+    def _unfrozen_blocks(self) -> list[nn.Module]:
+        """The last `unfreeze` blocks. Raises ValueError (one line with the count) when there are fewer."""
+        blocks = self.blocks()
+        if not blocks:
+            raise ValueError(f"unfreeze: {type(self).__name__} has no blocks to unfreeze; use freeze instead")
+        if self.unfreeze is None or self.unfreeze > len(blocks):
+            raise ValueError(
+                f"unfreeze: {self.unfreeze} exceeds the {len(blocks)} blocks of this encoder; "
+                f"use 1..{len(blocks)} (or freeze: false to train it all)"
+            )
+        return blocks[-self.unfreeze :]
 
     def train(self, mode: bool = True) -> Encoder:
-        # A frozen encoder stays in eval mode so BatchNorm statistics and dropout do not move.
-        return super().train(mode and not self.frozen)
+        # A frozen encoder, and the frozen blocks of a partly unfrozen one, stay in eval mode so that BatchNorm
+        # statistics and dropout do not move.
+        super().train(mode and not self.frozen and not self.unfreeze)
+        if mode and self.unfreeze:
+            self.training = True
+            for block in self._unfrozen_blocks():
+                block.train(True)
+        return self
 
     # ------------------------------------------------------------------ data side
     def fields(self, field: str) -> list[str]:

@@ -60,6 +60,7 @@ class EmbeddingEncoder(Encoder):
     """
 
     modality = "embedding"
+    file_suffixes = (".npy",)
 
     def __init__(
         self,
@@ -107,7 +108,7 @@ class EmbeddingEncoder(Encoder):
             return None
         if isinstance(value, str):
             path = root.resolve(value, "embedding")
-            if not path.lower().endswith(".npy"):
+            if not path.lower().endswith(self.file_suffixes):
                 raise InputError(f"field {field!r}: {value.strip()[:80]!r} is not a .npy file (give a list of numbers)")
             return path
         if not isinstance(value, list):

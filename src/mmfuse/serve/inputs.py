@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import os
@@ -65,17 +66,24 @@ class _ProbeRoot(DataRoot):
 
 def file_fields(predictor: Predictor) -> set[str]:
     """The record fields that the run's encoders read as file paths."""
-    out = set()
+    return set(upload_suffixes(predictor))
+
+
+def upload_suffixes(predictor: Predictor) -> dict[str, str]:
+    """{record field that its encoder reads as a file path: the name ending an upload for it needs}.
+
+    A field counts when the encoder resolves the probe value through the data root, even if it then refuses
+    the name (an embedding takes only `.npy` names): the suffix is the first of `Encoder.file_suffixes`.
+    """
+    out = {}
     for modality, keys in predictor.input_fields.items():
         encoder, field_name = predictor.model.encoders[modality], predictor.schema.field_of(modality)
         for key in keys:
             probe = _ProbeRoot(Path("/nonexistent"))
-            try:
+            with contextlib.suppress(InputError, TypeError, ValueError):
                 encoder.read({key: "probe"}, field_name, probe)
-            except (InputError, TypeError, ValueError):
-                continue
             if probe.resolved:
-                out.add(key)
+                out[key] = encoder.file_suffixes[0] if encoder.file_suffixes else ""
     return out
 
 
@@ -87,10 +95,10 @@ class Uploads:
         self.names: dict[str, str] = {}  # file name -> the field it came from
         self.closed = False
 
-    def add(self, data: bytes, key: str) -> str:
+    def add(self, data: bytes, key: str, suffix: str = "") -> str:
         if self.closed:
             raise RequestError(499, "the request was abandoned")
-        name = uuid.uuid4().hex
+        name = uuid.uuid4().hex + suffix
         (self.root.path / name).write_bytes(data)
         self.names[name] = key
         return name
@@ -170,7 +178,8 @@ class RecordReader:
     def __init__(self, predictor: Predictor, limits: Limits, allow_missing: bool = False) -> None:
         self.predictor, self.limits, self.allow_missing = predictor, limits, allow_missing
         self.known = {k for keys in predictor.input_fields.values() for k in keys}
-        self.files = file_fields(predictor)
+        self.suffixes = upload_suffixes(predictor)
+        self.files = set(self.suffixes)
 
     def check_count(self, rows: Sequence[Any]) -> None:
         """RequestError for a request with no record or more than `limits.max_records`."""
@@ -203,13 +212,26 @@ class RecordReader:
             )
         values = dict(row)
         for key, value in values.items():
-            if key in self.files and value is not None and value != "":
+            if key in self.files and value is not None and value != "" and not self._plain(key, value, uploads):
                 data = decode_upload(value, key)
                 check_pixels(data, key, self.limits.max_pixels)
-                values[key] = uploads.add(data, key)
+                values[key] = uploads.add(data, key, self.suffixes[key])
             elif isinstance(value, bytes):
                 raise RequestError(422, f"{where}: field {key!r} is not a file input; send it as a plain value")
         try:
             return self.predictor.schema.record(values, where, uploads.root, required=False)
         except DataError as err:
             raise RequestError(422, uploads.scrub(str(err))) from None
+
+    def _plain(self, key: str, value: Any, uploads: Uploads) -> bool:
+        """Whether a file field's value is one its encoder takes as it is, as in a records file (an embedding's
+        list of numbers); strings and bytes are always file contents here, never paths."""
+        if isinstance(value, (str, bytes)):
+            return False
+        modality = next(m for m, keys in self.predictor.input_fields.items() if key in keys)
+        encoder, field_name = self.predictor.model.encoders[modality], self.predictor.schema.field_of(modality)
+        try:
+            encoder.read({key: value}, field_name, uploads.root)
+        except (InputError, TypeError, ValueError):
+            return False
+        return True
