@@ -108,6 +108,8 @@ class TrainConfig(_Strict):
     max_epochs: int = Field(10, gt=0)
     lr: float = Field(1e-3, gt=0)
     encoder_lr: float = Field(1e-5, ge=0)
+    # Layer-wise lr decay (BEiT, ELECTRA): an encoder's block at depth k from the top gets encoder_lr * layer_decay**k.
+    layer_decay: float = Field(1.0, gt=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: with `momentum`, as in the OGM-GE paper
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -301,7 +303,7 @@ def component_options(registry: Registry[Any], comp: Component, key: str) -> dic
 _RANGES: list[tuple[str, float, float, str]] = [
     (r"seed", 0, MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
     (r"ffn_factor|temperature|tol", 0, math.inf, "a number > 0"),
-    (r"layers|\w*_epoch", 0, MAX_SIZE, f"an integer from 0 to {MAX_SIZE}"),
+    (r"layers|unfreeze|\w*_epoch", 0, MAX_SIZE, f"an integer from 0 to {MAX_SIZE}"),
     (r"dropout", 0, 1, "a rate in [0, 1)"),
     (r"p", 0, 1, "a probability in [0, 1]"),
     (r"max_\w+_pairs", 1, 2**40, f"an integer from 1 to {2**40}"),

@@ -97,6 +97,9 @@ class HFTextEncoder(Encoder):
         pooling: "cls" (first token), "mean" (over real tokens only) or "pooler" (the model's pooler_output).
         max_length: texts are truncated to this many tokens.
         freeze: no gradients and always eval mode.
+        unfreeze: None (the `freeze` flag decides), 0 (frozen), or N: only the last N blocks train, the others are
+            frozen and stay in eval mode. Blocks: the embeddings, each transformer layer (the model's longest
+            `nn.ModuleList`), and the pooler when pooling is "pooler" (MiniLM: 7, or 8 with the pooler).
     """
 
     modality = "text"
@@ -109,8 +112,9 @@ class HFTextEncoder(Encoder):
         pooling: str = "mean",
         max_length: int = 128,
         freeze: bool = False,
+        unfreeze: int | None = None,
     ) -> None:
-        super().__init__(freeze)
+        super().__init__(freeze, unfreeze)
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
         self.model_name, self.model_config, self.pooling, self.max_length = model, config, pooling, max_length
@@ -145,6 +149,14 @@ class HFTextEncoder(Encoder):
     @property
     def has_tokens(self) -> bool:
         return True
+
+    def blocks(self) -> list[torch.nn.Module]:
+        """Embeddings, the transformer layers in order, and the pooler when `pooling` reads it."""
+        lists = [m for m in self.model.modules() if isinstance(m, torch.nn.ModuleList)]
+        layers = list(max(lists, key=len)) if lists else []
+        embeddings = getattr(self.model, "embeddings", None) or self.model.get_input_embeddings()
+        pooler = getattr(self.model, "pooler", None) if self.pooling == "pooler" else None
+        return [embeddings, *layers, *([pooler] if pooler is not None else [])]
 
     def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | None:
         """The stripped text; None when the field is null or blank."""

@@ -15,6 +15,7 @@ import logging
 import timm
 import torch
 from timm.data import resolve_model_data_config
+from timm.models import group_modules
 from torch import nn
 
 from mmfuse.assets import efficientnet_lite0_file, load_state_dict_file, looks_like_path
@@ -134,6 +135,10 @@ class TimmImageEncoder(ImageEncoder):
             0 = the finest; EfficientNet-Lite0 has 0-4 at strides 2, 4, 8, 16, 32 with 16, 24, 40, 112, 320
             channels): that level's map gives the tokens (B, h*w, C) and pooled = their mean (B, C), and the
             layers after it are removed (weights load into the whole model first).
+        unfreeze: None (the `freeze` flag decides), 0 (frozen), or N: only the last N blocks train, the others are
+            frozen and stay in eval mode. A block is one of timm's coarse parameter groups
+            (`group_matcher(coarse=True)`, as timm's own layer decay): for EfficientNet the stem, then each stage,
+            the last stage with conv_head/bn2 (Lite0: 8 blocks; fewer after `stage`).
     """
 
     def __init__(
@@ -145,8 +150,9 @@ class TimmImageEncoder(ImageEncoder):
         tokens: bool = False,
         augment: bool = False,
         stage: int | None = None,
+        unfreeze: int | None = None,
     ) -> None:
-        super().__init__(freeze)
+        super().__init__(freeze, unfreeze)
         self.model_name, self.tokens, self.stage = model, tokens, stage
         if not timm.is_model(model):
             close = timm.list_models(f"{model[:6]}*")[:8]
@@ -171,6 +177,13 @@ class TimmImageEncoder(ImageEncoder):
     def cache_key(self) -> str:
         key = super().cache_key()
         return key if self.stage is None else f"{key}:stage={self.stage}"
+
+    def blocks(self) -> list[nn.Module]:
+        """timm's coarse groups of the (possibly cut) model, input to output; [] for a model without a matcher."""
+        if not hasattr(self.net, "group_matcher"):
+            return []
+        groups = group_modules(self.net, self.net.group_matcher(coarse=True))
+        return [nn.ModuleList(self.net.get_submodule(n) for n in groups[k]) for k in sorted(groups)]
 
     def forward(self, inputs: torch.Tensor) -> EncoderOutput:
         """(B, 3, S, S) normalised images -> pooled (B, D) and, with `tokens`, (B, T, D)."""

@@ -90,6 +90,24 @@ def stage_names(net: nn.Module) -> list[str]:
     return names
 
 
+def model_blocks(net: nn.Module) -> list[nn.Module]:
+    """The blocks of `net`, input to output: each `stage_names` layer with weights; consecutive layers that are not
+    containers (a stem's conv and norm) form one block."""
+    blocks: list[list[nn.Module]] = []
+    merge = False
+    for name in stage_names(net):
+        layer = net.get_submodule(name)
+        if next(layer.parameters(), None) is None:
+            continue
+        single = not isinstance(layer, nn.Sequential) and not list(layer.children())
+        if single and merge:
+            blocks[-1].append(layer)
+        else:
+            blocks.append([layer])
+        merge = single
+    return [nn.ModuleList(b) for b in blocks]
+
+
 def cut_at_stage(net: nn.Module, model: str, stage: str, image_size: int) -> tuple[nn.Module, int]:
     """`net` up to layer `stage` (a graph module returning {"map": (B, C, h, w)}, later layers dropped); C.
 
@@ -128,6 +146,10 @@ class TorchvisionImageEncoder(ImageEncoder):
         stage: None for the final features; else the name of the layer whose output map gives the tokens
             (B, h*w, C) and pooled = their mean (B, C), the layers after it dropped (weights load into the
             whole model first): e.g. "layer2" (ResNet, stride 8), "features.3" (EfficientNet-B0, stride 8).
+        unfreeze: None (the `freeze` flag decides), 0 (frozen), or N: only the last N blocks train, the others are
+            frozen and stay in eval mode. Blocks (`model_blocks`): the layers `stage` chooses from that hold weights,
+            the leading single layers merged into one stem (ResNet: conv1+bn1, layer1..layer4; EfficientNet:
+            features.0..8).
     """
 
     def __init__(
@@ -139,8 +161,9 @@ class TorchvisionImageEncoder(ImageEncoder):
         tokens: bool = False,
         augment: bool = False,
         stage: str | None = None,
+        unfreeze: int | None = None,
     ) -> None:
-        super().__init__(freeze)
+        super().__init__(freeze, unfreeze)
         self.model_name, self.weights, self.tokens, self.stage = model, weights, tokens, stage
         if model not in torchvision.models.list_models(module=torchvision.models):
             close = [m for m in torchvision.models.list_models(module=torchvision.models) if m.startswith(model[:6])]
@@ -180,6 +203,9 @@ class TorchvisionImageEncoder(ImageEncoder):
                 f"tokens=True: {self.model_name}'s last feature map has {channels} channels but its pooled "
                 f"features have {self.output_dim}; use a model whose classifier is a single linear layer"
             )
+
+    def blocks(self) -> list[nn.Module]:
+        return model_blocks(self.net)
 
     def _capture(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self._fmap = args[0]  # (B, C, h, w)

@@ -17,6 +17,7 @@ Scale-out rules kept here:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterator
@@ -28,8 +29,12 @@ import torchmetrics
 from torch import nn
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from mmfuse.config import ConfigError
+from mmfuse.encoders.base import Encoder
 from mmfuse.model import ModelOutput, MultiTaskModel
 from mmfuse.train.errors import NonFiniteError
+
+log = logging.getLogger(__name__)
 
 
 class MMFuseModule(L.LightningModule):
@@ -38,6 +43,8 @@ class MMFuseModule(L.LightningModule):
     weighting: a `mmfuse.mtl` Weighting (turns per-task losses into one backward pass).
     balancer: an optional `mmfuse.balance` Balancer.
     lr / encoder_lr: learning rates of fusion + heads and of unfrozen encoders.
+    layer_decay: layer-wise lr decay of encoders (1.0: off): the block at depth k from the top gets
+        `encoder_lr * layer_decay**k` (`encoder_param_groups`).
     optimizer: "adamw" or "sgd" (with `momentum`, as in the OGM-GE paper).
     """
 
@@ -48,6 +55,7 @@ class MMFuseModule(L.LightningModule):
         balancer: nn.Module | None = None,
         lr: float = 1e-3,
         encoder_lr: float = 1e-5,
+        layer_decay: float = 1.0,
         weight_decay: float = 0.01,
         scheduler: str = "cosine",
         warmup_steps: int = 0,
@@ -62,6 +70,7 @@ class MMFuseModule(L.LightningModule):
         self.hp = dict(
             lr=lr,
             encoder_lr=encoder_lr,
+            layer_decay=layer_decay,
             weight_decay=weight_decay,
             scheduler=scheduler,
             warmup_steps=warmup_steps,
@@ -345,8 +354,9 @@ class MMFuseModule(L.LightningModule):
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """Fusion + heads (lr), then per modality its own fusion parameters (lr) and its unfrozen encoder
-        (encoder_lr), each group tagged with `"modality"` so a balancer can scale its learning rate per step,
-        then the weighting's and balancer's own parameters (lr, no weight decay). Empty groups are left out."""
+        (encoder_lr, one group per block depth with `layer_decay`), each group tagged with `"modality"` so a
+        balancer can scale its learning rate per step, then the weighting's and balancer's own parameters (lr, no
+        weight decay). Empty groups are left out."""
         from mmfuse.balance import modality_parameters
 
         hp, fusion = self.hp, self.model.fusion
@@ -356,9 +366,11 @@ class MMFuseModule(L.LightningModule):
         groups: list[dict[str, Any]] = [{"params": shared, "lr": hp["lr"]}]
         for m in self.model.modalities:
             own = [p for p in modality_parameters(self.model, m) if id(p) in owned[m]]
-            enc = [p for p in self.model.encoders[m].parameters() if p.requires_grad]
             groups += [{"params": own, "lr": hp["lr"], "modality": m}]
-            groups += [{"params": enc, "lr": hp["encoder_lr"], "modality": m}]
+            enc = encoder_param_groups(self.model.encoders[m], hp["encoder_lr"], hp["layer_decay"])
+            groups += [{**g, "modality": m} for g in enc]
+            if len(enc) > 1:
+                log.info("%s encoder: lr %s", m, ", ".join(f"{g['lr']:.3g} at depth {g['depth']}" for g in enc))
         extra = [p for m in (self.weighting, self.balancer) if m is not None for p in m.parameters() if p.requires_grad]
         groups.append({"params": extra, "lr": hp["lr"], "weight_decay": 0.0})
         return [g for g in groups if g["params"]]
@@ -402,6 +414,41 @@ class MMFuseModule(L.LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith(tuple(saved)) and key not in state:
                 state[key] = value
+
+
+def encoder_param_groups(encoder: Encoder, lr: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """The optimiser groups of an encoder's trainable parameters, top block first.
+
+    With `layer_decay` < 1 (BEiT, ELECTRA), block i of the n of `encoder.blocks()` (input to output) is at depth
+    k = n - 1 - i from the top and gets `lr * layer_decay**k`; parameters in no block count as the lowest block.
+    Each group has `params`, `lr` and `depth`. Without decay, or without blocks: one group at `lr`, depth 0.
+    """
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    blocks = encoder.blocks() if layer_decay != 1.0 and trainable else []
+    if not blocks:
+        return [{"params": trainable, "lr": lr, "depth": 0}] if trainable else []
+    depth_of = {id(p): len(blocks) - 1 - i for i, b in enumerate(blocks) for p in b.parameters()}
+    by_depth: dict[int, list[nn.Parameter]] = defaultdict(list)
+    for p in trainable:
+        by_depth[depth_of.get(id(p), len(blocks) - 1)].append(p)
+    return [{"params": by_depth[k], "lr": lr * layer_decay**k, "depth": k} for k in sorted(by_depth)]
+
+
+def check_layer_decay(model: MultiTaskModel, layer_decay: float) -> None:
+    """Refuse a `layer_decay` < 1 that would change nothing: no encoder has trainable blocks at two depths.
+
+    Raises:
+        ConfigError: one line naming `train.layer_decay`.
+    """
+    if layer_decay == 1.0:
+        return
+    if any(len(encoder_param_groups(e, 1.0, layer_decay)) > 1 for e in model.encoders.values()):
+        return
+    raise ConfigError(
+        f"train.layer_decay: {layer_decay} changes nothing: no encoder trains blocks at two depths (each is frozen, "
+        "has unfreeze: 1, or has no blocks); set unfreeze: N (N >= 2) or freeze: false on an image or text "
+        "encoder, or remove train.layer_decay"
+    )
 
 
 def _grad_norm64(module: nn.Module) -> float:

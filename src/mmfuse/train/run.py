@@ -54,7 +54,7 @@ from mmfuse.train.data import (
 )
 from mmfuse.train.errors import NonFiniteError
 from mmfuse.train.history import HistoryCSVLogger, KeepHistory, rows_of
-from mmfuse.train.module import MMFuseModule
+from mmfuse.train.module import MMFuseModule, check_layer_decay
 from mmfuse.train.report import write_report
 from mmfuse.train.sharding import shard_eval_loader
 
@@ -204,6 +204,7 @@ class Run:
         self.model = model if model is not None else build_model_from(self.cfg.model, tasks, data.encoders)
         # Built here, before any feature is encoded, so that a balancer with nothing to act on is refused at once.
         self.balancer = build_balancer(self.cfg.train.balance, self.model)
+        check_layer_decay(self.model, self.cfg.train.layer_decay)
         self.timings["build_model"] = time.perf_counter() - t0
 
     def prepare(self) -> Features:
@@ -228,6 +229,7 @@ class Run:
             self.balancer,
             lr=t.lr,
             encoder_lr=t.encoder_lr,
+            layer_decay=t.layer_decay,
             weight_decay=t.weight_decay,
             scheduler=t.scheduler,
             warmup_steps=t.warmup_steps,
