@@ -321,7 +321,8 @@ def make_loader(
     )
     batch_size = options.batch_size if train else options.eval_batch_size
     if grouped:
-        groups = input_groups([r.inputs.get(grouping_modality(model, records, shareable)) for r in records])
+        by = grouping_modality(model, records, shareable)  # once: it scans every record
+        groups = input_groups([r.inputs.get(by) for r in records])
         sampler = GroupedBatchSampler(groups, batch_size, options.seed)
         return DataLoader(BatchFetch(dataset), sampler=sampler, batch_size=None, **common)
     lengths = record_lengths(model, records, uncached) if train and options.bucket_by_length else None
