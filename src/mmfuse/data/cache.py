@@ -339,7 +339,7 @@ def _parse_index(data: object) -> tuple[dict[str, list[int]], dict[int, dict[str
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     if data.get("format") != INDEX_FORMAT:
-        raise ValueError(f"written by another mmfuse version (format {data.get('format')!r:.40}, not {INDEX_FORMAT})")
+        raise ValueError(f"written by another mmfuse version: format {data.get('format')!r:.40}, not {INDEX_FORMAT}")
     raw_shards, rows = data.get("shards"), data.get("rows")
     if not isinstance(raw_shards, dict) or not isinstance(rows, dict):
         raise ValueError("no 'shards' or 'rows' map")
