@@ -301,3 +301,12 @@ def test_serve_takes_a_base64_npy_embedding_as_predict_takes_the_file(
             assert got["y"]["value"] == pytest.approx(want["y"]["value"], abs=1e-5)
     finally:
         server.stop()
+
+
+def test_near_misses_are_typos_and_other_names_are_not() -> None:
+    from mmfuse.predict import _near
+
+    assert all(
+        _near(a, b) for a, b in [("txet", "text"), ("wieght_kg", "weight_kg"), ("imge", "image"), ("Text", "text")]
+    )
+    assert not any(_near(a, b) for a, b in [("page", "age"), ("id", "image"), ("label", "text"), ("caption", "text")])
