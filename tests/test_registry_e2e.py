@@ -116,7 +116,12 @@ def test_predict_shorthands_follow_the_configured_field_and_unread_fields_are_re
     bad.write_text(json.dumps({"captoin": "hello"}) + "\n" + json.dumps({"caption": "apple pie"}) + "\n")
     assert main(["predict", str(run), "--input", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
+    assert err.endswith("bad.jsonl:1: field 'captoin' is not an input of this run; did you mean 'caption'?")
+    bad.write_text(json.dumps({"words": "hello"}) + "\n")  # not a likely typo: the plain line
+    assert main(["predict", str(run), "--input", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
     assert err.endswith("bad.jsonl:1: none of the run's inputs is given; it reads text (field 'caption')")
+    bad.write_text(json.dumps({"captoin": "hello"}) + "\n" + json.dumps({"caption": "apple pie"}) + "\n")
     assert main(["predict", str(run), "--input", str(bad), "--skip-bad", "--output", str(tmp_path / "p.jsonl")]) == 0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 1
     assert "skipped" in capsys.readouterr().err

@@ -96,7 +96,7 @@ BUILTIN: dict[str, dict[str, Entry]] = {
     "task kind": {
         "binary": Entry(
             "mmfuse.tasks.binary:BinaryTask",
-            "Two classes, one logit, BCE-with-logits; labels 0/1, true/false or the two class names.",
+            "Two classes, one logit, BCE-with-logits; labels 0/1, true/false, yes/no or the two class names.",
         ),
         "multiclass": Entry(
             "mmfuse.tasks.multiclass:MulticlassTask",
