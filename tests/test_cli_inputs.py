@@ -239,6 +239,14 @@ def test_skip_bad_skips_only_the_row_with_a_bad_utf8_byte(records: Path, run: Pa
     assert one_error(capsys, "predict") == f"{bad}:5: not UTF-8 text (invalid start byte at byte 36 of the row)"
 
 
+def test_a_config_file_that_is_a_fifo_is_one_line(tmp_path: Path, capsys) -> None:
+    fifo = tmp_path / "run.yaml"
+    with never_read(fifo):
+        assert main(["train", str(fifo), "--out", str(tmp_path / "out")]) == 2
+        assert one_error(capsys, "train") == f"{fifo}: is a FIFO (named pipe), not a regular file"
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- item 8: an empty --input
 @pytest.mark.parametrize("content", ["", "\n  \n\t\n"])
 def test_predict_refuses_an_empty_input_file(run: Path, tmp_path: Path, capsys, content: str) -> None:
@@ -247,6 +255,14 @@ def test_predict_refuses_an_empty_input_file(run: Path, tmp_path: Path, capsys, 
     assert one_error(capsys, "predict") == (
         f"{tmp_path / 'in.jsonl'}: no records to predict (the file is empty or holds only blank lines)"
     )
+
+
+def test_predict_with_skip_bad_where_every_record_is_bad_is_refused(run: Path, tmp_path: Path, capsys) -> None:
+    capsys.readouterr()
+    out = tmp_path / "p.jsonl"
+    assert predict(run, [{"vec": 3}, {"vec": "nope.npy", "text": ""}], tmp_path, "--skip-bad", "--output", str(out)) == 2
+    assert one_error(capsys, "predict") == "no record to predict: all 2 were skipped as bad (listed above)"
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- item 11: misspelt fields

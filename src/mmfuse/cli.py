@@ -458,9 +458,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         records = predictor.records_from_fields(fields)
     records, skipped = predictor.check(records, allow_missing=args.allow_missing, skip_bad=args.skip_bad)
     bad += skipped
-    results = predictor.predict(records, args.batch_size)
     for source, reason in bad:
         print(f"skipped {source}: {reason}", file=sys.stderr)
+    if not records:  # every record was skipped: nothing predicted is not a success
+        raise _usage(f"no record to predict: all {len(bad)} were skipped as bad (listed above)")
+    results = predictor.predict(records, args.batch_size)
     if args.output:
         with open(args.output, "w") as f:
             for rec, res in zip(records, results):

@@ -23,6 +23,7 @@ import pydantic
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from mmfuse.files import NotRegularFileError, open_regular
 from mmfuse.registry import Registry, known_names
 
 
@@ -458,9 +459,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML run config (the built-in easy-VQA one when `path` is None) and validate it."""
     path = Path(path) if path is not None else default_config_path()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open_regular(path, "config file") as f:  # a FIFO or device would block the read forever
+            data = yaml.safe_load(f.read().decode("utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except NotRegularFileError as err:
+        raise ConfigError(f"{path}: {str(err).replace(f'config file {path} ', '', 1)}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
