@@ -304,7 +304,7 @@ def component_options(registry: Registry[Any], comp: Component, key: str) -> dic
 _RANGES: list[tuple[str, float, float, str]] = [
     (r"seed", 0, MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
     (r"ffn_factor|temperature|tol", 0, math.inf, "a number > 0"),
-    (r"layers|unfreeze|\w*_epoch", 0, MAX_SIZE, f"an integer from 0 to {MAX_SIZE}"),
+    (r"layers|unfreeze|stage|\w*_epoch", 0, MAX_SIZE, f"an integer from 0 to {MAX_SIZE}"),
     (r"dropout", 0, 1, "a rate in [0, 1)"),
     (r"p", 0, 1, "a probability in [0, 1]"),
     (r"max_\w+_pairs", 1, 2**40, f"an integer from 1 to {2**40}"),
