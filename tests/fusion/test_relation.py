@@ -17,7 +17,7 @@ from mmfuse.cli import main
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.positional import coord_grid
 from mmfuse.fusion.relation import RelationFusion
-from tiny import run_config, tiny_model, write_dataset
+from tiny import TINY_BERT, run_config, tiny_model, write_dataset
 
 SMALL = {"g_layers": 3, "g_dim": 6, "f_layers": 2, "f_dim": 5}
 
@@ -229,3 +229,28 @@ def test_train_refuses_an_image_encoder_without_tokens_before_training(fusion, t
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 2
     assert "model.encoders.photo gives no grid of tokens" in capsys.readouterr().err
+
+
+def test_a_batch_beyond_the_pair_bound_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    """batch 8 x (4 x 4 grid)^2 = 2,048 pair rows over a bound of 1,000: one line before any feature is encoded."""
+    records = write_dataset(tmp_path / "data", n=12)
+    cfg = run_config(records, max_epochs=1, cache_dir=str(tmp_path / "cache"))
+    cfg["data"]["batch_size"] = 8
+    cfg["model"] = {
+        "encoders": {
+            "image": {"name": "conv", "image_size": 32, "depth": 3, "width": 8},  # 4 x 4 tokens
+            "text": {"name": "hf_text", "config": TINY_BERT, "max_length": 8},
+        },
+        "fusion": {"name": "relation", "output_dim": 8, "g_layers": 2, "g_dim": 8, "max_batch_pairs": 1000},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "mmfuse train: error: relation: a batch of 8 samples x 256 pairs (16 tokens) is 2048 pair rows, beyond "
+        "model.fusion.max_batch_pairs=1000; lower data.batch_size, use a smaller grid, or raise "
+        "model.fusion.max_batch_pairs if memory allows"
+    )
+    assert not (tmp_path / "cache").exists()  # refused before anything was encoded

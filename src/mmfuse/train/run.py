@@ -186,6 +186,32 @@ def build_trainer(
     return trainer
 
 
+def check_fusion_batch(model: MultiTaskModel, batch_size: int) -> None:
+    """A fusion whose cost grows with the token grid (`check_batch(batch_size, num_tokens)`, e.g. `relation`) is
+    checked against its memory bound before any feature is encoded: the token count comes from one forward of a
+    placeholder input through the spatial modality's encoder.
+
+    Raises:
+        ConfigError: the bound is exceeded (the fusion's one line, naming the keys to change).
+    """
+    fusion = model.fusion
+    spatial = getattr(fusion, "spatial", None)
+    if not hasattr(fusion, "check_batch") or spatial not in model.encoders:
+        return
+    encoder = model.encoders[spatial]
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        tokens = encoder(encoder.collate([encoder.placeholder()])).tokens  # (1, T, D)
+    encoder.train(was_training)
+    if tokens is None:
+        return  # the fusion refuses it with its own line
+    try:
+        fusion.check_batch(batch_size, tokens.shape[1])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 class Run:
     """Everything a run needs, built from a resolved config."""
 
@@ -205,6 +231,7 @@ class Run:
         # Built here, before any feature is encoded, so that a balancer with nothing to act on is refused at once.
         self.balancer = build_balancer(self.cfg.train.balance, self.model)
         check_layer_decay(self.model, self.cfg.train.layer_decay)
+        check_fusion_batch(self.model, self.cfg.data.batch_size)
         self.timings["build_model"] = time.perf_counter() - t0
 
     def prepare(self) -> Features:
