@@ -85,6 +85,9 @@ def test_compare_writes_members_report_json_and_one_bar_chart_per_task(compared:
         "| film",
     ]
     assert "![color](bar_color.png)" in text and "from image: cached features, text: cached features" in text
+    picks = compared["result"]["picks"]  # one pick per task, in the report with its reason
+    assert set(picks) == set(PRIMARY) and all(p["pick"] in ("concat", "film") for p in picks.values())
+    assert "## Which to pick" in text and all(f"- **{t}**: `{p['pick']}`" in text for t, p in picks.items())
     assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(compared["result"]))
 
 

@@ -44,6 +44,7 @@ from mmfuse.config import (
 )
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.train.run import train, write_atomic
+from mmfuse.workbench.pick import pick_markdown, pick_members
 
 log = logging.getLogger(__name__)
 
@@ -697,7 +698,7 @@ def summarise(plan: Plan, rows: list[dict[str, Any]], tasks: dict[str, dict[str,
             }
         )
     splits = sorted({r["split"] for r in rows})
-    return {
+    result = {
         "config": plan.base.name,
         "config_path": plan.config_path,
         "overrides": plan.overrides,
@@ -714,6 +715,8 @@ def summarise(plan: Plan, rows: list[dict[str, Any]], tasks: dict[str, dict[str,
         "groups": groups,
         "members": rows,
     }
+    result["picks"] = pick_members(result)
+    return result
 
 
 def _fmt(s: dict[str, Any], digits: int = 4) -> str:
@@ -754,6 +757,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "and the feature-cache lookup excluded), then mean ± std over seeds. Times depend on the machine's load.",
         "",
     ]
+    lines += pick_markdown(result["picks"]) if "picks" in result else []
     lines += [f"![{t}]({p})" for t, p in result["plots"].get("bars", {}).items()]
     if "stress" in result:
         lines += ["", *_stress_markdown(result)]
