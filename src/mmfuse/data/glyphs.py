@@ -1,7 +1,7 @@
 """Glyphs: a generated VQA set of digits where frozen ImageNet features are weak, for fine-tuning recipes.
 
-Every image shows one digit (0-9) drawn in one of the DejaVu fonts at a random size, rotation (within 30 degrees), position and colour,
-over a textured background with clutter strokes; three questions are asked about each image:
+Every image shows one digit (0-9) drawn in one of the DejaVu fonts at a random size, rotation (within 30 degrees),
+position and colour, over a noisy background with clutter strokes; three questions are asked about each image:
 
     digit   "what digit is shown?"           0-9
     even    "is the digit even?"             yes/no
