@@ -1,16 +1,20 @@
-"""Every built-in component, by kind and name: where it lives and its one-line summary, without importing it.
+"""Every component, by kind and name: where it lives and its one-line summary, found without importing it.
 
 `mmfuse list` and the config's name checks (`registry.known_names`) read this table, so they answer without
-importing torch. tests/test_names.py imports every registry and checks that the table agrees with them
-exactly: adding a component is its file plus its line here (the test's failure message prints the line).
-
-Kinds are the registries' `kind` strings (`Registry("fusion")`); a target is `"module:attribute"`; a summary
-is the first line of the component's docstring.
+importing torch. It is not kept by hand: `table()` reads the source of every module in the component packages
+(and in the `MMFUSE_PLUGINS` folders, see `mmfuse.registry`) and collects each class decorated with
+`@<REGISTRY>.register("name")`, where `<REGISTRY> = Registry("kind")` is assigned in one of those modules.
+A class's summary is the first line of its docstring. tests/test_names.py checks that the table equals the
+registries once everything is imported.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import ast
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, NamedTuple
 
 
 class Entry(NamedTuple):
@@ -20,150 +24,7 @@ class Entry(NamedTuple):
     summary: str  # the first line of its docstring
 
 
-BUILTIN: dict[str, dict[str, Entry]] = {
-    "encoder": {
-        "conv": Entry(
-            "mmfuse.encoders.conv:ConvImageEncoder",
-            "A small CNN trained from scratch (by default Santoro et al. 2017's): spatial tokens on a square grid.",
-        ),
-        "embedding": Entry(
-            "mmfuse.encoders.embedding:EmbeddingEncoder",
-            "Precomputed vectors of size `dim`, through an optional Linear (+ LayerNorm) projection.",
-        ),
-        "hf_text": Entry(
-            "mmfuse.encoders.hf_text:HFTextEncoder",
-            "A Hugging Face text model: `last_hidden_state` as tokens plus a CLS, mean or pooler vector.",
-        ),
-        "tabular": Entry(
-            "mmfuse.encoders.tabular:TabularEncoder",
-            "A table row: one token per numeric or categorical column plus a pooled [CLS] vector (FT-Transformer).",
-        ),
-        "timm": Entry(
-            "mmfuse.encoders.timm_image:TimmImageEncoder",
-            "Any timm model as an image encoder; by default the packaged ImageNet EfficientNet-Lite0 (1280-d).",
-        ),
-        "torchvision": Entry(
-            "mmfuse.encoders.torchvision_image:TorchvisionImageEncoder",
-            "Any torchvision classification model (ResNet, EfficientNet, ConvNeXt, ViT, ...) as an image encoder.",
-        ),
-    },
-    "fusion": {
-        "bilinear": Entry(
-            "mmfuse.fusion.bilinear:BilinearFusion",
-            'Low-rank bilinear pooling of the pooled vectors: MLB (`variant="mlb"`) or MFB (`variant="mfb"`).',
-        ),
-        "co_attention": Entry(
-            "mmfuse.fusion.co_attention:CoAttentionFusion",
-            "Co-attention transformer over both token sets, pooled: `fc_out([mean_a(z_a), mean_b(z_b)])`.",
-        ),
-        "concat": Entry(
-            "mmfuse.fusion.concat:ConcatFusion",
-            "Concatenate the pooled features (in `input_dims` order) and apply one linear layer.",
-        ),
-        "cross_attention": Entry(
-            "mmfuse.fusion.cross_attention:CrossAttentionFusion",
-            "Multi-head attention from a query modality over the other modality's tokens, pooled over queries.",
-        ),
-        "film": Entry(
-            "mmfuse.fusion.film:FiLMFusion",
-            "`fc_out(gamma * target + beta)` with `gamma, beta = split(fc(condition))`.",
-        ),
-        "gated": Entry(
-            "mmfuse.fusion.gated:GatedFusion",
-            "`fc_out(sigmoid(fc_g(x_g)) * fc_o(x_o))`: the gating modality `g` scales the other modality `o`.",
-        ),
-        "lmf": Entry(
-            "mmfuse.fusion.lmf:LowRankFusion",
-            "Low-rank tensor fusion (LMF): `fused_o = sum_r prod_m ([h_m, 1] . factors_m[r, :, o]) + bias_o`.",
-        ),
-        "relation": Entry(
-            "mmfuse.fusion.relation:RelationFusion",
-            "Relation Network: `fused = f(sum_{i,j} g([o_i; o_j; q]))` over all ordered pairs of grid cells.",
-        ),
-        "spatial_film": Entry(
-            "mmfuse.fusion.spatial_film:SpatialFiLMFusion",
-            "FiLM on the token grid: `fused = fc(maxpool(relu(conv1x1([x_N; xy]))))`, x_N after N FiLM-ed conv blocks.",
-        ),
-        "sum": Entry(
-            "mmfuse.fusion.sum:SumFusion",
-            "Project each modality to the output size and add: `sum_m (W_m x_m + b_m)`.",
-        ),
-        "tensor": Entry(
-            "mmfuse.fusion.tensor:TensorFusion",
-            "Tensor fusion (TFN): `fc_out(flatten([h_1, 1] ⊗ [h_2, 1] ⊗ ...))` with `h_m = proj_m(x_m)`.",
-        ),
-    },
-    "task kind": {
-        "binary": Entry(
-            "mmfuse.tasks.binary:BinaryTask",
-            "Two classes, one logit, BCE-with-logits; labels 0/1, true/false, yes/no or the two class names.",
-        ),
-        "multiclass": Entry(
-            "mmfuse.tasks.multiclass:MulticlassTask",
-            "One of C named classes, cross-entropy; classes are inferred from the training labels when not given.",
-        ),
-        "multilabel": Entry(
-            "mmfuse.tasks.multilabel:MultilabelTask",
-            'Any subset of C named labels, one BCE logit each; a raw label is a list or a "a|b" string.',
-        ),
-        "regression": Entry(
-            "mmfuse.tasks.regression:RegressionTask",
-            "One real-valued target; MSE (default) or L1 loss. Targets are numbers or numeric strings.",
-        ),
-    },
-    "head": {
-        "mlp": Entry(
-            "mmfuse.tasks.heads:MLPHead",
-            "A Linear head, or an MLP when `hidden_dims` is non-empty: (B, D_in) -> (B, C).",
-        ),
-    },
-    "weighting": {
-        "cagrad": Entry(
-            "mmfuse.mtl.cagrad:CAGrad",
-            "Conflict-averse direction: the best worst-case local improvement within a ball around the mean gradient.",
-        ),
-        "dwa": Entry(
-            "mmfuse.mtl.dwa:DynamicWeightAverage",
-            "Backward `sum_t w_t L_t` with weights set once per epoch from the loss descent rates.",
-        ),
-        "equal": Entry(
-            "mmfuse.mtl.equal:EqualWeighting",
-            "Backward the plain sum of the task losses (every weight is 1).",
-        ),
-        "gradnorm": Entry(
-            "mmfuse.mtl.gradnorm:GradNorm",
-            "Learn task weights so that the tasks' gradient norms train at similar relative rates.",
-        ),
-        "pcgrad": Entry(
-            "mmfuse.mtl.pcgrad:PCGrad",
-            "Project each task's shared gradient off the gradients it conflicts with, then sum.",
-        ),
-        "static": Entry(
-            "mmfuse.mtl.static:StaticWeighting",
-            "Backward `sum_t w_t L_t` with fixed weights from the config.",
-        ),
-        "uncertainty": Entry(
-            "mmfuse.mtl.uncertainty:UncertaintyWeighting",
-            "Learned homoscedastic-uncertainty weights: backward `sum_t exp(-s_t) L_t + s_t`.",
-        ),
-    },
-    "balancer": {
-        "agm": Entry(
-            "mmfuse.balance.agm:AGM",
-            "Adaptive Gradient Modulation: per-modality lr multipliers from mono-modal losses against their history.",
-        ),
-        "modality_dropout": Entry(
-            "mmfuse.balance.modality_dropout:ModalityDropout",
-            "Drop each modality of each training sample with probability `p`; never drop all of a sample's modalities.",
-        ),
-        "ogm_ge": Entry(
-            "mmfuse.balance.ogm_ge:OGMGE",
-            "Slow down the encoders of modalities that already predict well alone (OGM), plus gradient noise (GE).",
-        ),
-    },
-}
-
-# The package whose import registers every component of a kind (what the drift test imports).
+# Kind (the registry's `kind` string) -> the package whose modules register its components.
 PACKAGES: dict[str, str] = {
     "encoder": "mmfuse.encoders",
     "fusion": "mmfuse.fusion",
@@ -174,6 +35,95 @@ PACKAGES: dict[str, str] = {
 }
 
 
-def builtin(kind: str) -> dict[str, Entry]:
-    """The built-in components of `kind` ({} for a kind with none listed)."""
-    return BUILTIN.get(kind, {})
+def table() -> dict[str, dict[str, Entry]]:
+    """{kind: {name: Entry}} for every kind in `PACKAGES`, built-in and plugin components alike.
+
+    Raises:
+        ConfigError: one line when a plugin folder is missing or a module in it is not valid Python.
+    """
+    from mmfuse.registry import package_dirs
+
+    files: list[tuple[str, Path]] = []  # (module name, file), the first of each name wins (as on import)
+    for package in sorted(set(PACKAGES.values())):
+        seen: set[str] = set()
+        spec = importlib.util.find_spec(package)
+        own = list(spec.submodule_search_locations or []) if spec is not None else []
+        for folder in package_dirs(package, own):
+            for file in sorted(Path(folder).glob("*.py")):
+                if file.stem != "__init__" and file.stem not in seen:
+                    seen.add(file.stem)
+                    files.append((f"{package}.{file.stem}", file))
+    return _scan(tuple((module, str(file), file.stat().st_mtime_ns) for module, file in files))
+
+
+def components(kind: str) -> dict[str, Entry]:
+    """The components of `kind` ({} for a kind with none)."""
+    return table().get(kind, {})
+
+
+builtin = components  # the name this table had when it listed the built-in components only
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BUILTIN":  # the whole table, read fresh (plugins may come and go)
+        return table()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@lru_cache(maxsize=8)
+def _scan(files: tuple[tuple[str, str, int], ...]) -> dict[str, dict[str, Entry]]:
+    """The table from the modules' sources; cached per set of (module, file, modification time)."""
+    kinds: dict[str, str] = {}  # registry variable -> kind
+    found: list[tuple[str, str, Entry]] = []  # (registry variable, name, entry)
+    for module, file, _ in files:
+        tree = _parse(Path(file))
+        for node in tree.body:
+            kind = _registry_kind(node)
+            if kind is not None:
+                kinds[kind[0]] = kind[1]
+            if isinstance(node, ast.ClassDef):
+                summary = ((ast.get_docstring(node) or "").strip().splitlines() or [""])[0]
+                for variable, name in _registrations(node):
+                    found.append((variable, name, Entry(f"{module}:{node.name}", summary)))
+    out: dict[str, dict[str, Entry]] = {kind: {} for kind in PACKAGES}
+    for variable, name, entry in found:
+        if variable in kinds:
+            out.setdefault(kinds[variable], {}).setdefault(name, entry)
+    return {kind: dict(sorted(entries.items())) for kind, entries in out.items()}
+
+
+def _parse(file: Path) -> ast.Module:
+    try:
+        return ast.parse(file.read_bytes(), filename=str(file))
+    except SyntaxError as err:
+        from mmfuse.registry import plugin_error
+
+        raise plugin_error(f"{file}: line {err.lineno}: not valid Python ({err.msg})") from None
+
+
+def _registry_kind(node: ast.stmt) -> tuple[str, str] | None:
+    """(variable, kind) for `VARIABLE = Registry("kind")` (annotated or not)."""
+    target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
+    if isinstance(node, ast.AnnAssign):
+        target = node.target
+    value = getattr(node, "value", None)
+    if not (isinstance(target, ast.Name) and isinstance(value, ast.Call) and value.args):
+        return None
+    func, arg = value.func, value.args[0]
+    called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+    if called == "Registry" and isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return target.id, arg.value
+    return None
+
+
+def _registrations(node: ast.ClassDef) -> list[tuple[str, str]]:
+    """(registry variable, name) for each `@VARIABLE.register("name")` (or `@pkg.VARIABLE.register(...)`)."""
+    out = []
+    for deco in node.decorator_list:
+        if not (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute) and deco.args):
+            continue
+        owner, arg = deco.func.value, deco.args[0]
+        variable = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else ""
+        if deco.func.attr == "register" and variable and isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            out.append((variable, arg.value))
+    return out

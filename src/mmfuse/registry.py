@@ -1,18 +1,28 @@
 """One small registry used by every extension point (encoders, fusions, task kinds, weightings, balancers).
 
-The built-in components are also listed, with their module and summary, in `mmfuse.names`, so the names a
-config may use are known before any implementation (and torch) is imported: `known_names(kind)`.
+A component is one file: a class registered with `@REGISTRY.register("name")` in a module of its package
+(`mmfuse/fusion/`, `encoders/`, `tasks/`, `mtl/`, `balance/`). Each package imports every module in its folder
+(`import_modules`), so nothing else lists it. Folders named in the environment variable `MMFUSE_PLUGINS`
+(separated like PATH) extend those packages: `<folder>/fusion/my_fusion.py` is imported as
+`mmfuse.fusion.my_fusion` next to the built-in ones.
+
+`mmfuse.names` reads the same folders without importing them (no torch), so `mmfuse list` and the config's
+name checks (`known_names`) see every component, plugins included.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import os
+import pkgutil
+import sys
+from collections.abc import Callable, MutableSequence
+from pathlib import Path
 from typing import Any, Generic, TypeVar
-
-from mmfuse.names import builtin
 
 T = TypeVar("T")
 
+PLUGINS_ENV = "MMFUSE_PLUGINS"
 _LIVE: dict[str, Registry[Any]] = {}  # kind -> the registry of that kind, once its module is imported
 
 
@@ -58,14 +68,83 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, {self.names()})"
 
 
+def plugin_error(message: str) -> ValueError:
+    """A one-line `ConfigError` about the plugin folders (imported here: `mmfuse.config` imports this module)."""
+    from mmfuse.config import ConfigError
+
+    return ConfigError(f"{PLUGINS_ENV}: {message}")
+
+
+def plugin_dirs() -> list[Path]:
+    """The folders named in `MMFUSE_PLUGINS`, checked: each exists and holds a component folder.
+
+    Raises:
+        ConfigError: one line naming the folder that is missing or holds no component folder.
+    """
+    from mmfuse.names import PACKAGES
+
+    leaves = sorted({package.rpartition(".")[2] for package in PACKAGES.values()})
+    out = []
+    for entry in os.environ.get(PLUGINS_ENV, "").split(os.pathsep):
+        if not entry.strip():
+            continue
+        folder = Path(entry).expanduser()
+        if not folder.is_dir():
+            raise plugin_error(f"{entry}: not a folder")
+        if not any((folder / leaf).is_dir() for leaf in leaves):
+            raise plugin_error(f"{entry}: holds none of the component folders {', '.join(f + '/' for f in leaves)}")
+        out.append(folder)
+    return out
+
+
+def package_dirs(package: str, own: list[str]) -> list[str]:
+    """`own` (the package's folders) plus `<plugin folder>/<last part of package>` for each plugin folder."""
+    leaf = package.rpartition(".")[2]
+    extra = [str(d / leaf) for d in plugin_dirs() if (d / leaf).is_dir()]
+    return [*own, *(d for d in extra if d not in own)]
+
+
+def import_modules(package: str, path: MutableSequence[str]) -> None:
+    """Import every module of `package` (its `__path__`, extended in place by the plugin folders), which
+    registers them; safe to call again (after `MMFUSE_PLUGINS` changed, already imported modules are kept).
+
+    Raises:
+        ConfigError: one line when a plugin module cannot be imported.
+    """
+    own = list(path)
+    path[:] = package_dirs(package, own)
+    for info in pkgutil.iter_modules(path):
+        name = f"{package}.{info.name}"
+        if name in sys.modules:
+            continue
+        if getattr(info.module_finder, "path", own[0]) in own:
+            importlib.import_module(name)
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001  (a plugin's own failure, reported as one line)
+            sys.modules.pop(name, None)
+            where = Path(info.module_finder.path, info.name + ".py")  # type: ignore[attr-defined]
+            text = (str(err).strip().splitlines() or [""])[0]
+            raise plugin_error(f"{where}: cannot import it: {type(err).__name__}: {text}") from None
+
+
+def import_components(package: str) -> None:
+    """Import `package` and every module of it, plugins included (again, after `MMFUSE_PLUGINS` changed)."""
+    module = importlib.import_module(package)
+    import_modules(package, module.__path__)
+
+
 def known_names(kind: str) -> list[str]:
-    """The names a config may use for `kind`, importing nothing: the built-ins listed in `mmfuse.names`, plus
-    whatever was registered at run time through the Python API (its registry is imported by then)."""
+    """The names a config may use for `kind`, importing nothing: every component `mmfuse.names` finds in the
+    package and plugin folders, plus whatever was registered at run time through the Python API."""
+    from mmfuse.names import components
+
     live = _LIVE.get(kind)
-    return sorted(set(builtin(kind)) | set(live.names() if live is not None else ()))
+    return sorted(set(components(kind)) | set(live.names() if live is not None else ()))
 
 
 def describe(obj: Any) -> str:
-    """First line of an object's docstring (what `mmfuse.names` lists as a component's summary)."""
+    """First line of an object's docstring (what `mmfuse list` shows as a component's summary)."""
     doc = (obj.__doc__ or "").strip()
     return doc.splitlines()[0] if doc else ""

@@ -1,4 +1,8 @@
-"""Modality balancing; importing this package registers every balancer.
+"""Modality balancing, one file per method; importing this package imports every module in it, which
+registers them.
+
+Adding a balancer is one file here (or in `$MMFUSE_PLUGINS/balance/`): a subclass of `Balancer` registered
+with `@BALANCERS.register("name")`; tests/balance/test_balancer_contract.py covers it from then on.
 
 Example:
     >>> from mmfuse.balance import BALANCERS
@@ -6,7 +10,9 @@ Example:
     >>> balancer.setup(model)  # once, before the optimiser is created
 """
 
-from mmfuse.balance import agm, modality_dropout, ogm_ge  # noqa: F401,E402  (registration)
 from mmfuse.balance.base import BALANCERS, Balancer, decompose_logits, linear_head, modality_parameters
+from mmfuse.registry import import_modules
+
+import_modules(__name__, __path__)
 
 __all__ = ["BALANCERS", "Balancer", "decompose_logits", "linear_head", "modality_parameters"]

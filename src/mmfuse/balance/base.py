@@ -113,6 +113,13 @@ class Balancer(nn.Module):
     `setup(model)` once after building the model and before creating the optimiser (and before
     loading a checkpoint), then per training step `absent`, `aux_loss` and `modulate`.
 
+    Attributes read by the trainer (declared here, so every balancer has them):
+        task: the task whose labels score the modalities (None when the balancer scores none); the trainer
+            logs per-modality accuracy of it (or of `probe_task`).
+        probe_task: the task the linear probes predict, once `build_probes` ran (else None).
+        lr_scale: {modality: k} for the coming optimiser step, set by `modulate` (empty: no change).
+        drops_modalities: whether `absent` hides whole modalities in training.
+
     Args:
         modalities: the modality names, in the model's order.
     """
@@ -124,6 +131,7 @@ class Balancer(nn.Module):
         if not modalities:
             raise ValueError("a balancer needs at least one modality")
         self.modalities = list(modalities)
+        self.task: str | None = None  # subclasses that score the modalities set it (in __init__ or setup)
         self.probes: nn.ModuleDict | None = None
         self.probe_task: str | None = None
         self._probe_loss = None  # the scored Task's masked_loss, set with the probes

@@ -1,14 +1,13 @@
 """Encoders, one file per encoder; importing this package imports every module in it, which registers them.
 
-Adding a modality is one file here: a subclass of `Encoder` registered with `@ENCODERS.register("name")`.
+Adding a modality is one file here (or in `$MMFUSE_PLUGINS/encoders/`): a subclass of `Encoder` registered with
+`@ENCODERS.register("name")`, plus its tiny test recipe, either `tests/recipes/<name>.py` or a module-level
+`TEST_RECIPE = {"options": {...}, "row": row}` in the same file (see tests/recipes/__init__.py).
 """
 
-import importlib
-import pkgutil
-
 from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError
+from mmfuse.registry import import_modules
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_modules(__name__, __path__)
 
 __all__ = ["ENCODERS", "DataRoot", "Encoder", "EncoderOutput", "InputError"]

@@ -1,4 +1,8 @@
-"""Multi-task loss weighting; importing this package registers every weighting.
+"""Multi-task loss weighting, one file per method; importing this package imports every module in it, which
+registers them.
+
+Adding a weighting is one file here (or in `$MMFUSE_PLUGINS/mtl/`): a subclass of `Weighting` registered with
+`@WEIGHTINGS.register("name")`; tests/mtl/test_registry.py covers it from then on.
 
 Example:
     >>> from mmfuse.mtl import WEIGHTINGS
@@ -6,7 +10,9 @@ Example:
     >>> weights = weighting.backward(losses, shared_params, backward=manual_backward)
 """
 
-from mmfuse.mtl import cagrad, dwa, equal, gradnorm, pcgrad, static, uncertainty  # noqa: F401,E402  (registration)
 from mmfuse.mtl.base import WEIGHTINGS, GradientWeighting, Weighting, surrogate_backward, task_gradients
+from mmfuse.registry import import_modules
+
+import_modules(__name__, __path__)
 
 __all__ = ["WEIGHTINGS", "GradientWeighting", "Weighting", "surrogate_backward", "task_gradients"]

@@ -1,11 +1,10 @@
 """Task kinds (one file each) and heads; importing this package imports every module in it, which registers them.
 
-Adding a kind is one file here: a subclass of `Task` registered with `@TASK_KINDS.register("name")`.
+Adding a kind is one file here (or in `$MMFUSE_PLUGINS/tasks/`): a subclass of `Task` registered with
+`@TASK_KINDS.register("name")` that declares `example_labels`; tests/test_tasks.py covers it from then on.
 """
 
-import importlib
-import pkgutil
-
+from mmfuse.registry import import_modules
 from mmfuse.tasks.base import MAX_LABEL_CHARS, TASK_KINDS, LabelError, Task, build_task
 from mmfuse.tasks.binary import BinaryTask
 from mmfuse.tasks.heads import HEADS, MLPHead
@@ -13,8 +12,7 @@ from mmfuse.tasks.multiclass import MulticlassTask
 from mmfuse.tasks.multilabel import MultilabelTask
 from mmfuse.tasks.regression import RegressionTask
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_modules(__name__, __path__)
 
 __all__ = [
     "HEADS",

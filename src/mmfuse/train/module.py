@@ -83,7 +83,7 @@ class MMFuseModule(L.LightningModule):
             {split: nn.ModuleDict({n: t.metrics() for n, t in model.tasks.items()}) for split in ("val", "test")}
         )
         # Per-modality ("unimodal") accuracy of the balancer's scored task, when a balancer is used.
-        self.unimodal_task = getattr(balancer, "task", None) or getattr(balancer, "probe_task", None)
+        self.unimodal_task = (balancer.task or balancer.probe_task) if balancer is not None else None
         if self.unimodal_task is not None and not model.tasks[self.unimodal_task].scores_classes:
             self.unimodal_task = None
         self.unimodal = nn.ModuleDict()
@@ -378,7 +378,7 @@ class MMFuseModule(L.LightningModule):
     @contextlib.contextmanager
     def _balanced_lr(self, optimizer: Any) -> Iterator[None]:
         """For one optimiser step, multiply the lr of each modality's groups by the balancer's `lr_scale[m]`."""
-        scale = getattr(self.balancer, "lr_scale", None) or {}
+        scale = self.balancer.lr_scale if self.balancer is not None else {}
         changed = [(g, g["lr"]) for g in optimizer.param_groups if scale.get(g.get("modality"), 1.0) != 1.0]
         for g, lr in changed:
             g["lr"] = lr * scale[g["modality"]]
