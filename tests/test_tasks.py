@@ -1,24 +1,36 @@
+"""Task kinds: the registry-wide contract (every kind, built from the `example_labels` it declares, so a new kind is
+covered by its one file) and the built-in kinds' own rules."""
+
 import math
 
 import pytest
 import torch
 
-from mmfuse.tasks import TASK_KINDS, LabelError, MLPHead, build_task
+from mmfuse.tasks import TASK_KINDS, LabelError, MLPHead, Task, build_task
 
 
-def make(kind: str):
-    classes = {"binary": None, "multiclass": ["a", "b", "c"], "multilabel": ["x", "y", "z"], "regression": None}[kind]
-    return build_task("t", kind, classes=classes)
+def make(kind: str) -> Task:
+    """A task of `kind` with the options its `fit` learns from the kind's own `example_labels` (as training does)."""
+    cls = TASK_KINDS.get(kind)
+    return cls("t", **cls.fit(list(cls.example_labels), {}))
 
 
-def sample_target(task, n: int) -> torch.Tensor:
-    if task.kind == "multiclass":
-        return torch.randint(0, task.out_dim, (n,))
-    if task.kind == "multilabel":
-        return torch.randint(0, 2, (n, task.out_dim)).float()
-    if task.kind == "binary":
-        return torch.randint(0, 2, (n,)).float()
-    return torch.randn(n)
+def sample_target(task: Task, n: int) -> torch.Tensor:
+    """(n,) or (n, C) collated labels: the kind's example labels, cycled."""
+    examples = type(task).example_labels
+    return task.collate([task.encode(examples[i % len(examples)]) for i in range(n)])[0]
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS.names())
+def test_every_kind_declares_example_labels_that_encode_and_differ(kind: str) -> None:
+    examples = TASK_KINDS.get(kind).example_labels
+    assert len(examples) >= 2, f"task kind {kind!r}: declare `example_labels` (at least two raw labels)"
+    task = make(kind)
+    encoded = [task.encode(raw) for raw in examples]
+    assert len({repr(e) for e in encoded}) >= 2, "the examples must encode to at least two different labels"
+    assert task.kind == kind and task.out_dim >= 1
+    head_out = MLPHead(4, task.out_dim)(torch.randn(len(encoded), 4))
+    assert torch.isfinite(task.loss(head_out, task.collate(encoded)[0])).all()
 
 
 @pytest.mark.parametrize("kind", TASK_KINDS.names())
@@ -134,8 +146,7 @@ def test_fit_learns_classes_from_training_labels_and_keeps_given_ones() -> None:
 @pytest.mark.parametrize("kind", TASK_KINDS.names())
 def test_collate_gives_the_kind_dtype_the_filler_and_the_mask(kind: str) -> None:
     task = make(kind)
-    raws = {"binary": ["1", "0"], "multiclass": ["c", "a"], "multilabel": ["x|z", ["y"]], "regression": ["2.5", -1]}
-    encoded = [task.encode(r) for r in raws[kind]]
+    encoded = [task.encode(r) for r in TASK_KINDS.get(kind).example_labels[:2]]
     labels, mask = task.collate([encoded[0], None, encoded[1]])
     assert labels.dtype == task.label_dtype and mask.tolist() == [True, False, True]
     assert labels.shape[0] == 3 and labels[1].eq(torch.as_tensor(task.filler(), dtype=task.label_dtype)).all()

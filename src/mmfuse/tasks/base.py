@@ -45,12 +45,15 @@ class Task:
         label_dtype: dtype of the collated labels.
         scores_classes: predictions are class probabilities with one true class (binary, multiclass), so
             `true_class_probability` is defined (modality balancers score modalities with it).
+        example_labels: a few raw labels the kind accepts, together naming every class `fit` learns (at least
+            two, distinct); the registry-wide tests (tests/test_tasks.py) build and exercise every kind from them.
     """
 
     kind: str = ""
     default_metric: str = ""
     label_dtype: torch.dtype = torch.float32
     scores_classes: bool = False
+    example_labels: tuple[Any, ...] = ()
 
     def __init__(self, name: str, classes: list[str] | None = None, weight: float = 1.0) -> None:
         self.name = name
@@ -145,7 +148,11 @@ class Task:
         )
 
     def describe(self, pred: dict[str, torch.Tensor], i: int) -> dict[str, Any]:
-        """Sample `i` of `predict`'s output as JSON-ready values, e.g. {"label": ..., "probabilities": {...}}."""
+        """Sample `i` of `predict`'s output as JSON-ready values, e.g. {"label": ..., "probabilities": {...}}.
+
+        Keys the CLI, the server and the tests rely on: "probabilities" ({class: p} over every class, for kinds
+        with classes) and "label", which, when given, is the class of highest probability (ties: the first).
+        """
         raise NotImplementedError
 
     def format(self, described: dict[str, Any], top: int = 3) -> str:

@@ -32,6 +32,7 @@ class BinaryTask(Task):
     kind = "binary"
     default_metric = "auroc"
     scores_classes = True
+    example_labels = ("1", "0", "true", False)
 
     def __init__(self, name: str, classes: list[str] | None = None, weight: float = 1.0) -> None:
         super().__init__(name, classes or ["0", "1"], weight)

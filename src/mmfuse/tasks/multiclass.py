@@ -35,6 +35,7 @@ class MulticlassTask(Task):
     default_metric = "accuracy"
     label_dtype = torch.long
     scores_classes = True
+    example_labels = ("c", "a", "b")
 
     def __init__(self, name: str, classes: list[str] | None = None, weight: float = 1.0) -> None:
         super().__init__(name, classes, weight)

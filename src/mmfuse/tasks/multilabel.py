@@ -48,6 +48,7 @@ class MultilabelTask(Task):
 
     kind = "multilabel"
     default_metric = "macro_f1"
+    example_labels = ("x|z", ["y"], "x")
 
     def __init__(self, name: str, classes: list[str] | None = None, weight: float = 1.0) -> None:
         super().__init__(name, classes, weight)

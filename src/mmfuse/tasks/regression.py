@@ -28,6 +28,7 @@ class RegressionTask(Task):
 
     kind = "regression"
     default_metric = "mae"
+    example_labels = ("2.5", -1, 0.5)
 
     def __init__(self, name: str, classes: list[str] | None = None, weight: float = 1.0, loss: str = "mse") -> None:
         if classes:
