@@ -36,11 +36,21 @@ class Recipe:
 
 
 def load_recipes() -> dict[str, Recipe]:
-    """{encoder name: Recipe} from every module of this package."""
+    """{encoder name: Recipe} from every module of this package, then from each registered encoder's own file:
+    a module-level `TEST_RECIPE = {"options": {...}, "row": row}` (optionally "extra") next to the class, so a
+    new encoder (a plugin included) is one file."""
+    import sys
+
+    from mmfuse.encoders import ENCODERS
+
     out = {}
     for info in pkgutil.iter_modules(__path__):
         module = importlib.import_module(f"{__name__}.{info.name}")
         recipe = getattr(module, "RECIPE", None)
         if recipe is not None:
             out[recipe.encoder] = recipe
+    for name, cls in ENCODERS.items():
+        declared = getattr(sys.modules[cls.__module__], "TEST_RECIPE", None)
+        if name not in out and declared is not None:
+            out[name] = Recipe(name, **declared)
     return out
