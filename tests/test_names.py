@@ -97,3 +97,33 @@ def test_a_bad_plugin_folder_is_one_config_error(
     monkeypatch.setenv(registry.PLUGINS_ENV, str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="nope: not a folder"):
         table()
+
+
+def test_a_plugin_that_fails_to_import_is_one_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmfuse.fusion
+
+    (tmp_path / "fusion").mkdir()
+    (tmp_path / "fusion" / "boom.py").write_text("raise RuntimeError('no luck\\nsecond line')\n")
+    monkeypatch.setattr(mmfuse.fusion, "__path__", list(mmfuse.fusion.__path__))  # restored afterwards
+    monkeypatch.setenv(registry.PLUGINS_ENV, str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        registry.import_components("mmfuse.fusion")
+    assert (
+        str(info.value) == f"MMFUSE_PLUGINS: {tmp_path / 'fusion' / 'boom.py'}: cannot import it: RuntimeError: no luck"
+    )
+    assert "mmfuse.fusion.boom" not in sys.modules
+
+
+def test_mmfuse_list_answers_a_bad_plugin_folder_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from mmfuse.cli import main
+
+    monkeypatch.setenv(registry.PLUGINS_ENV, str(tmp_path / "missing"))
+    assert main(["list"]) == 2
+    out, err = capsys.readouterr()
+    assert (
+        out == ""
+        and err.strip().endswith(f"MMFUSE_PLUGINS: {tmp_path / 'missing'}: not a folder")
+        and "\n" not in err.strip()
+    )

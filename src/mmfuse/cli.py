@@ -546,11 +546,12 @@ LISTED = (
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mmfuse.names import builtin  # the name table: no implementation (and no torch) is imported
+    from mmfuse.names import table  # read from the sources: no implementation (and no torch) is imported
 
+    found = table()  # first: a bad MMFUSE_PLUGINS folder is one error line, not a half-printed list
     for title, kind in LISTED:
         print(f"{title}:")
-        for name, entry in sorted(builtin(kind).items()):
+        for name, entry in sorted(found.get(kind, {}).items()):
             print(f"  {name:<18} {entry.summary}")
     return 0
 
