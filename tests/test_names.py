@@ -127,3 +127,21 @@ def test_mmfuse_list_answers_a_bad_plugin_folder_in_one_line(
         and err.strip().endswith(f"MMFUSE_PLUGINS: {tmp_path / 'missing'}: not a folder")
         and "\n" not in err.strip()
     )
+
+
+def test_a_plugin_file_named_like_a_built_in_module_is_one_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fusion/sum.py` in a plugin folder would be shadowed by mmfuse.fusion.sum and never imported: refused."""
+    import mmfuse.fusion
+
+    (tmp_path / "fusion").mkdir()
+    (tmp_path / "fusion" / "sum.py").write_text("raise RuntimeError('never imported')\n")
+    monkeypatch.setattr(mmfuse.fusion, "__path__", list(mmfuse.fusion.__path__))  # restored afterwards
+    monkeypatch.setenv(registry.PLUGINS_ENV, str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        registry.import_components("mmfuse.fusion")
+    assert str(info.value) == (
+        f"MMFUSE_PLUGINS: {tmp_path / 'fusion' / 'sum'}.py: has the name of the built-in module mmfuse.fusion.sum, "
+        "so it would never be imported; rename the file"
+    )

@@ -101,7 +101,18 @@ def package_dirs(package: str, own: list[str]) -> list[str]:
     """`own` (the package's folders) plus `<plugin folder>/<last part of package>` for each plugin folder."""
     leaf = package.rpartition(".")[2]
     extra = [str(d / leaf) for d in plugin_dirs() if (d / leaf).is_dir()]
-    return [*own, *(d for d in extra if d not in own)]
+    extra = [d for d in extra if d not in own]
+    taken = {info.name: own for info in pkgutil.iter_modules(own)}
+    for folder in extra:  # a module name already taken would be shadowed: never imported, silently
+        for info in pkgutil.iter_modules([folder]):
+            if info.name in taken:
+                first = "the built-in module" if taken[info.name] is own else f"the plugin in {taken[info.name]}"
+                raise plugin_error(
+                    f"{Path(folder, info.name)}.py: has the name of {first} {package}.{info.name}, so it would never "
+                    "be imported; rename the file"
+                )
+            taken[info.name] = [folder]
+    return [*own, *extra]
 
 
 def import_modules(package: str, path: MutableSequence[str]) -> None:
