@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfuse.encoders.base import EncoderOutput
+from mmfuse.fusion.attention import real_tokens
 from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
 from mmfuse.fusion.positional import coord_grid, grid_shape
 
@@ -197,9 +198,4 @@ def spatial_tokens(side: EncoderOutput, modality: str, name: str) -> tuple[torch
             f"{name} needs {modality} tokens (a grid), but the {modality} features have tokens=None: "
             f"use an image encoder that gives tokens (tokens: true, or the conv encoder)"
         )
-    mask = torch.ones(side.tokens.shape[:2], dtype=torch.bool, device=side.tokens.device)
-    if side.mask is not None:
-        mask = mask & side.mask.bool()
-    if side.present is not None:
-        mask = mask & side.present.unsqueeze(1)
-    return side.tokens.masked_fill(~mask.unsqueeze(-1), 0.0), mask
+    return real_tokens(side, modality, name)
