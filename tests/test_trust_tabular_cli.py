@@ -203,3 +203,25 @@ def test_predict_batch_size_below_one_is_a_usage_error(table_run, capsys, value:
         info.value.code == 2
         and err == f"mmfuse predict: error: argument --batch-size: expected an integer >= 1, got {value!r}"
     )
+
+
+def test_serve_answers_binary_tasks_with_the_datas_own_labels(table_run) -> None:
+    """The server (and so its demo page, which shows the server's labels) answers 'yes'/'no', as predict does."""
+    import urllib.request
+
+    from mmfuse.serve import ServeOptions, Server
+
+    server = Server(table_run, ServeOptions(port=0, device="cpu"))
+    server.start()
+    try:
+        body = json.dumps({"weight_kg": 3, "material": "wood", "vec": [0, 0, 0]}).encode()
+        request = urllib.request.Request(
+            server.url + "/predict", data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            reply = json.loads(response.read())
+    finally:
+        server.stop()
+    spam = reply["spam"]  # one record in, one result out: {task: {"label", "probabilities"}}
+    assert spam["label"] in ("no", "yes"), reply
+    assert set(spam["probabilities"]) == {"no", "yes"}, reply
