@@ -128,7 +128,7 @@ def _small(cfg: Any) -> bool:
     """Small enough to build in milliseconds (a transformer of width 2**20 would allocate terabytes)."""
     table = cfg.model.encoders["table"].options  # as written (a YAML "3" is validated as 3)
     sizes = [table.get("dim", 32), cfg.model.fusion.options["output_dim"], *cfg.model.head.hidden_dims]
-    sizes += [table.get("layers", 1) * 128, table.get("ffn_factor", 2.0) * 64]
+    sizes += [float(table.get("layers", 1)) * 128, float(table.get("ffn_factor", 2.0)) * 64]  # "1e-300" * 64: text
     return max(float(v) for v in sizes) <= 512
 
 

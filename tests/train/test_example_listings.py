@@ -173,6 +173,6 @@ def test_a_table_column_without_training_values_is_one_config_error(listings, tm
     assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "mmfuse train: error: model.encoders.table: column 'weight_lbs': no numeric value in the training split, "
-        "so it cannot be standardised"
+        "mmfuse train: error: model.encoders.table: numeric column 'weight_lbs' has no value in any of the 120 "
+        "training records: check its name against the records' fields"
     )
