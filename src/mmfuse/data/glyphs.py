@@ -86,7 +86,7 @@ def write_split(out: Path, split: str, n: int, size: int, seed: int) -> int:
 
 
 def generate(
-    out_dir: str | Path, n_train: int = 1500, n_val: int = 300, n_test: int = 300, size: int = 64, seed: int = 0
+    out_dir: str | Path, n_train: int = 4500, n_val: int = 300, n_test: int = 300, size: int = 64, seed: int = 0
 ) -> dict[str, int]:
     """Write the set (or reuse a folder generated with the same parameters); {split: records}."""
     out = Path(out_dir)
@@ -105,7 +105,7 @@ def generate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/glyphs")
-    parser.add_argument("--train", type=int, default=1500, help="training images (3 records each)")
+    parser.add_argument("--train", type=int, default=4500, help="training images (3 records each)")
     parser.add_argument("--val", type=int, default=300)
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
