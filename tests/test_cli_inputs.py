@@ -260,7 +260,9 @@ def test_predict_refuses_an_empty_input_file(run: Path, tmp_path: Path, capsys, 
 def test_predict_with_skip_bad_where_every_record_is_bad_is_refused(run: Path, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     out = tmp_path / "p.jsonl"
-    assert predict(run, [{"vec": 3}, {"vec": "nope.npy", "text": ""}], tmp_path, "--skip-bad", "--output", str(out)) == 2
+    assert (
+        predict(run, [{"vec": 3}, {"vec": "nope.npy", "text": ""}], tmp_path, "--skip-bad", "--output", str(out)) == 2
+    )
     assert one_error(capsys, "predict") == "no record to predict: all 2 were skipped as bad (listed above)"
     assert not out.exists()
 
