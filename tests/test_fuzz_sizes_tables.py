@@ -23,6 +23,7 @@ from mmfuse.builders import build_encoder, build_fusion, build_tasks
 from mmfuse.cli import main
 from mmfuse.config import ConfigError, apply_overrides, parse_config
 from mmfuse.data import DataError
+from test_trust_tabular_cli import table_config as trust_table_config
 
 SCALE = float(os.environ.get("MMFUSE_FUZZ_SCALE", "1"))
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -31,26 +32,10 @@ BIG = 2**20  # the documented largest size (docs: config sizes); written here, n
 
 
 def table_config(records: str = "records.jsonl") -> dict[str, Any]:
-    return {
-        "name": "fuzz",
-        "seed": 0,
-        "model": {
-            "encoders": {
-                "table": {
-                    "name": "tabular",
-                    "numeric": ["weight_kg"],
-                    "categorical": ["material"],
-                    "dim": 8,
-                    "heads": 2,
-                },
-                "vec": {"name": "embedding", "dim": 3},
-            },
-            "fusion": {"name": "concat", "output_dim": 8},
-        },
-        "tasks": {"spam": {"kind": "binary"}, "kind": {"kind": "multiclass"}},
-        "data": {"source": "records", "path": records, "val_fraction": 0.25, "batch_size": 8, "num_workers": 0},
-        "train": {"max_epochs": 1, "accelerator": "cpu", "progress_bar": False},
-    }
+    """The tabular + embedding run of the trust tests, named `fuzz`, reading `records` (relative to its folder)."""
+    cfg = trust_table_config(records)  # type: ignore[arg-type]
+    cfg["name"] = "fuzz"
+    return cfg
 
 
 # ---------------------------------------------------------------------- the size / range keys of a config
