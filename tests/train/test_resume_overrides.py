@@ -10,24 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mmfuse.cli import main
 from mmfuse.config import ConfigError, load_config
 from mmfuse.runs import RESUME_MAY_CHANGE, check_resume_changes
 from mmfuse.train.run import load_checkpoint
-from tiny import run_config, write_dataset
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMFUSE_CACHE_DIR", str(tmp_path_factory.mktemp("feature-cache")))
-        records = write_dataset(root / "data", n=24)
-        (root / "cfg.yaml").write_text(yaml.safe_dump(run_config(records, max_epochs=2)))
-        assert main(["train", str(root / "cfg.yaml"), "--out", str(root / "run")]) == 0
-    return root / "run"
 
 
 @pytest.fixture

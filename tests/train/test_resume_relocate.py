@@ -9,25 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from mmfuse.cli import main
 from mmfuse.runs import open_run
 from mmfuse.train.run import load_checkpoint
-from tiny import run_config, write_dataset
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished two-epoch run in <root>/run, its data in <root>/data and its config in <root>/cfg.yaml."""
-    root = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMFUSE_CACHE_DIR", str(tmp_path_factory.mktemp("feature-cache")))
-        records = write_dataset(root / "data", n=24)
-        (root / "cfg.yaml").write_text(yaml.safe_dump(run_config(records, max_epochs=2)))
-        assert main(["train", str(root / "cfg.yaml"), "--out", str(root / "run")]) == 0
-    return root / "run"
 
 
 def _evaluate(run_dir: Path, capsys: pytest.CaptureFixture) -> dict:
