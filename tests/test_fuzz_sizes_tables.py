@@ -24,6 +24,7 @@ from mmfuse.cli import main
 from mmfuse.config import ConfigError, apply_overrides, parse_config
 from mmfuse.data import DataError
 from test_trust_tabular_cli import table_config as trust_table_config
+from test_trust_tabular_cli import write_table
 
 SCALE = float(os.environ.get("MMFUSE_FUZZ_SCALE", "1"))
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -162,18 +163,8 @@ def _leaves(data: Any, like: Any, prefix: str = "") -> list[tuple[str, Any]]:
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fuzz-table")
-    rows = [
-        {
-            "weight_kg": 1 + (i % 4) * 2.5,
-            "material": ["wood", "steel"][i % 2],
-            "vec": [i % 3 * 0.1, 0.2, 0.3],
-            "spam": "yes" if i % 2 else "no",
-            "kind": ["a", "b", "c"][i % 3],
-        }
-        for i in range(32)
-    ]
-    (root / "records.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
-    (root / "cfg.yaml").write_text(yaml.safe_dump(table_config(str(root / "records.jsonl"))))
+    records = write_table(root)  # the trust tests' 32 rows
+    (root / "cfg.yaml").write_text(yaml.safe_dump(table_config(str(records))))
     assert main(["train", str(root / "cfg.yaml"), "--out", str(root / "run")]) == 0
     return root / "run"
 
