@@ -69,6 +69,20 @@ def with_new_padding(features: dict[str, EncoderOutput]) -> dict[str, EncoderOut
     return out
 
 
+def assert_every_gradient_and_determinism(fusion: nn.Module, features: dict[str, EncoderOutput]) -> None:
+    """(B, out) output whose gradient reaches every parameter and every modality's tokens (their `requires_grad` set
+    by the caller), and, in eval mode, twice the same output."""
+    out = fusion(features)
+    (out.fused * torch.randn_like(out.fused)).sum().backward()
+    for name, p in fusion.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    for m, f in features.items():
+        assert f.tokens.grad.abs().sum() > 0, f"no gradient reaches {m}"
+    fusion.eval()
+    with torch.no_grad():
+        assert torch.equal(fusion(features).fused, fusion(features).fused)
+
+
 def fit_interaction(fusion: nn.Module, steps: int = 300, n: int = 1024) -> float:
     """Train `fusion` (output_dim 2, on pooled `DIMS` features) to tell whether `image[0] * text[0] > 0`, and
     return its accuracy on fresh samples. No weighted sum of the two modalities can do better than chance."""
@@ -116,6 +130,11 @@ def fixed_init() -> Callable[[nn.Module], dict[str, torch.Tensor]]:
 @pytest.fixture
 def new_padding() -> Callable[[dict[str, EncoderOutput]], dict[str, EncoderOutput]]:
     return with_new_padding
+
+
+@pytest.fixture
+def gradients_and_determinism() -> Callable[[nn.Module, dict[str, EncoderOutput]], None]:
+    return assert_every_gradient_and_determinism
 
 
 @pytest.fixture
