@@ -15,10 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def _spread(stat: dict[str, Any]) -> float | None:
-    return stat["std"]
-
-
 def _has(group: dict[str, Any], task: str, metric: str) -> bool:
     """The group has a finite mean of the metric (NaN and absent ones are left out)."""
     value = group["metrics"].get(task, {}).get(metric, {}).get("mean")
@@ -36,12 +32,12 @@ def pick_for_task(groups: list[dict[str, Any]], task: str, metric: str, higher_i
         return float(g["metrics"][task][metric]["mean"])
 
     leader = max(scored, key=lambda g: sign * mean(g))
-    lead_std = _spread(leader["metrics"][task][metric])
+    lead_std = leader["metrics"][task][metric]["std"]
     tied = []
     for g in scored:
         if g is leader:
             continue
-        std = _spread(g["metrics"][task][metric])
+        std = g["metrics"][task][metric]["std"]
         noise = None if lead_std is None or std is None else max(lead_std, std)
         if noise is not None and abs(mean(leader) - mean(g)) <= noise:
             tied.append(g)
