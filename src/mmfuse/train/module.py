@@ -33,6 +33,7 @@ from mmfuse.config import ConfigError
 from mmfuse.encoders.base import Encoder
 from mmfuse.model import ModelOutput, MultiTaskModel
 from mmfuse.train.errors import NonFiniteError
+from mmfuse.train.schedule import lr_scheduler, upgrade_state
 
 log = logging.getLogger(__name__)
 
@@ -328,17 +329,7 @@ class MMFuseModule(L.LightningModule):
         hp = self.hp
         opt = self._optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = hp["warmup_steps"]
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            if hp["scheduler"] == "constant":
-                return 1.0
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = lr_scheduler(opt, hp["scheduler"], hp["warmup_steps"], total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -405,6 +396,9 @@ class MMFuseModule(L.LightningModule):
         checkpoint["mmfuse_frozen"] = prefixes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("lr_schedulers"):  # a run written when the schedule was one LambdaLR
+            kind, warm = self.hp["scheduler"], self.hp["warmup_steps"]
+            checkpoint["lr_schedulers"] = [upgrade_state(s, kind, warm) for s in checkpoint["lr_schedulers"]]
         saved = checkpoint.get("mmfuse_frozen", {})
         current = self._frozen_prefixes()
         for prefix, key in saved.items():
