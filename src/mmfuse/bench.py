@@ -12,22 +12,23 @@ on the test split (the val split when the data has no test split), and each weig
 single-task models on average. Metrics are averaged over the seeds before Δm is taken.
 
 Runs land in `out_dir/<model>/seed<k>`; a finished run with the same config is reused, an interrupted
-one resumed, so a bench that stopped halfway can be started again with the same arguments.
+one resumed, so a bench that stopped halfway can be started again with the same arguments. That step, the
+scoring split, the primary metrics and the mean and std over seeds are `mmfuse.multirun`'s, shared with
+`mmfuse compare`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from mmfuse.builders import build_tasks
 from mmfuse.config import ConfigError, RunConfig, load_config, parse_config
+from mmfuse.io import atomic_write_text
+from mmfuse.multirun import fmt_stats, primary_metrics, scoring_split, seed_stats, train_or_reuse
 from mmfuse.tasks import TASK_KINDS
-from mmfuse.train.run import train, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,51 +102,17 @@ def multi_task_config(base: RunConfig, weighting: str, seed: int) -> RunConfig:
     return parse_config(data)
 
 
-def _same_config(saved: RunConfig, cfg: RunConfig) -> bool:
-    """Whether a run directory's resolved config is `cfg` (whose classes may still be unresolved)."""
-    a, b = saved.model_dump(mode="json"), cfg.model_dump(mode="json")
-    for name, task in b["tasks"].items():
-        if task["classes"] is None and name in a["tasks"]:
-            task["classes"] = a["tasks"][name]["classes"]
-    return a == b
-
-
-def train_or_reuse(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """`train(cfg, run_dir)`'s summary; a finished run of the same config is read back, an interrupted one resumed."""
-    resume = False
-    if (run_dir / "config.yaml").exists():
-        if not _same_config(load_config(run_dir / "config.yaml"), cfg):
-            raise ConfigError(f"{run_dir}: holds a run of another config; choose another output directory")
-        if (run_dir / "metrics.json").exists():
-            log.info("bench: reusing the finished run in %s", run_dir)
-            return json.loads((run_dir / "metrics.json").read_text())
-        resume = (run_dir / "checkpoints" / "last.ckpt").exists()
-    return train(cfg, run_dir, resume=resume)
-
-
-def _scores(summary: dict[str, Any]) -> tuple[str, dict[str, dict[str, float]]]:
-    split = "test" if "test" in summary["metrics"] else "val"
-    return split, summary["metrics"][split]
-
-
-def _directions(run_dir: Path) -> dict[str, tuple[str, bool]]:
-    """{task: (primary metric, higher is better)} from a run directory's resolved config."""
-    tasks = build_tasks(load_config(run_dir / "config.yaml").tasks)
-    return {n: (t.default_metric, bool(t.metrics()[t.default_metric].higher_is_better)) for n, t in tasks.items()}
-
-
-def _stats(values: list[float]) -> dict[str, Any]:
-    """Mean, sample std (None for one value) and the values themselves."""
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "std": std, "per_seed": values}
-
-
 def _delta(mt: dict[str, float], st: dict[str, float], hib: dict[str, bool]) -> float:
     try:
         return delta_m(mt, st, hib)
     except ValueError as err:
         log.warning("bench: %s", err)
         return float("nan")
+
+
+def _resolved(run_dir: str) -> RunConfig:
+    """A finished run's resolved config (its `config.yaml`)."""
+    return load_config(Path(run_dir) / "config.yaml")
 
 
 class Job(NamedTuple):
@@ -199,12 +166,12 @@ def run_mtl_bench(
     for i, job in enumerate(jobs, 1):
         label = f"single-task model of {job.task}" if job.task else f"multi-task model, {job.model} weighting"
         log.info("bench [%d/%d] seed %d: %s -> %s", i, len(jobs), job.seed, label, job.run_dir)
-        summary = train_or_reuse(job.cfg, job.run_dir)
-        split, table = _scores(summary)
+        summary, _ = train_or_reuse(job.cfg, job.run_dir)
+        split = scoring_split(summary, job.run_dir)
         runs[(job.model, job.task, job.seed)] = {
             "run_dir": str(job.run_dir),
             "split": split,
-            "metrics": table,
+            "metrics": summary["metrics"][split],
             "wall_s": summary["timings_s"]["total"],
         }
         log.info("bench [%d/%d] done in %.0f s", i, len(jobs), summary["timings_s"]["total"])
@@ -220,8 +187,8 @@ def run_mtl_bench(
         "bench_wall_s": round(time.perf_counter() - start, 1),
     }
     text = render_markdown(result)
-    write_atomic(out_dir / "delta_m.json", json.dumps(result, indent=2))
-    write_atomic(out_dir / "delta_m.md", text)
+    atomic_write_text(out_dir / "delta_m.json", json.dumps(result, indent=2))
+    atomic_write_text(out_dir / "delta_m.md", text)
     return text
 
 
@@ -232,48 +199,41 @@ def summarise(
 
     Δm's `mean` is Δm of the seed-mean metrics; its `std` is the std of the per-seed Δm.
     """
-    primary = {t: _directions(Path(runs[(SINGLE, t, seeds[0])]["run_dir"]))[t] for t in tasks}
-    hib = {t: h for t, (_, h) in primary.items()}
+    primary = {t: primary_metrics(_resolved(runs[(SINGLE, t, seeds[0])]["run_dir"]))[t] for t in tasks}
+    metric = {t: p["metric"] for t, p in primary.items()}
+    hib = {t: p["higher_is_better"] for t, p in primary.items()}
     splits = sorted({r["split"] for r in runs.values()})
     if len(splits) > 1:
         log.warning("bench: runs were scored on different splits: %s", ", ".join(splits))
 
     def scores(model: str, seed: int) -> dict[str, float]:
-        return {t: runs[(model, t if model == SINGLE else None, seed)]["metrics"][t][primary[t][0]] for t in tasks}
+        return {t: runs[(model, t if model == SINGLE else None, seed)]["metrics"][t][metric[t]] for t in tasks}
 
     st = {s: scores(SINGLE, s) for s in seeds}
     models: dict[str, Any] = {
         SINGLE: {
-            "metrics": {t: _stats([st[s][t] for s in seeds]) for t in tasks},
-            "wall_s": {t: _stats([runs[(SINGLE, t, s)]["wall_s"] for s in seeds]) for t in tasks},
+            "metrics": {t: seed_stats([st[s][t] for s in seeds]) for t in tasks},
+            "wall_s": {t: seed_stats([runs[(SINGLE, t, s)]["wall_s"] for s in seeds]) for t in tasks},
             "runs": {t: [runs[(SINGLE, t, s)]["run_dir"] for s in seeds] for t in tasks},
         }
     }
     st_mean = {t: models[SINGLE]["metrics"][t]["mean"] for t in tasks}
     for w in weightings:
         mt = {s: scores(w, s) for s in seeds}
-        metrics = {t: _stats([mt[s][t] for s in seeds]) for t in tasks}
-        dm = _stats([_delta(mt[s], st[s], hib) for s in seeds])
+        metrics = {t: seed_stats([mt[s][t] for s in seeds]) for t in tasks}
+        dm = seed_stats([_delta(mt[s], st[s], hib) for s in seeds])
         dm["mean"] = _delta({t: m["mean"] for t, m in metrics.items()}, st_mean, hib)
         models[w] = {
             "metrics": metrics,
             "delta_m": dm,
-            "wall_s": _stats([runs[(w, None, s)]["wall_s"] for s in seeds]),
+            "wall_s": seed_stats([runs[(w, None, s)]["wall_s"] for s in seeds]),
             "runs": [runs[(w, None, s)]["run_dir"] for s in seeds],
         }
     return {
         "split": splits[0],
-        "tasks": {t: {"metric": m, "higher_is_better": h} for t, (m, h) in primary.items()},
+        "tasks": primary,
         "models": models,
     }
-
-
-def _fmt(stats: dict[str, Any], digits: int, signed: bool = False) -> str:
-    mean, std = stats["mean"], stats["std"]
-    if mean != mean:  # NaN
-        return "n/a"
-    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
-    return text if std is None else f"{text} ± {std:.{digits}f}"
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -297,11 +257,11 @@ def render_markdown(result: dict[str, Any]) -> str:
     ]
     for name, m in result["models"].items():
         cells = [f"{name} (one model per task)" if name == SINGLE else name]
-        cells += [_fmt(m["metrics"][t], 4) for t in tasks]
+        cells += [fmt_stats(m["metrics"][t], 4) for t in tasks]
         if name == SINGLE:
             cells += ["0 (reference)", " / ".join(f"{m['wall_s'][t]['mean']:.0f}" for t in tasks)]
         else:
-            cells += [_fmt(m["delta_m"], 2, signed=True), f"{m['wall_s']['mean']:.0f}"]
+            cells += [fmt_stats(m["delta_m"], 2, signed=True), f"{m['wall_s']['mean']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",

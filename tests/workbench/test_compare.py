@@ -18,7 +18,7 @@ import yaml
 
 from mmfuse.cli import main
 from mmfuse.data.cache import FeatureCache
-from mmfuse.workbench import compare as compare_mod
+from mmfuse.train import run as train_run
 from mmfuse.workbench.compare import Progress, plan_compare, run_compare
 from tiny import run_config, write_dataset
 
@@ -158,13 +158,13 @@ def test_a_rerun_reuses_finished_members_and_resumes_an_interrupted_one(
     names = [m.name for m in compared["plan"].members]
     before = {n: (out / "members" / n / "metrics.json").stat().st_mtime_ns for n in names}
     trained: list[tuple[str, bool]] = []
-    real_train = compare_mod.train
+    real_train = train_run.train
 
     def spy(cfg: Any, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         trained.append((Path(run_dir).name, resume))
         return real_train(cfg, run_dir, resume=resume)
 
-    monkeypatch.setattr(compare_mod, "train", spy)
+    monkeypatch.setattr(train_run, "train", spy)
     (out / "members" / names[3] / "metrics.json").unlink()  # interrupted after its last checkpoint
     seen: list[Progress] = []
     run_compare(plan_compare(config, [], FUSIONS, 2, [], out), progress=seen.append)

@@ -9,7 +9,8 @@ import yaml
 
 from mmfuse.cli import main
 from mmfuse.fusion import FUSIONS
-from mmfuse.workbench.compare import _agrees, parse_vary, plan_compare, split_values
+from mmfuse.multirun import config_agrees as _agrees
+from mmfuse.workbench.compare import parse_vary, plan_compare, split_values
 from tiny import run_config, write_dataset
 
 
