@@ -1,4 +1,5 @@
-"""`mmfuse` command line: train, evaluate, predict, serve, list, cache, bench. The only module that prints.
+"""`mmfuse` command line: train, evaluate, predict, explain, serve, list, cache, bench, compare, data. The only
+module that prints.
 
 Startup is kept fast: this module imports only the standard library. Each `cmd_*` function checks its
 arguments and config first and imports torch, Lightning or transformers (through mmfuse's modules) only
@@ -38,20 +39,39 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
 def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
+    """The `mmfuse` parser: one sub-parser per command, each added by its `_add_<command>` (in `--help` order)."""
     p = argparse.ArgumentParser(
         prog="mmfuse",
         description="Multi-task, multi-modal learning (images, texts and any other modality with an encoder).",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_train,
+        _add_evaluate,
+        _add_predict,
+        _add_explain,
+        _add_serve,
+        _add_list,
+        _add_cache,
+        _add_bench,
+        _add_compare,
+        _add_data,
+    ):
+        add(sub)
+    return p
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train",
         help="train from a YAML config",
         epilog=EPILOG_TRAIN,
-        formatter_class=fmt,
+        formatter_class=_FMT,
         description="Train a model; writes checkpoints, metrics.json and report.md to the run directory.",
     )
     t.add_argument("config", nargs="?", help="YAML run config (default: the built-in easy-VQA config)")
@@ -70,10 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         help="skip bad records (missing/unreadable image, empty text, unknown label), list them in the report",
     )
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "evaluate",
         help="per-task metrics of a finished run",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         epilog="examples:\n  mmfuse evaluate runs/easy_vqa\n  mmfuse evaluate runs/easy_vqa --split val --json\n"
         "  mmfuse evaluate runs/easy_vqa --drop image                      # the image absent from every record\n"
         "  mmfuse evaluate runs/easy_vqa --corrupt image=noise:0.1 --corrupt text=word_dropout:0.5 --seed 1\n"
@@ -106,10 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--seed", type=int, help="seed of the corruption draws (default 0)")
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser(
         "predict",
         help="predict with a finished run",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         description="Predict every task of a run from its inputs: a records file, or field values given here.",
         epilog="examples:\n  mmfuse predict runs/easy_vqa --image shape.png --text 'what color is the shape?'\n"
         "  mmfuse predict runs/easy_vqa --input records.jsonl --output preds.jsonl\n"
@@ -136,10 +160,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=_positive_int, default=64, help="records per forward pass (default 64)")
     pr.add_argument("--top", type=int, default=3, help="classes shown per task in the terminal (default 3)")
 
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser(
         "explain",
         help="explain one prediction: a picture and JSON (contributions, attention, gates, FiLM)",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         description="Explain one prediction of a run: each task's answer, each modality's contribution to it, "
         "and the fusion's attention weights, gates or FiLM statistics. Writes a PNG and a JSON beside it.",
         epilog="examples:\n  mmfuse explain runs/easy_vqa --image shape.png --text 'what color is the shape?'\n"
@@ -161,10 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (default 32)")
     ex.add_argument("--allow-missing", action="store_true", help="explain a record that lacks some of the run's inputs")
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser(
         "serve",
         help="serve a finished run over HTTP (dynamic batching, demo page at /)",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         description="Answer POST /predict (JSON or multipart: the run's input fields; files as uploads), GET /info, "
         "GET /health and a demo page at /. Needs the serve extra: pip install 'mmfuse[serve]'.",
         epilog="examples:\n  mmfuse serve runs/easy_vqa                        # http://127.0.0.1:8000/\n"
@@ -190,17 +218,21 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-missing", action="store_true", help="accept records that lack an input the model was trained with"
     )
 
+
+def _add_list(sub: argparse._SubParsersAction) -> None:
     sub.add_parser(
         "list",
         help="registered encoders, fusions, task kinds, weightings and balancers",
         epilog="example:\n  mmfuse list",
-        formatter_class=fmt,
+        formatter_class=_FMT,
     )
 
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "cache",
         help="the frozen-encoder feature cache",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         epilog="examples:\n  mmfuse cache info\n  mmfuse cache clear\n  MMFUSE_CACHE_DIR=/scratch/c mmfuse cache info",
     )
     c.add_argument(
@@ -209,10 +241,13 @@ def _parser() -> argparse.ArgumentParser:
         help="info: where it is and its size; clear: delete the files the cache wrote (nothing else)",
     )
     c.add_argument("--dir", help="cache directory (default: $MMFUSE_CACHE_DIR or ~/.cache/mmfuse/features)")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
         "bench",
         help="multi-task vs single-task comparison (Δm)",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         epilog="examples:\n  mmfuse bench mtl                       # built-in easy-VQA config\n"
         "  mmfuse bench mtl my.yaml --weightings equal,uncertainty,pcgrad --out runs/bench\n"
         "  mmfuse bench mtl --set train.max_epochs=3 --seeds 0,1",
@@ -228,10 +263,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", default="0", help="comma-separated seeds; metrics are averaged over them (default: 0)")
     b.add_argument("--out", help="directory for the runs and the report (default: runs/bench-mtl-<date>-<time>)")
 
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
     cp = sub.add_parser(
         "compare",
         help="train several fusions (x seeds, x varied keys) on the same data; tables and plots",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         description="Train every fusion (and every combination of --vary values) for each seed on the same data "
         "and budget; write compare.md, compare.json and PNG plots. Rerun the same command to continue.",
         epilog="examples:\n  mmfuse compare my.yaml --fusions all --seeds 3 --out runs/cmp\n"
@@ -260,7 +297,69 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--stress", action="store_true", help="also sweep each member over corrupted and missing inputs")
     cp.add_argument("--stress-limit", type=int, help="records per stress condition (default: the whole split)")
     cp.add_argument("--out", help="folder of the comparison (default: runs/compare-<name>-<date>-<time>)")
-    return p
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser(
+        "data",
+        help="generate a built-in data set (relations, glyphs)",
+        formatter_class=_FMT,
+        description="Generate a built-in data set into a folder: images and JSONL records that `mmfuse train` "
+        "reads.\nA folder holding the same generation is reused; one holding other files is refused.",
+        epilog="examples:\n  mmfuse data relations --out data/relations          # prints counts, baselines, ceiling\n"
+        "  mmfuse data relations --out data/relations --score preds.jsonl --split test_combo\n"
+        "  mmfuse data glyphs --out data/glyphs",
+    )
+    sets = d.add_subparsers(dest="dataset", required=True)
+    _add_data_relations(sets)
+    _add_data_glyphs(sets)
+
+
+def _add_data_relations(sets: argparse._SubParsersAction) -> None:
+    r = sets.add_parser(
+        "relations",
+        help="VQA about several objects: spatial relations, counting, attribute binding (docs/relations.md)",
+        formatter_class=_FMT,
+        description="Relations: a built-in VQA set about several objects: spatial relations, counting and "
+        "attribute binding.\nGenerates (or reuses) the set and prints its counts, majority baseline and text-only "
+        "ceiling;\nwith --score, the answer accuracy per question type of `mmfuse predict` output instead.",
+        epilog="examples:\n  mmfuse data relations --out data/relations\n"
+        "  mmfuse predict runs/relations --input data/relations/test.jsonl --output preds.jsonl\n"
+        "  mmfuse data relations --out data/relations --score preds.jsonl",
+    )
+    r.add_argument(
+        "--out", required=True, metavar="DIR", help="folder to generate into (reused when it holds the same generation)"
+    )
+    r.add_argument("--seed", type=int, help="generation seed (default 0)")
+    r.add_argument("--train-images", type=int, metavar="N", help="train scenes (default 4000)")
+    r.add_argument("--val-images", type=int, metavar="N", help="val scenes (default 500)")
+    r.add_argument("--test-images", type=int, metavar="N", help="test scenes (default 1000)")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.add_argument("--score", metavar="PREDICTIONS", help="score `mmfuse predict` output for --split of --out instead")
+    r.add_argument(
+        "--split",
+        choices=["train", "val", "test", "test_combo"],
+        help="the split that --score scores (default test)",
+    )
+
+
+def _add_data_glyphs(sets: argparse._SubParsersAction) -> None:
+    g = sets.add_parser(
+        "glyphs",
+        help="VQA about one rotated, cluttered digit, for fine-tuning recipes (docs/finetune.md)",
+        formatter_class=_FMT,
+        description="Glyphs: a generated VQA set of digits where frozen ImageNet features are weak, for fine-tuning "
+        "recipes.\nThree questions per image (the digit, even, greater than four).",
+        epilog="example:\n  mmfuse data glyphs --out data/glyphs --train 1000",
+    )
+    g.add_argument("--out", default="data/glyphs", metavar="DIR", help="folder to generate into (default data/glyphs)")
+    g.add_argument(
+        "--train", type=int, default=4500, metavar="N", help="training images, 3 records each (default 4500)"
+    )
+    g.add_argument("--val", type=int, default=300, metavar="N", help="val images (default 300)")
+    g.add_argument("--test", type=int, default=300, metavar="N", help="test images (default 300)")
+    g.add_argument("--size", type=int, default=64, metavar="PX", help="image side in pixels (default 64)")
+    g.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -577,6 +676,49 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """`mmfuse data relations|glyphs`: generate a built-in data set into --out and print what it holds."""
+    return {"relations": _data_relations, "glyphs": _data_glyphs}[args.dataset](args)
+
+
+# the generation options of `mmfuse data relations`: flag -> keyword of generate_relations (its defaults apply)
+RELATIONS_OPTIONS = {
+    "--seed": "seed",
+    "--train-images": "n_train_images",
+    "--val-images": "n_val_images",
+    "--test-images": "n_test_images",
+}
+
+
+def _data_relations(args: argparse.Namespace) -> int:
+    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in RELATIONS_OPTIONS}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    if args.score and given:
+        raise _usage(f"--score reads the set in --out as it is; {', '.join(given)}: for generating only")
+    if args.split and not args.score:
+        raise _usage("--split only acts with --score")
+    from mmfuse.datasets.relations import format_score, format_summary, generate_relations, score_predictions, summarize
+
+    if args.score:
+        score = score_predictions(args.out, args.split or "test", args.score)
+        print(json.dumps(score, indent=1) if args.json else format_score(score))
+        return 0
+    out = generate_relations(args.out, **{RELATIONS_OPTIONS[flag]: v for flag, v in given.items()})
+    summary = summarize(out)
+    print(json.dumps(summary, indent=1) if args.json else f"relations data set in {out}\n\n{format_summary(summary)}")
+    return 0
+
+
+def _data_glyphs(args: argparse.Namespace) -> int:
+    if min(args.train, args.val, args.test) < 1 or not 16 <= args.size <= 512 or args.seed < 0:
+        raise _usage("--train/--val/--test must be >= 1, --size in 16..512, --seed >= 0")
+    from mmfuse.datasets.glyphs import generate
+
+    counts = generate(args.out, args.train, args.val, args.test, args.size, args.seed)
+    print(", ".join(f"{s}: {n} records" for s, n in counts.items()), f"-> {args.out}")
+    return 0
+
+
 def _table(per_task: dict[str, dict[str, float]]) -> str:
     metrics = sorted({m for v in per_task.values() for m in v})
     width = max([len(t) for t in per_task] + [4])
@@ -635,30 +777,30 @@ def main(argv: list[str] | None = None) -> int:
         "serve": cmd_serve,
         "explain": cmd_explain,
         "compare": cmd_compare,
+        "data": cmd_data,
     }
+    command = " ".join(name for name in (args.command, getattr(args, "dataset", None)) if name)  # "data relations"
     try:
         return handlers[args.command](args)
     except _UsageError as err:
-        _error(args.command, err)
+        _error(command, err)
         return 2
     except BrokenPipeError:  # the reader of stdout went away (`mmfuse list | head`): stop without a message
         _drop_stdout()
         return 1
     except Exception as err:
         if _is(err, "mmfuse.config", "ConfigError") or _is(err, "mmfuse.data.records", "DataError"):
-            _error(args.command, err)
+            _error(command, err)
             return 2
         if isinstance(err, FileNotFoundError):
-            _error(args.command, err)
+            _error(command, err)
             return 2
         if _is(err, "mmfuse.train.errors", "NonFiniteError"):  # training diverged: the last good checkpoint is kept
-            _error(args.command, err)
+            _error(command, err)
             return 1
         if args.verbose:
             raise
-        print(
-            f"mmfuse {args.command}: internal error: {_one_line(err)} (run with -v for the traceback)", file=sys.stderr
-        )
+        print(f"mmfuse {command}: internal error: {_one_line(err)} (run with -v for the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)

@@ -6,9 +6,11 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from mmfuse.data.glyphs import generate, main
+from mmfuse.cli import main
+from mmfuse.datasets.glyphs import generate
 
 
 def test_every_image_has_three_answers_that_agree(tmp_path: Path) -> None:
@@ -36,9 +38,8 @@ def test_same_manifest_is_reused_and_splits_differ(tmp_path: Path) -> None:
     assert train != (tmp_path / "images/val/000000.png").read_bytes()
 
 
-def test_bad_arguments_are_a_usage_error(tmp_path: Path, capsys) -> None:
-    import pytest
-
-    with pytest.raises(SystemExit) as err:
-        main(["--out", str(tmp_path), "--size", "4"])
-    assert err.value.code == 2 and "--size in 16..512" in capsys.readouterr().err
+def test_bad_arguments_are_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "glyphs", "--out", str(tmp_path), "--size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mmfuse data glyphs: error: " in err and "--size in 16..512" in err
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -12,20 +12,25 @@ de-duplicated encoder path, with `data.group_batches: true`). Answers follow fro
 Splits come from separate seeded streams (no image is in two splits).
 
 Files under `out_dir`: `images/{train,val,test}/NNNNNN.png`, `train.jsonl`, `val.jsonl`, `test.jsonl` (records:
-image, text, answer, question), `manifest.json` (seed and sizes: a folder with the same manifest is reused as is).
+image, text, answer, question), `manifest.json` (seed and sizes: a folder with the same manifest is reused as is;
+one with another manifest is replaced; one holding anything else is refused) and a `.gitignore`.
 
-    python -m mmfuse.data.glyphs --out data/glyphs
+    mmfuse data glyphs --out data/glyphs
     mmfuse train configs/glyphs.yaml --out runs/glyphs-frozen       # see docs/finetune.md
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from mmfuse.data.records import DataError
+from mmfuse.datasets.folders import build_into
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 QUESTIONS = {
@@ -34,13 +39,14 @@ QUESTIONS = {
     "large": ("is the digit greater than four?", lambda d: "yes" if d > 4 else "no"),
 }
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+_OWN_NAMES = {"images", "manifest.json", ".gitignore", *(f"{s}.jsonl" for s in SPLIT_SEEDS)}
 
 
 def fonts() -> list[Path]:
-    """The DejaVu font files (sorted); ValueError when there are none."""
+    """The DejaVu font files (sorted); DataError when there are none."""
     found = sorted(FONT_DIR.glob("DejaVu*.ttf"))
     if not found:
-        raise ValueError(f"no DejaVu fonts in {FONT_DIR}; install fonts-dejavu-core")
+        raise DataError(f"no DejaVu fonts in {FONT_DIR}; install fonts-dejavu-core")
     return found
 
 
@@ -85,37 +91,57 @@ def write_split(out: Path, split: str, n: int, size: int, seed: int) -> int:
     return len(lines)
 
 
+def previous_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of the glyphs set in `out`; None when `out` is absent or empty.
+
+    Raises:
+        DataError: when `out` is not a folder, or holds anything that this generator did not write.
+    """
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another --out")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return None
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        ours = isinstance(manifest, dict) and set(manifest) == {"seed", "size", "images", "version"}
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours or names - _OWN_NAMES:
+        raise DataError(f"{out}: not empty and not a glyphs data set; choose an empty or new folder")
+    return manifest
+
+
 def generate(
     out_dir: str | Path, n_train: int = 4500, n_val: int = 300, n_test: int = 300, size: int = 64, seed: int = 0
 ) -> dict[str, int]:
-    """Write the set (or reuse a folder generated with the same parameters); {split: records}."""
+    """Write the set (or reuse a folder generated with the same parameters); {split: records}.
+
+    The set is built next to `out_dir` and moved into place when complete (`build_into`), so an interrupted run
+    leaves no half-written set. A previous glyphs generation with other parameters is replaced.
+
+    Raises:
+        DataError: an `out_dir` that holds other files, or no fonts.
+    """
     out = Path(out_dir)
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     manifest = {"seed": seed, "size": size, "images": sizes, "version": 1}
-    done = out / "manifest.json"
-    if done.exists() and json.loads(done.read_text()) == manifest:
+    if previous_manifest(out) == manifest:
         return {s: 3 * n for s, n in sizes.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ".gitignore").write_text("*\n")
-    counts = {s: write_split(out, s, n, size, seed) for s, n in sizes.items()}
-    done.write_text(json.dumps(manifest, indent=1) + "\n")
-    return counts
+    fonts()  # no fonts: an error before anything is written
+
+    def build(folder: Path) -> dict[str, int]:
+        (folder / ".gitignore").write_text("*\n")
+        counts = {s: write_split(folder, s, n, size, seed) for s, n in sizes.items()}
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        return counts
+
+    return build_into(out, build)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="data/glyphs")
-    parser.add_argument("--train", type=int, default=4500, help="training images (3 records each)")
-    parser.add_argument("--val", type=int, default=300)
-    parser.add_argument("--test", type=int, default=300)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if min(args.train, args.val, args.test) < 1 or not 16 <= args.size <= 512 or args.seed < 0:
-        parser.error("--train/--val/--test must be >= 1, --size in 16..512, --seed >= 0")
-    counts = generate(args.out, args.train, args.val, args.test, args.size, args.seed)
-    print(", ".join(f"{s}: {n} records" for s, n in counts.items()), f"-> {args.out}")
+if __name__ == "__main__":  # `python -m mmfuse.datasets.glyphs ARGS` is `mmfuse data glyphs ARGS`
+    from mmfuse.cli import main
 
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["data", "glyphs", *sys.argv[1:]]))

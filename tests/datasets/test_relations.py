@@ -1,5 +1,5 @@
-"""Tests of mmfuse.data.relations: determinism, answers re-derived from the scenes, split hygiene, balance,
-the baselines on hand-made cases, idempotent generation and the summary command.
+"""Tests of mmfuse.datasets.relations: determinism, answers re-derived from the scenes, split hygiene, balance,
+the baselines on hand-made cases, idempotent generation and the summary command (`mmfuse data relations`).
 
 The answers are re-derived here by a separate parser of the question texts and a separate geometry over the
 scene descriptions (`scenes.jsonl`), never by calling the generator's own question code.
@@ -18,15 +18,15 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from mmfuse.cli import main
 from mmfuse.data.records import DataError
-from mmfuse.data.relations import (
+from mmfuse.datasets.relations import (
     COLORS,
     HELD_OUT,
     SPLIT_FILES,
     TEMPLATES,
     generate_relations,
     load_split,
-    main,
     majority_baseline,
     score_predictions,
     summarize,
@@ -232,7 +232,8 @@ def test_generation_is_reused_replaced_or_refused(tmp_path: Path) -> None:
 
 
 def test_command_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["--out", str(tmp_path / "cli"), "--train-images", "6", "--val-images", "2", "--test-images", "5"]
+    args = ["data", "relations", "--out", str(tmp_path / "cli"), "--train-images", "6", "--val-images", "2"]
+    args += ["--test-images", "5"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "text-only ceiling" in out and "majority" in out and "test_combo" in out
@@ -240,7 +241,7 @@ def test_command_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert f"{ceiling:.2%}" in out
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x").write_text("")
-    assert main(["--out", str(tmp_path / "other")]) == 2
+    assert main(["data", "relations", "--out", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a relations data set" in err
 
