@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from mmfuse.config import parse_config
 from mmfuse.data.collate import Collator
 from mmfuse.data.dataset import MultiModalDataset
-from mmfuse.train.data import CachedCollator, CachedRows, EpochShuffleSampler, make_loader
+from mmfuse.data.sampling import EpochRandomSampler
+from mmfuse.train.data import CachedCollator, CachedRows, make_loader
 from mmfuse.train.run import EpochLineProgress, Run, train
 from tiny import run_config, write_dataset
 
@@ -33,7 +34,7 @@ def _per_record_loader(run: Run, feats, split: str) -> DataLoader:
     dataset = MultiModalDataset(records, run.model.tasks, {}, train=split == "train")
     collate = CachedCollator(Collator({}, run.model.tasks), feats.tables, feats.rows[split])
     train = split == "train"
-    sampler = EpochShuffleSampler(len(records), run.loader_options.seed) if train else None
+    sampler = EpochRandomSampler(records, run.loader_options.seed) if train else None
     size = run.loader_options.batch_size if train else run.loader_options.eval_batch_size
     return DataLoader(dataset, batch_size=size, sampler=sampler, collate_fn=collate)
 

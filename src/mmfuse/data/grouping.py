@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
 from mmfuse.data.records import DataError
+from mmfuse.data.sampling import epoch_generator
 
 
 def input_groups(refs: Sequence[Hashable | None]) -> torch.Tensor:
@@ -83,7 +84,7 @@ class GroupedBatchSampler(DistributedSampler):
         world = self.num_replicas
         if self.n < world:
             raise DataError(f"data.group_batches: {self.n} training records cannot fill batches on {world} processes")
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = epoch_generator(self.seed, self.epoch)
         order = torch.randperm(self.n, generator=g)  # random order within each group ...
         group_rank = torch.randperm(self.n_groups, generator=g)  # ... and of the groups
         order = order[torch.argsort(group_rank[self.groups[order]], stable=True)]  # groups contiguous

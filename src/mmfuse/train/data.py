@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from mmfuse.builders import LoaderOptions
 from mmfuse.config import ConfigError
@@ -23,6 +23,7 @@ from mmfuse.data.collate import Collator
 from mmfuse.data.dataset import MultiModalDataset, encode_labels, validate_records
 from mmfuse.data.grouping import BatchFetch, GroupedBatchSampler, input_groups
 from mmfuse.data.records import Record
+from mmfuse.data.sampling import EpochRandomSampler, epoch_seed
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.model import MultiTaskModel
 
@@ -165,29 +166,22 @@ def _flat_pooled(table: FeatureTable) -> torch.Tensor:
     return torch.cat([s["pooled"] for s in table.shards])
 
 
-class IndexBatchSampler(Sampler[torch.Tensor]):
-    """Batches of record positions as (B,) long tensors: shuffled by (seed, epoch) exactly as
-    `EpochShuffleSampler` + a `batch_size` DataLoader (so the batches, and a resumed run, are the same),
-    or in order."""
+class IndexBatchSampler(BatchSampler):
+    """torch's `BatchSampler` over `EpochRandomSampler` (shuffle) or the records in order, its batches as (B,) long
+    tensors: the same batches as `EpochRandomSampler` + a `batch_size` DataLoader (so a resumed run repeats them)."""
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0) -> None:
-        self.n, self.batch_size, self.shuffle, self.seed, self.epoch = n, batch_size, shuffle, seed, 0
+        sampler = EpochRandomSampler(range(n), seed) if shuffle else SequentialSampler(range(n))
+        super().__init__(sampler, batch_size, drop_last=False)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Called by Lightning each epoch (it does not look inside a DataLoader's `sampler`)."""
+        if isinstance(self.sampler, EpochRandomSampler):
+            self.sampler.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        # A generator: the order is drawn at the first batch, after Lightning's `set_epoch` (it creates the
-        # epoch's iterator before calling `set_epoch`, which matters on resume).
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
-        yield from order.split(self.batch_size)
-
-    def __len__(self) -> int:
-        return (self.n + self.batch_size - 1) // self.batch_size
+    def __iter__(self) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        for batch in super().__iter__():
+            yield torch.tensor(batch, dtype=torch.long)
 
 
 def cached_loader(
@@ -211,23 +205,6 @@ def cached_loader(
     )
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation that depends on (seed, epoch) only, so a resumed run sees the same order."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
 class LengthBucketSampler(Sampler[list[int]]):
     """Batches of similar text length (less padding), in a shuffled order each epoch.
 
@@ -244,7 +221,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(self.seed * 100_003 + self.epoch)
+        rng = random.Random(epoch_seed(self.seed, self.epoch))
         idx = list(range(len(self.lengths)))
         rng.shuffle(idx)
         size = self.batch_size * self.pool
@@ -328,7 +305,7 @@ def make_loader(
     lengths = record_lengths(model, records, uncached) if train and options.bucket_by_length else None
     if lengths is not None and not distributed:
         return DataLoader(dataset, batch_sampler=LengthBucketSampler(lengths, batch_size, options.seed), **common)
-    sampler = EpochShuffleSampler(len(dataset), options.seed) if train and not distributed else None
+    sampler = EpochRandomSampler(dataset, options.seed) if train and not distributed else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and distributed, **common)
 
 
