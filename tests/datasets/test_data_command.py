@@ -4,6 +4,8 @@ answered with one error line (exit 2) before anything is written or overwritten.
 from __future__ import annotations
 
 import json
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,21 @@ def test_glyphs_without_fonts_is_one_line(
     assert main(["data", "glyphs", "--out", str(tmp_path / "gly"), *GLYPHS]) == 2
     assert _error_line(capsys).endswith("no-fonts; install fonts-dejavu-core")
     assert not (tmp_path / "gly").exists()
+
+
+# in this process the module is imported already (a real `python -m` starts fresh and warns of nothing)
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize(
+    "module", ["mmfuse.datasets.relations", "mmfuse.datasets.glyphs", "mmfuse.data.relations", "mmfuse.data.glyphs"]
+)
+def test_python_dash_m_runs_the_command(
+    module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m` of each generator module (and of its deprecated alias in mmfuse.data) runs `mmfuse data`."""
+    argv = RELATIONS if module.endswith("relations") else GLYPHS
+    monkeypatch.setattr(sys, "argv", [module, "--out", str(tmp_path / "set"), *argv])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module(module, run_name="__main__")  # what `python -m` does
+    assert done.value.code == 0
+    assert (tmp_path / "set" / "manifest.json").is_file() and (tmp_path / "set" / "test.jsonl").is_file()
+    assert capsys.readouterr().out.startswith("relations data set in" if module.endswith("relations") else "train: 6")
