@@ -66,7 +66,7 @@ def test_the_same_lr_at_every_step_as_the_old_formula(kind: str, warm: int, tota
         assert expected[warm - 1] == list(LRS)
 
 
-def _resumed(make, kind: str, warm: int, total: int, at: int, new_total: int) -> list[list[float]]:  # noqa: ANN001
+def _resumed(make, kind: str, warm: int, total: int, at: int, new_total: int) -> list[list[float]]:
     """The lrs of a run of `total` steps saved after `at` of them and resumed for `new_total` (as Lightning does:
     the scheduler is built for the resumed run, then the optimiser and scheduler states are restored)."""
     opt = _optimizer()

@@ -1,11 +1,12 @@
 """The run's metric history, kept inside its checkpoints so that a resumed run logs every epoch exactly once.
 
 Lightning's CSV logger deletes `logs/metrics.csv` when a run restarts in the same directory, and it
-flushes only every 100 log calls, so a `kill -9` loses rows that a checkpoint already covers. Here
-every row logged is also kept in memory; `KeepHistory` stores those rows in each checkpoint, and a
-resumed run starts its CSV from the checkpoint's rows: the rows of epochs the checkpoint covers are
-kept, those of the interrupted epoch (logged after it) are dropped, then the resumed epochs follow.
-The file is rewritten whole (atomically) on the first flush and when a column appears; otherwise appended to.
+flushes only every 100 log calls, so a `kill -9` loses rows that a checkpoint already covers. Here (a logger
+on Lightning's public `Logger` API) every row logged is kept in memory and written at each `save`;
+`KeepHistory` stores those rows in each checkpoint, and a resumed run starts its CSV from the checkpoint's
+rows: the rows of epochs the checkpoint covers are kept, those of the interrupted epoch (logged after it) are
+dropped, then the resumed epochs follow. The file is rewritten whole (atomically) on the first save and when
+a column appears; otherwise appended to.
 """
 
 from __future__ import annotations
@@ -16,74 +17,85 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 Row = dict[str, Any]
+METRICS_FILE = "metrics.csv"
 
 
-class _HistoryWriter(ExperimentWriter):
-    """An ExperimentWriter that keeps every row and rewrites the whole CSV file from them."""
-
-    def __init__(self, log_dir: str, rows: Sequence[Row]) -> None:
-        self.history: list[Row] = [dict(r) for r in rows]
-        self._written, self._keys = 0, []  # rows of `history` in the file, and its header
-        super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:
-        """Keep the existing file: the first `save` replaces it with the history (the parent deletes it here)."""
-
-    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
-        super().log_metrics(metrics_dict, step)
-        self.history.append(self.metrics[-1])
-
-    def save(self) -> None:
-        """Append the new rows; rewrite the whole file (atomically) on the first save or when a column appears."""
-        self.metrics = []
-        keys = sorted({k for r in self.history for k in r})
-        if self._written and keys == self._keys and os.path.exists(self.metrics_file_path):
-            with open(self.metrics_file_path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=keys).writerows(self.history[self._written :])
-        else:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.history)
-            tmp = os.path.join(self.log_dir, f".{self.NAME_METRICS_FILE}.tmp")
-            with open(tmp, "w", newline="") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, self.metrics_file_path)
-        self._written, self._keys = len(self.history), keys
-
-
-class HistoryCSVLogger(CSVLogger):
-    """`CSVLogger` whose rows survive a resume: start it with the rows of the checkpoint being resumed.
+class HistoryCSVLogger(Logger):
+    """A CSV logger (Lightning's public `Logger` API) whose rows survive a resume: start it with the rows of the
+    checkpoint being resumed. Writes `save_dir/logs/metrics.csv`: one row per `log_metrics` call, the columns
+    sorted, `step` last in each row as Lightning's `CSVLogger` writes it.
 
     Args:
-        save_dir: the run directory (the file is `save_dir/logs/metrics.csv`).
+        save_dir: the run directory.
         rows: rows already logged by the interrupted run, from its checkpoint.
     """
 
     def __init__(self, save_dir: str | os.PathLike[str], rows: Sequence[Row] = ()) -> None:
-        super().__init__(save_dir, name="logs", version="")
-        self._initial_rows = list(rows)
+        super().__init__()
+        self._save_dir = os.fspath(save_dir)
+        self.history: list[Row] = [dict(r) for r in rows]
+        self._written, self._keys = 0, []  # rows of `history` in the file, and its header
 
     @property
-    @rank_zero_experiment
-    def experiment(self) -> _HistoryWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _HistoryWriter(self.log_dir, self._initial_rows)
-        return self._experiment
+    def name(self) -> str:
+        return "logs"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self._save_dir, self.name)
 
     @property
     def rows(self) -> list[Row]:
-        """Every row logged so far (on the logging rank; empty elsewhere)."""
-        if self._experiment is None:
-            return list(self._initial_rows)
-        return list(getattr(self._experiment, "history", []))
+        """Every row logged so far, the checkpoint's first (on the logging rank; the checkpoint's elsewhere)."""
+        return [dict(r) for r in self.history]
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Nothing: the run's resolved config.yaml is its hyperparameters."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        row = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        row["step"] = len(self.history) if step is None else step
+        self.history.append(row)
+
+    @rank_zero_only
+    def save(self) -> None:
+        """Append the new rows; rewrite the whole file (atomically) on the first save or when a column appears."""
+        path = os.path.join(self.log_dir, METRICS_FILE)
+        keys = sorted({k for r in self.history for k in r})
+        if self._written and keys == self._keys and os.path.exists(path):
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=keys).writerows(self.history[self._written :])
+        else:
+            os.makedirs(self.log_dir, exist_ok=True)
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+            tmp = os.path.join(self.log_dir, f".{METRICS_FILE}.tmp")
+            with open(tmp, "w", newline="") as f:
+                f.write(buf.getvalue())
+            os.replace(tmp, path)
+        self._written, self._keys = len(self.history), keys
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
 
 
 class KeepHistory(Callback):

@@ -174,9 +174,12 @@ class MMFuseModule(L.LightningModule):
         self._epoch_losses[1] += labelled
 
     def _logs_this_step(self) -> bool:
-        """Whether Lightning writes this step's logged values (every `log_every_n_steps`, and on a stop)."""
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return connector is None or bool(connector.should_update_logs)
+        """Whether Lightning writes this step's logged values: every `log_every_n_steps` optimiser steps (counted
+        after this step's `opt.step()`: one per batch), and on a stop."""
+        every = self.trainer.log_every_n_steps
+        if not every:
+            return False
+        return self.global_step % every == 0 or self.trainer.should_stop
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Unscale (16-mixed), clip, and stop on a non-finite loss or gradient norm, before the step is taken."""
