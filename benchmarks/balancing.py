@@ -14,7 +14,7 @@ which is not additive in the modalities, and only the `answer` task, which the b
 - `evqa_train`: easy-VQA, a ResNet-18 image encoder trained from scratch (32 px), MiniLM frozen and cached;
   the balancers act on the image encoder + its adapter and on the text side's FiLM generator. 3,000 records,
   4 epochs (a budget that fits a 2-core CPU).
-- `rel_frozen` / `rel_train`: the same two on the relations set (`python -m mmfuse.data.relations --out
+- `rel_frozen` / `rel_train`: the same two on the relations set (`mmfuse data relations --out
   data/relations` first), where the image carries what the question asks about; `rel_frozen` uses 8,000
   records and 4 epochs, `rel_train` 32 px, 3,000 records and 4 epochs.
 
