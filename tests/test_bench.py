@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mmfuse.bench import delta_m, resolve_weightings, run_mtl_bench
+from mmfuse.cli import main
 from mmfuse.config import ConfigError
 from mmfuse.mtl import WEIGHTINGS
 from tiny import tiny_model, write_dataset
@@ -140,3 +142,31 @@ def test_bench_rerun_reuses_finished_runs_and_refuses_another_config(bench: tupl
     assert [line for line in again.splitlines() if line.startswith("| ")] == table
     with pytest.raises(ConfigError, match="another config"):
         run_mtl_bench(config, ["train.lr=0.5"], ["equal"], [0], out)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ("{not json", "metrics.json: not valid JSON; delete it to evaluate the run again"),
+        ('{"metrics": {}, "timings_s": {"total": 1.0}}', "no validation or test records to score it"),
+    ],
+)
+def test_cli_a_finished_run_that_cannot_be_read_back_is_one_line_naming_it(
+    bench: tuple[Path, str],
+    config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    metrics: str,
+    message: str,
+) -> None:
+    run = tmp_path / "out" / "single-color" / "seed0"  # the bench's first run, finished with an unusable metrics.json
+    run.mkdir(parents=True)
+    shutil.copy(bench[0] / "single-color" / "seed0" / "config.yaml", run)
+    (run / "metrics.json").write_text(metrics)
+    argv = ["bench", "mtl", str(config), "--weightings", "equal", "--seeds", "0", "--out", str(tmp_path / "out")]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]  # the bench's progress lines are logged too
+    assert rc == 2 and len(errors) == 1 and errors[0].startswith("mmfuse bench: error: "), err
+    assert str(run) in errors[0] and message in errors[0] and "Traceback" not in err, err
+    assert not (run / "checkpoints").exists()  # nothing was trained

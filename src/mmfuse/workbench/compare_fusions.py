@@ -67,30 +67,11 @@ def resolve_fusions(
     Raises:
         ConfigError: an unknown name, a named fusion the encoders cannot feed, or no fusion at all.
     """
-    from mmfuse.fusion import FUSIONS
-
-    wanted: list[str] = []
-    for name in (n.strip() for n in names):
-        for f in FUSIONS.names() if name == "all" else [name] if name else []:
-            if f not in FUSIONS:
-                raise ConfigError(f"--fusions: unknown fusion {f!r}; choose from: all, {', '.join(FUSIONS.names())}")
-            if f not in wanted:
-                wanted.append(f)
-    if not wanted:
-        raise ConfigError("--fusions: name at least one fusion (or 'all')")
+    wanted = _registered(names)
     encoders = build_encoders(base.model)
     options = options or {}
-    for f in options:
-        if f not in wanted:
-            raise ConfigError(f"--fusions: options for {f!r}, which is not one of the fusions compared")
+    _check_options(options, wanted, base.model.fusion, {m: e.output_dim for m, e in encoders.items()})
     explicit = ({n.strip() for n in names} | set(options)) - {"all"}
-    dims = {m: e.output_dim for m, e in encoders.items()}
-    for f, opts in options.items():  # options that do not build are the options' fault, not the encoders'
-        try:
-            build_fusion(Component(**fusion_component(base.model.fusion, f, opts)), dims)
-        except ConfigError as err:
-            shown = yaml.safe_dump(opts, default_flow_style=True).strip()
-            raise ConfigError(f"--fusions: {f}{shown}: {str(err).removeprefix('model.fusion')[1:].strip()}") from None
     kept, skipped = [], {}
     for f in wanted:
         reason = why_not_feedable(f, base.model.fusion, encoders, options.get(f))
@@ -103,3 +84,38 @@ def resolve_fusions(
     if not kept:
         raise ConfigError("--fusions: none of the fusions can be fed by this config's encoders")
     return kept, skipped
+
+
+def _registered(names: Sequence[str]) -> list[str]:
+    """The names in order, "all" expanded to every registered fusion, duplicates and empty items dropped."""
+    from mmfuse.fusion import FUSIONS
+
+    wanted: list[str] = []
+    for name in (n.strip() for n in names):
+        for f in FUSIONS.names() if name == "all" else [name] if name else []:
+            if f not in FUSIONS:
+                raise ConfigError(f"--fusions: unknown fusion {f!r}; choose from: all, {', '.join(FUSIONS.names())}")
+            if f not in wanted:
+                wanted.append(f)
+    if not wanted:
+        raise ConfigError("--fusions: name at least one fusion (or 'all')")
+    return wanted
+
+
+def _check_options(
+    options: dict[str, dict[str, Any]], wanted: list[str], base: Component, dims: dict[str, int]
+) -> None:
+    """Options given to a fusion not compared, or that do not build, are the options' fault (not the encoders').
+
+    Args:
+        dims: {modality: its encoder's output size D}.
+    """
+    for f in options:
+        if f not in wanted:
+            raise ConfigError(f"--fusions: options for {f!r}, which is not one of the fusions compared")
+    for f, opts in options.items():
+        try:
+            build_fusion(Component(**fusion_component(base, f, opts)), dims)
+        except ConfigError as err:
+            shown = yaml.safe_dump(opts, default_flow_style=True).strip()
+            raise ConfigError(f"--fusions: {f}{shown}: {str(err).removeprefix('model.fusion')[1:].strip()}") from None

@@ -56,16 +56,23 @@ class Plan:
 
 
 def _read_raw(config: str | Path | None) -> dict[str, Any]:
+    """The config file's YAML as written (the built-in one when None), before any validation."""
     path = Path(config) if config is not None else default_config_path()
     return yaml.safe_load(path.read_text()) or {}
 
 
 def _member_name(fusion: str, vary: dict[str, str], seed: int) -> str:
+    """The member's folder name: `<fusion>_<key>=<value>..._seed<k>`, unsafe characters as `_`, 150 at most."""
     parts = [fusion, *(f"{k}={v}" for k, v in vary.items()), f"seed{seed}"]
     return re.sub(r"[^A-Za-z0-9._+=-]", "_", "_".join(parts))[:150]
 
 
 def _member_config(raw: dict[str, Any], fusion: dict[str, Any], vary: dict[str, str], seed: int) -> RunConfig:
+    """`raw` with the member's fusion, `--vary` values and seed put in (no progress bar), validated.
+
+    Raises:
+        ConfigError: a varied value the config refuses, named with the `--vary` values and the fusion.
+    """
     data = copy.deepcopy(raw)
     data.setdefault("model", {})["fusion"] = dict(fusion)
     for key, value in vary.items():
@@ -114,13 +121,21 @@ def plan_compare(
     check_out(out)
     plan = Plan(base, str(config) if config else None, list(overrides), names, skipped, axes, [], out)
     plan.seeds = [base.seed + k for k in range(n_seeds)]
-    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] if axes else [{}]
-    for seed in plan.seeds:
-        for combo in combos:
-            for f in names:
-                cfg = _member_config(raw, fusion_component(base.model.fusion, f, options.get(f)), combo, seed)
-                name = _member_name(f, combo, seed)
-                plan.members.append(Member(name, f, combo, seed, cfg, plan.out / "members" / name))
+    plan.members = _members(plan, raw, options)
     if len({m.name for m in plan.members}) != len(plan.members):
         raise ConfigError("--vary: two values give the same member folder name; use values that differ in letters")
     return plan
+
+
+def _members(plan: Plan, raw: dict[str, Any], options: dict[str, dict[str, Any]]) -> list[Member]:
+    """Every member, seed by seed, then `--vary` combination, then fusion (the order they train in)."""
+    axes = plan.vary
+    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] if axes else [{}]
+    members = []
+    for seed in plan.seeds:
+        for combo in combos:
+            for f in plan.fusions:
+                cfg = _member_config(raw, fusion_component(plan.base.model.fusion, f, options.get(f)), combo, seed)
+                name = _member_name(f, combo, seed)
+                members.append(Member(name, f, combo, seed, cfg, plan.out / "members" / name))
+    return members
