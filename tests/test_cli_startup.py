@@ -128,6 +128,9 @@ ERRORS = [
     (["bench", "mtl", "missing.yaml"], "missing.yaml: config file not found"),
     (["bench", "mtl", "cfg.yaml", "--set", "model.fusion.name=nope"], "unknown fusion 'nope'"),
     (["bench", "mtl", "--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers"),
+    (["data", "glyphs", "--size", "4"], "mmfuse data glyphs: error: --train/--val/--test must be >= 1, --size in"),
+    (["data", "relations", "--out", "x", "--split", "val"], "--split only acts with --score"),
+    (["data", "relations", "--out", "x", "--score", "p.jsonl", "--seed", "1"], "--seed: for generating only"),
 ]
 
 
