@@ -269,6 +269,99 @@ def loader_options(cfg: RunConfig) -> LoaderOptions:
     )
 
 
+@dataclass
+class OptimOptions:
+    """Plain optimiser and lr-schedule options: the keyword arguments of `mmfuse.train.module.MMFuseModule`."""
+
+    lr: float = 1e-3
+    encoder_lr: float = 1e-5
+    layer_decay: float = 1.0
+    weight_decay: float = 0.01
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+
+
+@dataclass
+class TrainOptions:
+    """Plain options of a training run for `mmfuse.train.run`: the Lightning Trainer's, checkpoints, model
+    selection (`monitor`: None picks the first task's default metric), the optimiser's (`optim`)."""
+
+    optim: OptimOptions
+    seed: int = 0
+    max_epochs: int = 10
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    deterministic: bool = True
+    log_every_n_steps: int = 20
+    progress_bar: bool = True
+    checkpoint_every_n_steps: int | None = None
+    monitor: str | None = None
+    compile: bool = False
+
+
+def train_options(cfg: RunConfig) -> TrainOptions:
+    t = cfg.train
+    optim = OptimOptions(
+        lr=t.lr,
+        encoder_lr=t.encoder_lr,
+        layer_decay=t.layer_decay,
+        weight_decay=t.weight_decay,
+        scheduler=t.scheduler,
+        warmup_steps=t.warmup_steps,
+        grad_clip=t.grad_clip,
+        seed=cfg.seed,
+        optimizer=t.optimizer,
+        momentum=t.momentum,
+    )
+    return TrainOptions(
+        optim=optim,
+        seed=cfg.seed,
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        log_every_n_steps=t.log_every_n_steps,
+        progress_bar=t.progress_bar,
+        checkpoint_every_n_steps=t.checkpoint_every_n_steps,
+        monitor=t.monitor,
+        compile=t.compile,
+    )
+
+
+@dataclass
+class RunSummary:
+    """What a run's report says it was (`mmfuse.train.report`): its name and components, by registry name.
+
+    `encoders` is {modality: "<encoder> <model>"}; `balance` is None without a balancer.
+    """
+
+    name: str
+    encoders: dict[str, str]
+    fusion: str
+    weighting: str
+    balance: str | None = None
+
+
+def run_summary(cfg: RunConfig) -> RunSummary:
+    return RunSummary(
+        name=cfg.name,
+        encoders={m: f"{c.name} {c.options.get('model', '')}" for m, c in cfg.model.encoders.items()},
+        fusion=cfg.model.fusion.name,
+        weighting=cfg.train.weighting.name,
+        balance=cfg.train.balance.name if cfg.train.balance else None,
+    )
+
+
 def trained_for_missing_inputs(cfg: RunConfig) -> bool:
     """Whether the run's training hid whole modalities (a balancer that drops them), so the model expects
     missing inputs at prediction time."""

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mmfuse.config import RunConfig
+from mmfuse.builders import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,13 @@ def _selection_line(summary: dict[str, Any]) -> str:
     return f"- epochs: {summary['epochs']}, best checkpoint by `{summary['monitor']}`: {summary['best_checkpoint']}"
 
 
-def write_report(run_dir: Path, cfg: RunConfig, summary: dict[str, Any], bad: list[tuple[str, str]]) -> None:
-    lines = [f"# mmfuse run: {cfg.name}", ""]
-    enc = ", ".join(f"{m}: {c.name} {c.options.get('model', '')}" for m, c in cfg.model.encoders.items())
-    lines += [f"- encoders: {enc}", f"- fusion: {cfg.model.fusion.name}", f"- weighting: {cfg.train.weighting.name}"]
-    if cfg.train.balance:
-        lines.append(f"- balance: {cfg.train.balance.name}")
+def write_report(run_dir: Path, about: RunSummary, summary: dict[str, Any], bad: list[tuple[str, str]]) -> None:
+    """Write `run_dir/report.md`: `about` the run (`mmfuse.builders.run_summary`), `summary` its metrics.json."""
+    lines = [f"# mmfuse run: {about.name}", ""]
+    enc = ", ".join(f"{m}: {e}" for m, e in about.encoders.items())
+    lines += [f"- encoders: {enc}", f"- fusion: {about.fusion}", f"- weighting: {about.weighting}"]
+    if about.balance:
+        lines.append(f"- balance: {about.balance}")
     lines += [
         f"- records: {summary['records']}, skipped as bad: {summary['bad_records']}",
         _selection_line(summary),

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,15 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mmfuse.builders import (
+    TrainOptions,
     build_balancer,
     build_model_from,
     build_run_data,
     build_tasks,
     build_weighting,
     loader_options,
+    run_summary,
+    train_options,
 )
 from mmfuse.config import ConfigError, RunConfig, dump_config, load_config
 from mmfuse.model import MultiTaskModel
@@ -68,9 +72,10 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def monitor_of(cfg: RunConfig, model: MultiTaskModel) -> tuple[str, str]:
-    """The metric that picks the best checkpoint, and whether higher is better ("max"/"min")."""
-    name = cfg.train.monitor
+def monitor_of(monitor: str | None, model: MultiTaskModel) -> tuple[str, str]:
+    """The metric that picks the best checkpoint (`monitor`, or the first task's default metric when None), and
+    whether higher is better ("max"/"min")."""
+    name = monitor
     if name is None:
         task_name, task = next(iter(model.tasks.items()))
         name = f"val/{task_name}/{task.default_metric}"
@@ -120,7 +125,7 @@ def progress_callback() -> ProgressBar:
 
 
 def build_trainer(
-    cfg: RunConfig, run_dir: Path, monitor: str | None, mode: str, resumed: dict[str, Any] | None = None
+    t: TrainOptions, run_dir: Path, monitor: str | None, mode: str, resumed: dict[str, Any] | None = None
 ) -> L.Trainer:
     """The fit trainer; `resumed` is the checkpoint a resumed run continues from (its history is kept).
 
@@ -128,7 +133,6 @@ def build_trainer(
     steps); with a `monitor`, `checkpoints/best.ckpt` holds its best epoch. Both are saved after the epoch's
     validation and epoch-end hooks, so a resume repeats nothing.
     """
-    t = cfg.train
     ckpts = run_dir / "checkpoints"
     csv_logger = HistoryCSVLogger(run_dir, rows_of(resumed) if resumed else ())
     callbacks: list[Any] = [KeepHistory(csv_logger)]
@@ -219,52 +223,37 @@ class Run:
         self.timings: dict[str, float] = {}
         self.bad: list[tuple[str, str]] = []
         t0 = time.perf_counter()
-        data = build_run_data(
-            cfg, model.encoders if model is not None else None, self.bad if cfg.data.skip_bad else None
-        )
+        skip_bad = loader_options(cfg).skip_bad
+        data = build_run_data(cfg, model.encoders if model is not None else None, self.bad if skip_bad else None)
         self.splits, self.cfg, self.warnings = data.splits, data.cfg, data.warnings
-        self.loader_options = loader_options(self.cfg)
+        self.loader_options, self.options = loader_options(self.cfg), train_options(self.cfg)
         self.timings["load_records"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         tasks = build_tasks(self.cfg.tasks)
         self.model = model if model is not None else build_model_from(self.cfg.model, tasks, data.encoders)
         # Built here, before any feature is encoded, so that a balancer with nothing to act on is refused at once.
         self.balancer = build_balancer(self.cfg.train.balance, self.model)
-        check_layer_decay(self.model, self.cfg.train.layer_decay)
-        check_fusion_batch(self.model, self.cfg.data.batch_size)
+        check_layer_decay(self.model, self.options.optim.layer_decay)
+        check_fusion_batch(self.model, self.loader_options.batch_size)
         self.timings["build_model"] = time.perf_counter() - t0
 
     def prepare(self) -> Features:
         t0 = time.perf_counter()
-        self.splits, bad = check_records(self.model, self.splits, self.cfg.data.skip_bad)
+        self.splits, bad = check_records(self.model, self.splits, self.loader_options.skip_bad)
         self.bad += bad
         self.timings["validate_records"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cached = cached_modalities(self.model, self.cfg.train.cache)
+        cached = cached_modalities(self.model, self.loader_options.cache)
         if self.loader_options.group_batches and set(cached) == set(self.model.encoders):
             # the same refusal as make_loader's, before minutes of encoding rather than after
             raise ConfigError(GROUP_BATCHES_ALL_CACHED)
-        feats = build_features(self.model, self.splits, cached, self.cfg.train.cache_dir)
+        feats = build_features(self.model, self.splits, cached, self.loader_options.cache_dir)
         self.timings["features"] = time.perf_counter() - t0
         return feats
 
     def module(self) -> MMFuseModule:
-        t = self.cfg.train
-        return MMFuseModule(
-            self.model,
-            build_weighting(t.weighting, self.model.tasks),
-            self.balancer,
-            lr=t.lr,
-            encoder_lr=t.encoder_lr,
-            layer_decay=t.layer_decay,
-            weight_decay=t.weight_decay,
-            scheduler=t.scheduler,
-            warmup_steps=t.warmup_steps,
-            grad_clip=t.grad_clip,
-            seed=self.cfg.seed,
-            optimizer=t.optimizer,
-            momentum=t.momentum,
-        )
+        weighting = build_weighting(self.cfg.train.weighting, self.model.tasks)
+        return MMFuseModule(self.model, weighting, self.balancer, **asdict(self.options.optim))
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
@@ -288,7 +277,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     prepare_run_dir(run_dir, resume)
     last = run_dir / "checkpoints" / "last.ckpt"
     resumed = load_checkpoint(last) if resume else None  # checked before anything starts
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(train_options(cfg).seed, workers=True, verbose=False)
     run = Run(cfg)
     write_atomic(run_dir / "config.yaml", dump_config(run.cfg))
     feats = run.prepare()
@@ -299,8 +288,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     has_val = bool(run.splits.get("val"))
     if not has_val:
         log.warning("no validation records: no model selection; the last epoch's weights are kept")
-    monitor, mode = monitor_of(run.cfg, run.model) if has_val else (None, "min")
-    trainer = build_trainer(run.cfg, run_dir, monitor, mode, resumed)
+    monitor, mode = monitor_of(run.options.monitor, run.model) if has_val else (None, "min")
+    trainer = build_trainer(run.options, run_dir, monitor, mode, resumed)
     if resumed is not None:
         _warn_mid_epoch(resumed)
     del resumed
@@ -312,7 +301,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     }
     loaders = {s: loader if s == "train" else shard_eval_loader(loader, world) for s, loader in loaders.items()}
     module = run.module()
-    if run.cfg.train.compile:
+    if run.options.compile:
         run.model.fusion.compile()
         for head in run.model.heads.values():
             head.compile()
@@ -358,7 +347,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     }
     if trainer.is_global_zero:
         write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2))
-        write_report(run_dir, run.cfg, summary, run.bad)
+        write_report(run_dir, run_summary(run.cfg), summary, run.bad)
     return summary
 
 
@@ -457,6 +446,6 @@ def evaluate(
     only_split(run, run_dir, split)
     feats = run.prepare()
     loader = make_loader(model, run.splits[split], split, feats, run.loader_options)
-    trainer = eval_trainer(cfg.train.accelerator)
+    trainer = eval_trainer(run.options.accelerator)
     module = run.module()
     return evaluate_module(trainer, module, loader, split if split == "test" else "val")
