@@ -219,3 +219,18 @@ def test_resume_from_a_last_ckpt_with_a_wrong_entry_is_one_line(
     capsys.readouterr()
     assert main(["train", "--out", str(run_dir), "--resume"]) == 2
     assert "last.ckpt" in one_error_line(capsys, "train")
+
+
+@pytest.mark.parametrize("part", ["lr_schedulers", "optimizer_states"])
+def test_resume_from_a_checkpoint_whose_state_does_not_restore_is_one_line(
+    run_dir: Path, capsys: pytest.CaptureFixture, part: str
+) -> None:
+    """A file that loads but whose optimiser or scheduler state Lightning cannot restore (a foreign file)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt[part] = [{"foreign": 1}]
+    torch.save(ckpt, last)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run_dir), "--resume", "--set", "train.max_epochs=2"]) == 2
+    line = one_error_line(capsys, "train")
+    assert "last.ckpt: cannot resume from it: " in line

@@ -79,6 +79,17 @@ class SafeCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class Restoring(L.Callback):
+    """Whether a fit is still restoring its checkpoint: Lightning restores the module, callbacks, loops, optimisers
+    and schedulers before the first `on_train_start`, so an error raised before it, on a resume, is the file's."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.done = True
+
+
 class RunCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` whose state names its files relative to its folder and is read back into this run's folder."""
 

@@ -45,6 +45,7 @@ from mmfuse.train.checkpoints import (  # noqa: F401  (CheckpointError, load_che
     BestCheckpoint,
     CheckpointError,
     LastCheckpoint,
+    Restoring,
     SafeCheckpointIO,
     load_checkpoint,
 )
@@ -135,7 +136,7 @@ def build_trainer(
     """
     ckpts = run_dir / "checkpoints"
     csv_logger = HistoryCSVLogger(run_dir, rows_of(resumed) if resumed else ())
-    callbacks: list[Any] = [KeepHistory(csv_logger)]
+    callbacks: list[Any] = [KeepHistory(csv_logger), Restoring()]
     if monitor is not None:  # Lightning runs checkpoint callbacks last, in this order: last.ckpt holds the new best
         callbacks.append(
             BestCheckpoint(
@@ -314,7 +315,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         kept = f"the last good checkpoint is kept: {last}" if last.exists() else "no checkpoint had been written yet"
         raise NonFiniteError(f"{err}; {kept}") from None
     except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
-        if not (resume and getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None)):
+        if not (resume and not next(c for c in trainer.callbacks if isinstance(c, Restoring)).done):
             raise
         # Restoring the checkpoint's state failed (a damaged or foreign file): one line, never a traceback.
         shown = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
