@@ -320,3 +320,26 @@ def test_a_shard_without_row_keys_is_encoded_again(tmp_path: Path, text_encoder,
     with caplog.at_level(logging.WARNING, logger="mmfuse"):
         assert torch.equal(features(tmp_path, text_encoder, "c"), clean)
     assert counter.n == len(TEXTS) and "were edited" in caplog.text
+
+
+def test_clear_deletes_what_an_interrupted_write_left(tmp_path: Path, text_encoder, monkeypatch) -> None:
+    """A write killed before its rename leaves `mmfuse.io.atomic_path`'s temporary file: the cache's own, cleared."""
+    root = tmp_path / "c"
+    cache = FeatureCache(text_encoder, "text", root)
+    cache.build(["a"])
+
+    def killed(src: str, dst: str) -> None:
+        raise KeyboardInterrupt  # what a signal between the write and the rename would leave
+
+    real_unlink = Path.unlink
+    monkeypatch.setattr(os, "replace", killed)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)  # the clean-up never ran either
+    with pytest.raises(KeyboardInterrupt):
+        cache.build(["b"])
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    monkeypatch.undo()
+    left = sorted(p.name for p in cache.dir.iterdir() if p.name.endswith(".tmp"))
+    assert left and all(p.startswith(".shard_00001.safetensors.") for p in left)
+    assert scan_cache(root).foreign == []
+    clear_cache(root)
+    assert not root.exists()

@@ -25,12 +25,10 @@ refuses a folder that is not a cache.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from mmfuse.data.records import DataError
 from mmfuse.encoders.base import Encoder, EncoderOutput
+from mmfuse.io import atomic_path, atomic_write_text, sha256_stream, sha256_text
 from mmfuse.utils import move_to
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,9 @@ INDEX_FORMAT = "mmfuse-feature-cache/3"  # /3: shards hold their row keys
 KEYS_META = "mmfuse_row_keys"  # safetensors header metadata: JSON list of the content hash of each row
 MARKER = ".mmfuse-cache"
 _KEY_DIR = re.compile(r"[0-9a-f]{20}")  # `encoder_key`
+# A temporary file is `.<name>.<pid>.<8 hex>.tmp` (`mmfuse.io.atomic_path`); `.<name>.<pid>.tmp` from older versions.
 _CACHE_FILE = re.compile(
-    r"index\.json|shard_\d{5}\.safetensors|\.lock|\.index\.json\.\d+\.tmp|\.shard_\d{5}\.safetensors\.\d+\.tmp"
+    r"index\.json|shard_\d{5}\.safetensors|\.lock|\.(index\.json|shard_\d{5}\.safetensors)\.\d+(\.[0-9a-f]{8})?\.tmp"
 )
 # Shards verified by this process: path -> ((size, mtime_ns, sha256), digest of its row keys or None).
 # A shard is hashed once per process.
@@ -68,7 +68,7 @@ def default_cache_dir() -> Path:
 
 
 def encoder_key(encoder: Encoder, tokens: bool) -> str:
-    return hashlib.sha256(f"{encoder.cache_key()}|tokens={tokens}".encode()).hexdigest()[:20]
+    return sha256_text(f"{encoder.cache_key()}|tokens={tokens}")[:20]
 
 
 class FeatureTable:
@@ -282,11 +282,10 @@ class FeatureCache:
     def _write_shard(self, shard_no: int, tensors: dict[str, torch.Tensor], hashes: list[str]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._shard_path(shard_no)
-        tmp = self.dir / f".{path.name}.{os.getpid()}.tmp"
         keys = {KEYS_META: json.dumps(hashes)}  # under the shard's sha256: the index's rows are checked against it
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=keys)
-        (digest, keys_digest), size = _shard_digests(tmp), tmp.stat().st_size
-        os.replace(tmp, path)  # atomic: a reader never sees half a shard
+        with atomic_path(path) as tmp:  # a reader never sees half a shard
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=keys)
+            (digest, keys_digest), size = _shard_digests(tmp), tmp.stat().st_size
         _VERIFIED[str(path)] = ((size, path.stat().st_mtime_ns, digest), keys_digest)
         self.shards[shard_no] = {"sha256": digest, "bytes": size, "items": len(hashes)}
         for row, h in enumerate(hashes):
@@ -296,9 +295,9 @@ class FeatureCache:
     def _write_index(self) -> None:
         self._row_digests = None  # the rows changed
         shards = {str(s): meta for s, meta in sorted(self.shards.items())}
-        tmp_index = self.dir / f".index.json.{os.getpid()}.tmp"
-        tmp_index.write_text(json.dumps({"format": INDEX_FORMAT, "shards": shards, "rows": self.index}))
-        os.replace(tmp_index, self.dir / "index.json")
+        atomic_write_text(
+            self.dir / "index.json", json.dumps({"format": INDEX_FORMAT, "shards": shards, "rows": self.index})
+        )
 
     def _load(self, locations: list[list[int]]) -> FeatureTable:
         used = sorted({shard for shard, _ in locations})
@@ -314,14 +313,11 @@ def _shard_digests(path: Path) -> tuple[str, str | None]:
 
     One read: the header (8-byte little-endian length, then JSON) is parsed on the way through.
     """
-    h = hashlib.sha256()
     with open(path, "rb") as f:
         head = f.read(8)
         size = int.from_bytes(head, "little") if len(head) == 8 else 0
         header = f.read(size) if 0 < size <= 100_000_000 else b""
-        h.update(head + header)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        h = sha256_stream(f, prefix=head + header)
     try:
         keys = json.loads(json.loads(header)["__metadata__"][KEYS_META])
     except (ValueError, KeyError, TypeError, RecursionError):
@@ -331,7 +327,7 @@ def _shard_digests(path: Path) -> tuple[str, str | None]:
 
 
 def _keys_digest(keys: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(keys).encode("utf-8", "surrogatepass")).hexdigest()
+    return sha256_text("\n".join(keys))
 
 
 def _parse_index(data: object) -> tuple[dict[str, list[int]], dict[int, dict[str, object]]]:
@@ -360,10 +356,10 @@ def _parse_index(data: object) -> tuple[dict[str, list[int]], dict[int, dict[str
 def _mark(root: Path) -> None:
     """Write the marker that tells `clear_cache` this folder is a feature cache."""
     marker = root / MARKER
-    if not marker.exists():
-        tmp = root / f"{MARKER}.{os.getpid()}.{threading.get_ident()}.tmp"  # per thread: writers in one process race
-        tmp.write_text("mmfuse feature cache: `mmfuse cache clear` deletes only the files mmfuse wrote here\n")
-        os.replace(tmp, marker)
+    if not marker.exists():  # writers in one process or several race: each has its own temporary file
+        atomic_write_text(
+            marker, "mmfuse feature cache: `mmfuse cache clear` deletes only the files mmfuse wrote here\n"
+        )
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmfuse.files import check_regular, open_regular
+from mmfuse.text import is_blank, one_line
 
 if TYPE_CHECKING:
     from mmfuse.encoders.base import Encoder
@@ -107,13 +108,13 @@ class Schema:
 
 
 def _text(value: Any) -> str | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if is_blank(value):
         return None
     return str(value).strip()
 
 
 def _clean_label(value: Any) -> Any:
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if is_blank(value):
         return None
     return value.strip() if isinstance(value, str) else value
 
@@ -128,7 +129,7 @@ def _json_value(text: str, where: str) -> Any:
     except RecursionError:
         return DataError(f"{where}: JSON nested too deeply")
     except ValueError as err:  # e.g. an integer of more than 4300 digits
-        return DataError(f"{where}: bad JSON: {str(err).splitlines()[0][:120]}")
+        return DataError(f"{where}: bad JSON: {one_line(err, 120)}")
 
 
 def _read_text(path: Path) -> str:

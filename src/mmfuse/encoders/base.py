@@ -27,7 +27,6 @@ network's weights, and they must only read files under the data root (`DataRoot.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -39,8 +38,9 @@ import torch
 from torch import nn
 
 from mmfuse.assets import module_sha256
-from mmfuse.files import open_regular
+from mmfuse.io import sha256_file, sha256_text
 from mmfuse.registry import Registry
+from mmfuse.text import is_blank
 
 ENCODERS: Registry[type[Encoder]] = Registry("encoder")
 
@@ -103,27 +103,18 @@ def _encodable(text: str) -> bool:
 def field_value(row: Mapping[str, Any], field: str) -> Any:
     """The value of `field` in a parsed row; None when the key is absent, null, or an empty/blank string."""
     value = row.get(field)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return value
+    return None if is_blank(value) else value
 
 
 def hash_value(value: Any) -> str:
     """A stable content hash of a plain value (str, number, bool, or tuples/lists of them)."""
-    if isinstance(value, str):
-        data = value.encode("utf-8", "surrogatepass")
-    else:
-        data = json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    return hashlib.sha256(data).hexdigest()[:32]
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), sort_keys=True)  # ASCII
+    return sha256_text(text)[:32]
 
 
 def hash_file(path: str) -> str:
     """A content hash of a file's bytes (so a renamed copy hits the cache, an edited file misses it)."""
-    h = hashlib.sha256()
-    with open_regular(path) as f:  # never blocks on a FIFO or a device
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:32]
+    return sha256_file(path)[:32]  # never blocks on a FIFO or a device
 
 
 @dataclass

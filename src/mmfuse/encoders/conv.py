@@ -22,6 +22,7 @@ from torch import nn
 from mmfuse.assets import load_state_dict_file
 from mmfuse.encoders.base import ENCODERS, EncoderOutput
 from mmfuse.encoders.image_common import ImageEncoder, ImagePreprocessor, flatten_feature_map
+from mmfuse.text import flattened
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ def load_weights(net: nn.Module, path: str) -> None:
     try:
         net.load_state_dict({k: state[fitting[0] + k] for k in keys})
     except RuntimeError as err:  # a shape mismatch: a different width, depth or kernel size
-        reason = " ".join(str(err).split())
-        raise ValueError(f"weights file {path} does not fit the conv encoder: {reason[:300]}") from None
+        raise ValueError(f"weights file {path} does not fit the conv encoder: {flattened(err, 300)}") from None
     logger.info("loaded conv encoder weights from %s", path)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError, hash_file, hash_value
 from mmfuse.files import NotRegularFileError, open_regular
+from mmfuse.text import is_blank, one_line
 
 VectorRef = str | tuple[float, ...]  # an absolute .npy path, or the vector's values
 
@@ -104,7 +105,7 @@ class EmbeddingEncoder(Encoder):
         if self.columns is not None or self.prefix is not None:
             return self._read_columns(row)
         value = row.get(field)
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if is_blank(value):
             return None
         if isinstance(value, str):
             path = root.resolve(value, "embedding")
@@ -136,7 +137,7 @@ class EmbeddingEncoder(Encoder):
         names = self._group(row)
         what = f"columns {names[0]}..{names[-1]}" if names else f"columns {self.prefix}<n>"
         cells = [row.get(n) for n in names]
-        empty = [n for n, c in zip(names, cells, strict=True) if c is None or (isinstance(c, str) and not c.strip())]
+        empty = [n for n, c in zip(names, cells, strict=True) if is_blank(c)]
         if len(empty) == len(names):
             return None
         if empty:
@@ -169,7 +170,7 @@ class EmbeddingEncoder(Encoder):
         except NotRegularFileError as err:
             raise ValueError(str(err).replace(f"file {path} is", "the file is")) from None
         except (OSError, EOFError, ValueError) as err:
-            raise ValueError(f"not a readable .npy array ({str(err).splitlines()[0][:100]})") from None
+            raise ValueError(f"not a readable .npy array ({one_line(err, 100)})") from None
 
     def load(self, ref: Hashable) -> np.ndarray:
         """Reference -> the vector as an array."""

@@ -19,6 +19,7 @@ import torch
 from mmfuse.assets import dir_sha256, minilm_dir, module_sha256, unsafe_pickle_message
 from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError, field_value
 from mmfuse.files import NotRegularFileError, check_folder
+from mmfuse.fusion.attention import masked_mean
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +205,7 @@ class HFTextEncoder(Encoder):
         if self.pooling == "cls":
             pooled = tokens[:, 0]
         elif self.pooling == "mean":
-            weights = mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
-            pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            pooled = masked_mean(tokens, mask)  # (B, H)
         else:
             pooled = out.pooler_output
         return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)

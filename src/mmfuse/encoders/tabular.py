@@ -28,17 +28,14 @@ import torch
 from torch import nn
 
 from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError
+from mmfuse.text import is_blank
 
 MISSING, UNKNOWN, FIRST = 0, 1, 2  # categorical indices: missing cell, unseen value, first vocabulary entry
 
 
 def is_missing(value: Any) -> bool:
     """None, an empty or blank string, and float NaN are missing cells."""
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return not value.strip()
-    return isinstance(value, float) and math.isnan(value)
+    return is_blank(value) or (isinstance(value, float) and math.isnan(value))
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # larger cells would overflow the encoder's float32 inputs
