@@ -14,6 +14,7 @@ from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.attention import real_tokens
 from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
 from mmfuse.fusion.positional import coord_grid, grid_shape
+from mmfuse.fusion.question import QuestionReader
 
 AGGREGATES = ("sum", "mean", "attention")
 
@@ -22,39 +23,43 @@ AGGREGATES = ("sum", "mean", "attention")
 class RelationFusion(Fusion):
     """Relation Network: `fused = f(sum_{i,j} g([o_i; o_j; q]))` over all ordered pairs of grid cells.
 
-    All ordered pairs (i, j), i == j included, as in the paper.
+        All ordered pairs (i, j), i == j included, as in the paper.
 
-    The objects `o_i = [x_i; x_pos_i; y_pos_i]` are the `spatial` modality's tokens with their normalised grid
-    coordinates (column, row in [-1, 1]); `q` is the other modality's pooled vector. `g` has `g_layers` Linear+ReLU
-    layers of width G; its first layer is computed per object and per question, never per pair:
-    `W [o_i; o_j; q] + b = A o_i + B o_j + (C q + b)` (A o_i = `g_in_i(x_i) + g_pos_i(xy_i)`, B o_j likewise with
-    `g_in_j`, `g_pos_j`; `g_in_q` gives C q + b), so only the later layers run on
-    the P pairs, in chunks of at most `max_chunk_pairs` (sample, pair) rows; with `recompute` a chunk's activations
-    are recomputed in the backward pass instead of kept (memory bounded by one chunk, 10-20% more time).
-    `f` has `f_layers` Linear layers (ReLU between, width F; dropout before the last) ending at D_out.
+        The objects `o_i = [x_i; x_pos_i; y_pos_i]` are the `spatial` modality's tokens with their normalised grid
+        coordinates (column, row in [-1, 1]); `q` is the other modality read by `question` (its pooled vector, or a GRU
+    over its tokens: `fusion/question.py`). `g` has `g_layers` Linear+ReLU
+        layers of width G; its first layer is computed per object and per question, never per pair:
+        `W [o_i; o_j; q] + b = A o_i + B o_j + (C q + b)` (A o_i = `g_in_i(x_i) + g_pos_i(xy_i)`, B o_j likewise with
+        `g_in_j`, `g_pos_j`; `g_in_q` gives C q + b), so only the later layers run on
+        the P pairs, in chunks of at most `max_chunk_pairs` (sample, pair) rows; with `recompute` a chunk's activations
+        are recomputed in the backward pass instead of kept (memory bounded by one chunk, 10-20% more time).
+        `f` has `f_layers` Linear layers (ReLU between, width F; dropout before the last) ending at D_out.
 
-    Aggregates: "sum" (the paper), "mean" (over real pairs), or "attention": `sum_ij softmax_ij(a . g_ij) g_ij`
-    with a learned `a` (`score`). Padded tokens (`mask` False) and every token of an absent sample (`present` False)
-    form no pair: their values change nothing. Exactly two modalities.
+        Aggregates: "sum" (the paper), "mean" (over real pairs), or "attention": `sum_ij softmax_ij(a . g_ij) g_ij`
+        with a learned `a` (`score`). Padded tokens (`mask` False) and every token of an absent sample (`present` False)
+        form no pair: their values change nothing. Exactly two modalities.
 
-    `extras["pair_weights"]` (B, T, T), detached: `[b, i, j]` is pair (i, j)'s weight: its share of the attention,
-    else the norm of `g_ij` (its contribution to the sum); 0 for pairs of padded tokens.
+        `extras["pair_weights"]` (B, T, T), detached: `[b, i, j]` is pair (i, j)'s weight: its share of the attention,
+        else the norm of `g_ij` (its contribution to the sum); 0 for pairs of padded tokens.
 
-    Args:
-        input_dims: {modality: D_m}, two modalities.
-        output_dim: D_out.
-        spatial: the modality whose tokens are the objects (a flattened h x w grid). "auto": the builder asks the
-            encoders (the one image encoder that gives tokens); built directly, the modality called "image".
-        grid: (h, w) of the spatial grid; by default the square grid of its T tokens.
-        g_layers: layers of g (the paper: 4).
-        g_dim: G, the width of g (the paper: 256).
-        f_layers: layers of f, the last one to D_out.
-        f_dim: F, the width of f's hidden layers; defaults to G.
-        aggregate: "sum", "mean" or "attention".
-        dropout: dropout before f's last layer (the paper: 0.5).
-        max_chunk_pairs: the most (sample, pair) rows g's later layers run on at once.
-        max_batch_pairs: the most (sample, pair) rows one batch may hold, B * T * T; a larger batch is refused.
-        recompute: recompute each chunk in the backward pass (gradient checkpointing) rather than keep it.
+        Args:
+            input_dims: {modality: D_m}, two modalities.
+            output_dim: D_out.
+            spatial: the modality whose tokens are the objects (a flattened h x w grid). "auto": the builder asks the
+                encoders (the one image encoder that gives tokens); built directly, the modality called "image".
+            grid: (h, w) of the spatial grid; by default the square grid of its T tokens.
+            g_layers: layers of g (the paper: 4).
+            g_dim: G, the width of g (the paper: 256).
+            f_layers: layers of f, the last one to D_out.
+            f_dim: F, the width of f's hidden layers; defaults to G.
+            aggregate: "sum", "mean" or "attention".
+            dropout: dropout before f's last layer (the paper: 0.5).
+            max_chunk_pairs: the most (sample, pair) rows g's later layers run on at once.
+            max_batch_pairs: the most (sample, pair) rows one batch may hold, B * T * T; a larger batch is refused.
+            recompute: recompute each chunk in the backward pass (gradient checkpointing) rather than keep it.
+            question: how q is read: "pooled" (the question's pooled vector) or "gru" (a GRU over its tokens, which
+                keeps word order: "is the A left of the B?" against "is the B left of the A?").
+            question_dim: the GRU's width with question: gru.
     """
 
     needs_tokens = True
@@ -75,9 +80,12 @@ class RelationFusion(Fusion):
         max_chunk_pairs: int = 65536,
         max_batch_pairs: int = 1 << 22,
         recompute: bool = True,
+        question: str = "pooled",
+        question_dim: int = 256,
     ) -> None:
         super().__init__(input_dims, output_dim)
         self.spatial, self.question = spatial_and_question("relation", self.modalities, spatial)
+        self.reader = QuestionReader(question, self.input_dims[self.question], question_dim, "relation")
         if aggregate not in AGGREGATES:
             raise ValueError(f"relation aggregate must be one of {', '.join(AGGREGATES)}; got {aggregate!r}")
         if min(g_layers, f_layers, g_dim, f_dim or g_dim, max_chunk_pairs, max_batch_pairs) < 1:
@@ -88,7 +96,7 @@ class RelationFusion(Fusion):
         d_s = self.input_dims[self.spatial]
         self.g_in_i, self.g_in_j = nn.Linear(d_s, g_dim, bias=False), nn.Linear(d_s, g_dim, bias=False)  # A, B: x
         self.g_pos_i, self.g_pos_j = nn.Linear(2, g_dim, bias=False), nn.Linear(2, g_dim, bias=False)  # A, B: xy
-        self.g_in_q = nn.Linear(self.input_dims[self.question], g_dim)  # C, b
+        self.g_in_q = nn.Linear(self.reader.output_dim, g_dim)  # C, b
         self.g = nn.Sequential(
             *(m for _ in range(g_layers - 1) for m in (nn.Linear(g_dim, g_dim), nn.ReLU(inplace=True)))
         )
@@ -99,12 +107,12 @@ class RelationFusion(Fusion):
         self.f = nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(dims[-1], output_dim))
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
-        """g's first layer on the tokens (`g_in_i`, `g_in_j`) for the spatial modality, `g_in_q` for the question
-        (the coordinates' `g_pos_i`, `g_pos_j` belong to no modality)."""
+        """g's first layer on the tokens (`g_in_i`, `g_in_j`) for the spatial modality, the question's reader and
+        `g_in_q` for the question (the coordinates' `g_pos_i`, `g_pos_j` belong to no modality)."""
         super().modality_parameters(modality)  # checks the name
         if modality == self.spatial:
             return [*self.g_in_i.parameters(), *self.g_in_j.parameters()]
-        return list(self.g_in_q.parameters())
+        return [*self.reader.parameters(), *self.g_in_q.parameters()]
 
     def check_batch(self, batch_size: int, num_tokens: int) -> None:
         """ValueError when B * T * T (sample, pair) rows are beyond `max_batch_pairs`."""
@@ -124,7 +132,7 @@ class RelationFusion(Fusion):
         coords = coord_grid(h, w, device=tokens.device, dtype=tokens.dtype)  # (T, 2)
         a_i = self.g_in_i(tokens) + self.g_pos_i(coords)  # (B, T, G): A o_i with o_i = [x_i; xy_i]
         b_j = self.g_in_j(tokens) + self.g_pos_j(coords)  # (B, T, G): B o_j
-        c_q = self.g_in_q(features[self.question].pooled)  # (B, G)
+        c_q = self.g_in_q(self.reader(features[self.question], self.question))  # (B, G)
         pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)  # (B, T, T)
         rows = max(1, self.max_chunk_pairs // max(1, b * t))  # object rows i per chunk
         parts = []

@@ -12,6 +12,7 @@ from torch import nn
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
 from mmfuse.fusion.positional import coord_grid, grid_shape
+from mmfuse.fusion.question import QuestionReader
 from mmfuse.fusion.relation import spatial_and_question, spatial_tokens
 
 
@@ -39,7 +40,8 @@ class SpatialFiLMFusion(Fusion):
     The `spatial` modality's tokens (B, T, C) become a map (B, C, h, w); the stem `x_0 = relu(bn(conv1x1([map; xy])))`
     projects it with its coordinate channels (x, y in [-1, 1]) to `width` channels. Each of the `num_blocks` blocks
     is `p = relu(conv1x1([x; xy]))`, `x' = p + relu(gamma_k * bn(conv3x3(p)) + beta_k)`, BatchNorm without affine,
-    and `gamma_k = 1 + dgamma_k`, `beta_k` predicted from the other modality's pooled vector `q` by one linear layer
+    and `gamma_k = 1 + dgamma_k`, `beta_k` predicted from the other modality `q` (read by `question`: its pooled
+    vector, or a GRU over its tokens as in the paper, `fusion/question.py`) by one linear layer
     (`film`: `[dgamma_1, beta_1, ..., dgamma_N, beta_N] = W q + b`, gamma around 1 as in the official code). The
     classifier stem: coordinates, a 1x1 conv to `classifier_channels`, ReLU, global max pooling over real cells, and a
     linear layer to D_out. Padded or absent cells are zero in the map and left out of the max (a sample without any
@@ -55,6 +57,9 @@ class SpatialFiLMFusion(Fusion):
         width: W, the channels of the blocks (the paper: 128).
         num_blocks: N (the paper: 4).
         classifier_channels: K (the paper: 512).
+        question: how q is read: "pooled" (the question's pooled vector) or "gru" (a GRU over its tokens, which
+            keeps word order; the paper's question encoder is a GRU).
+        question_dim: the GRU's width with question: gru.
     """
 
     needs_tokens = True
@@ -69,9 +74,12 @@ class SpatialFiLMFusion(Fusion):
         width: int = 128,
         num_blocks: int = 4,
         classifier_channels: int = 512,
+        question: str = "pooled",
+        question_dim: int = 256,
     ) -> None:
         super().__init__(input_dims, output_dim)
         self.spatial, self.question = spatial_and_question("spatial_film", self.modalities, spatial)
+        self.reader = QuestionReader(question, self.input_dims[self.question], question_dim, "spatial_film")
         if min(width, num_blocks, classifier_channels) < 1:
             raise ValueError("spatial_film width, num_blocks and classifier_channels must be >= 1")
         self.grid = None if grid is None else tuple(grid)
@@ -80,15 +88,17 @@ class SpatialFiLMFusion(Fusion):
         self.stem = nn.Conv2d(self.input_dims[self.spatial], width, kernel_size=1)
         self.stem_xy = nn.Conv2d(2, width, kernel_size=1, bias=False)
         self.stem_norm = nn.BatchNorm2d(width)
-        self.film = nn.Linear(self.input_dims[self.question], 2 * width * num_blocks)
+        self.film = nn.Linear(self.reader.output_dim, 2 * width * num_blocks)
         self.blocks = nn.ModuleList(FiLMedBlock(width) for _ in range(num_blocks))
         self.classifier = nn.Conv2d(width + 2, classifier_channels, kernel_size=1)
         self.fc = nn.Linear(classifier_channels, output_dim)
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
-        """The stem's conv over the tokens for the spatial modality, the FiLM generator for the question."""
+        """The stem's conv over the tokens for the spatial modality, the reader and FiLM generator for the question."""
         super().modality_parameters(modality)  # checks the name
-        return list((self.stem if modality == self.spatial else self.film).parameters())
+        if modality == self.spatial:
+            return list(self.stem.parameters())
+        return [*self.reader.parameters(), *self.film.parameters()]
 
     def forward(self, features: dict[str, EncoderOutput]) -> FusionOutput:
         tokens, mask = spatial_tokens(features[self.spatial], self.spatial, "spatial_film")  # (B, T, C), (B, T)
@@ -96,7 +106,8 @@ class SpatialFiLMFusion(Fusion):
         h, w = grid_shape(t, self.grid, f"spatial_film's {self.spatial} input")
         fmap = tokens.transpose(1, 2).unflatten(2, (h, w))  # (B, C, h, w)
         coords = coord_grid(h, w, device=tokens.device, dtype=tokens.dtype).T.unflatten(1, (h, w)).expand(b, 2, h, w)
-        film = self.film(features[self.question].pooled).view(b, self.num_blocks, 2, self.width)  # (B, N, 2, W)
+        q = self.reader(features[self.question], self.question)  # (B, Q)
+        film = self.film(q).view(b, self.num_blocks, 2, self.width)  # (B, N, 2, W)
         x = torch.relu(self.stem_norm(self.stem(fmap) + self.stem_xy(coords)))  # (B, W, h, w)
         for k, block in enumerate(self.blocks):
             x = block(x, coords, 1 + film[:, k, 0], film[:, k, 1])
