@@ -98,6 +98,13 @@ def build_model_from(
     grids = [m for m, e in encoders.items() if e.modality == "image" and e.has_tokens]  # flattened feature maps
     fusion = build_fusion(model_cfg.fusion, {m: e.output_dim for m, e in encoders.items()}, grids)
     head = model_cfg.head
+    reader = getattr(fusion, "reader", None)  # a fusion that reads its question through fusion/question.py
+    if reader is not None and reader.needs_tokens and not encoders[fusion.question].has_tokens:
+        raise ConfigError(
+            f"model.fusion.question: {reader.reader} reads the {fusion.question} tokens, but "
+            f"model.encoders.{fusion.question} ({model_cfg.encoders[fusion.question].name}) gives none; "
+            "use question: pooled"
+        )
     heads = {n: MLPHead(fusion.output_dim, t.out_dim, head.hidden_dims, head.dropout) for n, t in tasks.items()}
     return MultiTaskModel(encoders, fusion, tasks, heads)
 
