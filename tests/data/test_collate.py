@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmfuse.data import Collator, MultiModalDataset, Record
+from mmfuse.data.collate import merge_absent
 
 TEXTS = ["a cat", "is there a small red circle in the picture?", "what colour is the shape on the left?"]
 
@@ -93,3 +94,12 @@ def test_collator_pickles_and_works_in_a_dataloader(dataset, processors, tasks):
     batches = list(loader)
     assert [b["index"].tolist() for b in batches] == [[0, 1], [2]]
     assert batches[0]["labels"]["tags"].shape == (2, 4)
+
+
+def test_merge_absent_ors_the_masks_of_one_modality_and_keeps_the_others() -> None:
+    a, b = torch.tensor([True, False, False]), torch.tensor([False, False, True])
+    text = torch.tensor([False, True, False])
+    merged = merge_absent({"image": a}, None, {"image": b, "text": text})
+    assert merged["image"].tolist() == [True, False, True] and merged["text"] is text
+    assert a.tolist() == [True, False, False]  # the inputs are not changed in place
+    assert merge_absent() == {} and merge_absent(None, {}) == {}

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +110,41 @@ class FeatureTable:
         mask = pos.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
         idx = (starts.unsqueeze(1) + pos.unsqueeze(0)).clamp(max=tokens.shape[0] - 1)
         return EncoderOutput(pooled, tokens[idx] * mask.unsqueeze(-1).to(tokens.dtype), mask)  # (B, T, D)
+
+
+@torch.inference_mode()
+def encode_rows(
+    encoder: Encoder,
+    refs: Sequence[object],
+    load: Callable[[object], object],
+    batch_size: int,
+    tokens: bool,
+    modality: str,
+) -> dict[str, torch.Tensor]:
+    """Encode `refs` in batches (each loaded by `load` only when its batch comes) into one shard's tensors.
+
+    The caller puts the encoder in eval mode. Padding is not stored: a row's tokens are its real tokens only.
+
+    Returns:
+        {"pooled": (N, D)} float32, plus with `tokens` {"tokens": (sum T_i, D), "offsets": (N + 1,)}.
+    """
+    device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
+    pooled, toks, lengths = [], [], []
+    for b in range(0, len(refs), batch_size):
+        raws = [load(r) for r in refs[b : b + batch_size]]
+        out = encoder(move_to(encoder.collate([encoder.preprocess(r) for r in raws]), device))
+        pooled.append(out.pooled.float().cpu())
+        if tokens:
+            if out.tokens is None:
+                raise ValueError(f"{modality} encoder gives no tokens but the fusion needs them")
+            mask = out.mask if out.mask is not None else torch.ones(out.tokens.shape[:2], dtype=torch.bool)
+            for t, m in zip(out.tokens.float().cpu(), mask.cpu()):
+                toks.append(t[m])
+                lengths.append(int(m.sum()))
+    shard = {"pooled": torch.cat(pooled)}
+    if tokens:
+        shard["tokens"], shard["offsets"] = torch.cat(toks), torch.tensor([0, *lengths]).cumsum(0)
+    return shard
 
 
 def _merge(parts: list[tuple[torch.Tensor, EncoderOutput]], n: int) -> EncoderOutput:
@@ -249,30 +284,13 @@ class FeatureCache:
         if bad:
             self._write_index()
 
-    @torch.inference_mode()
     def _encode_and_store(self, items: list[tuple[str, str]], batch_size: int) -> None:
-        enc = self.encoder.eval()
-        device = next((p.device for p in enc.parameters()), torch.device("cpu"))
+        self.encoder.eval()
         shard_no = max(self.shards, default=-1) + 1
         for start in range(0, len(items), SHARD_ITEMS):
             chunk = items[start : start + SHARD_ITEMS]
-            pooled, toks, lengths = [], [], []
-            for b in range(0, len(chunk), batch_size):
-                raws = [self._load_raw(r) for _, r in chunk[b : b + batch_size]]
-                inputs = move_to(enc.collate([enc.preprocess(r) for r in raws]), device)
-                out = enc(inputs)
-                pooled.append(out.pooled.float().cpu())
-                if self.keep_tokens:
-                    if out.tokens is None:
-                        raise ValueError(f"{self.modality} encoder gives no tokens but the fusion needs them")
-                    mask = out.mask if out.mask is not None else torch.ones(out.tokens.shape[:2], dtype=torch.bool)
-                    for t, m in zip(out.tokens.float().cpu(), mask.cpu()):
-                        toks.append(t[m])
-                        lengths.append(int(m.sum()))
-            tensors = {"pooled": torch.cat(pooled)}
-            if self.keep_tokens:
-                tensors["tokens"] = torch.cat(toks)
-                tensors["offsets"] = torch.tensor([0, *lengths]).cumsum(0)
+            raws = [r for _, r in chunk]
+            tensors = encode_rows(self.encoder, raws, self._load_raw, batch_size, self.keep_tokens, self.modality)
             self._write_shard(shard_no, tensors, [h for h, _ in chunk])
             shard_no += 1
 

@@ -80,3 +80,15 @@ def collate_unique(encoder: Encoder, items: list[Any], refs: Sequence[Hashable |
         first.setdefault(u, b)
     unique = [items[first[u]] for u in range(len(slot))]
     return UniqueInputs(encoder.collate(unique), torch.tensor(index, dtype=torch.long))
+
+
+def merge_absent(*masks: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """{modality: (B,) bool} masks of samples lacking a modality, merged: a sample lacks it when any mask says so.
+
+    A modality named by one mask only keeps that mask (the same tensor); None counts as no mask.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for mask in masks:
+        for m, a in (mask or {}).items():
+            merged[m] = merged[m] | a if m in merged else a
+    return merged

@@ -21,7 +21,6 @@ draw, and removes or permutes a superset of the words.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,13 +29,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from mmfuse.io import sha256_text
+
 BLUR_MAX_FRACTION = 0.1  # the blur's std at severity 1, as a fraction of the image's shorter side
 OCCLUDER_GREY = 127
 
 
 def rng_for(seed: int, kind: str, content: str) -> np.random.Generator:
     """The generator that corrupts one input: a function of (seed, kind, the input's content hash) only."""
-    digest = hashlib.sha256(f"{kind}|{content}".encode("utf-8", "surrogatepass")).digest()
+    digest = bytes.fromhex(sha256_text(f"{kind}|{content}"))
     return np.random.default_rng([int(seed), int.from_bytes(digest[:8], "little")])
 
 

@@ -14,7 +14,6 @@ The metrics are those of `mmfuse evaluate` (the same loader and Lightning test l
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,9 @@ from typing import Any
 import torch
 
 from mmfuse.config import ConfigError
-from mmfuse.data.cache import FeatureCache, encoder_key
+from mmfuse.data.cache import FeatureCache, FeatureTable, encode_rows, encoder_key
+from mmfuse.data.collate import merge_absent
+from mmfuse.io import sha256_text
 from mmfuse.workbench.corrupt import CORRUPTIONS, absent_mask, kinds_for, rng_for
 from mmfuse.workbench.robustness import robustness  # noqa: F401  (part of this module's interface)
 
@@ -116,10 +117,10 @@ class Stress:
         run.splits = {split: run.splits[split][:limit]}
         self.features = run.prepare()  # validates the records; clean features of the cached modalities
         self.split, self.seed, self.records = split, int(seed), run.splits[split]
-        self.cache_dir = cfg.train.cache_dir
+        self.cache_dir = run.loader_options.cache_dir
         self.options = run.loader_options
         self.module = run.module()
-        self.trainer = eval_trainer(cfg.train.accelerator)
+        self.trainer = eval_trainer(run.options.accelerator)
 
     # ------------------------------------------------------------------ conditions
     def kinds(self, modality: str) -> list[str]:
@@ -180,8 +181,7 @@ class Stress:
                 absent[modality] = missing
         for c in active:
             if c.kind == "absent":
-                drawn = absent_mask(len(self.records), c.severity, self.seed)
-                absent[c.modality] = absent[c.modality] | drawn if c.modality in absent else drawn
+                absent = merge_absent(absent, {c.modality: absent_mask(len(self.records), c.severity, self.seed)})
         return Features(tables, rows), absent
 
     @torch.inference_mode()
@@ -196,9 +196,6 @@ class Stress:
         Returns:
             (FeatureTable of the distinct inputs, (N,) long row of each record, (N,) bool records without one).
         """
-        from mmfuse.data.cache import FeatureTable
-        from mmfuse.utils import move_to
-
         enc = self.model.encoders[modality]
         refs = [r.inputs.get(modality) for r in self.records]
         distinct = list(dict.fromkeys(r for r in refs if r is not None))
@@ -212,25 +209,14 @@ class Stress:
             return table, rows, missing
         row_of = {ref: i for i, ref in enumerate(distinct)}
         rows = torch.tensor([row_of.get(r, 0) for r in refs], dtype=torch.long)
-        device = next((p.device for p in enc.parameters()), torch.device("cpu"))
         was_training = enc.training
         enc.eval()
-        pooled, tokens, lengths = [], [], []
-        for start in range(0, len(distinct), ENCODE_BATCH):
-            items = [
-                enc.preprocess(self.corrupt_raw(enc, ref, chain)) for ref in distinct[start : start + ENCODE_BATCH]
-            ]
-            out = enc(move_to(enc.collate(items), device))
-            pooled.append(out.pooled.float().cpu())
-            if keep_tokens:
-                mask = out.mask if out.mask is not None else torch.ones(out.tokens.shape[:2], dtype=torch.bool)
-                for t, m in zip(out.tokens.float().cpu(), mask.cpu()):
-                    tokens.append(t[m])
-                    lengths.append(int(m.sum()))
-        enc.train(was_training)
-        shard = {"pooled": torch.cat(pooled)}
-        if keep_tokens:
-            shard["tokens"], shard["offsets"] = torch.cat(tokens), torch.tensor([0, *lengths]).cumsum(0)
+        try:
+            shard = encode_rows(
+                enc, distinct, lambda ref: self.corrupt_raw(enc, ref, chain), ENCODE_BATCH, keep_tokens, modality
+            )
+        finally:
+            enc.train(was_training)
         loc = torch.stack([torch.zeros(len(distinct), dtype=torch.long), torch.arange(len(distinct))], dim=1)
         return FeatureTable([shard], loc), rows, missing
 
@@ -275,7 +261,7 @@ class CorruptedCache(FeatureCache):
         self.chain, self.corrupt = list(chain), corrupt
         tag = ";".join(f"{c.kind}:{c.severity!r}" for c in chain)
         key = f"{encoder_key(encoder, tokens)}|corrupt={tag}|seed={seed}"
-        self.dir = self.root / hashlib.sha256(key.encode()).hexdigest()[:20]
+        self.dir = self.root / sha256_text(key)[:20]
         self._read_index()
 
     def _load_raw(self, raw: str) -> object:
@@ -291,11 +277,8 @@ class WithAbsent:
 
     def __call__(self, items: Any) -> dict[str, Any]:
         batch = self.base(items)
-        merged = dict(batch.get("absent") or {})
-        for m, rows in self.absent.items():
-            drawn = rows[batch["index"].cpu()]
-            merged[m] = merged[m] | drawn if m in merged else drawn
-        batch["absent"] = merged
+        index = batch["index"].cpu()
+        batch["absent"] = merge_absent(batch.get("absent"), {m: rows[index] for m, rows in self.absent.items()})
         return batch
 
 
