@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmfuse.tasks import TASK_KINDS, LabelError, MLPHead, Task, build_task
+from mmfuse.tasks.heads import linear_head
 
 
 def make(kind: str) -> Task:
@@ -179,3 +180,14 @@ def test_true_class_probability(kind: str, seed: int) -> None:
     probs = task.predict(logits)["probabilities"]  # (5, C): the probability of every class
     expected = probs[torch.arange(5), target.long()]
     torch.testing.assert_close(task.true_class_probability(logits, target), expected)
+
+
+def test_linear_head_is_the_one_affine_layer_of_a_linear_head() -> None:
+    plain = MLPHead(6, 3)
+    assert linear_head(plain) is plain.net[0]
+    with_dropout = MLPHead(6, 3, dropout=0.2)
+    assert linear_head(with_dropout) is with_dropout.net[1]
+    bare = torch.nn.Linear(6, 3)
+    assert linear_head(bare) is bare
+    assert linear_head(MLPHead(6, 3, hidden_dims=[4])) is None  # Linear, GELU, Dropout, Linear: not affine
+    assert linear_head(torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.ReLU())) is None

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from mmfuse.files import NotRegularFileError, check_regular, open_regular
+from mmfuse.io import sha256_file
 
 logger = logging.getLogger(__name__)
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
-_CHUNK = 1 << 20
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
@@ -62,11 +62,7 @@ def file_sha256(path: str | Path) -> str:
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_HASHES:
-        digest = hashlib.sha256()
-        with open_regular(path, "weights file") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        _FILE_HASHES[key] = digest.hexdigest()
+        _FILE_HASHES[key] = sha256_file(path, "weights file")
         logger.debug("hashed %s", path)
     return _FILE_HASHES[key]
 

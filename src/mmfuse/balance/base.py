@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mmfuse.registry import Registry
+from mmfuse.tasks.heads import linear_head
 
 if TYPE_CHECKING:
     from mmfuse.fusion.base import FusionOutput
@@ -38,18 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BALANCERS: Registry[type[Balancer]] = Registry("balancer")
-
-
-def linear_head(head: nn.Module) -> nn.Linear | None:
-    """The head's only affine layer when it is linear (`nn.Linear`, or an `MLPHead` without hidden layers)."""
-    if isinstance(head, nn.Linear):
-        return head
-    net = getattr(head, "net", None)
-    if isinstance(net, nn.Sequential):
-        layers = [m for m in net if not isinstance(m, (nn.Dropout, nn.Identity))]
-        if len(layers) == 1 and isinstance(layers[0], nn.Linear):
-            return layers[0]
-    return None
 
 
 def decompose_logits(linear: nn.Linear, fusion: FusionOutput) -> dict[str, torch.Tensor]:

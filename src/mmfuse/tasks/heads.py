@@ -29,3 +29,19 @@ class MLPHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def linear_head(head: nn.Module) -> nn.Linear | None:
+    """The head's only affine layer when the head is linear (an `nn.Linear`, or an `MLPHead` without hidden layers:
+    its `net` holds one `nn.Linear` and only Dropout or Identity besides, the identity in eval mode); else None.
+
+    Exact per-modality logit contributions (modality balancing, `mmfuse explain`) need this layer.
+    """
+    if isinstance(head, nn.Linear):
+        return head
+    net = getattr(head, "net", None)
+    if isinstance(net, nn.Sequential):
+        layers = [m for m in net if not isinstance(m, (nn.Dropout, nn.Identity))]
+        if len(layers) == 1 and isinstance(layers[0], nn.Linear):
+            return layers[0]
+    return None
