@@ -122,6 +122,50 @@ def token_positions(
     return sincos_1d(torch.arange(n, **kw), dim)
 
 
+def auto_spatial(spatial: str | None, modalities: list[str]) -> str | None:
+    """A fusion's `spatial` option, with "auto" resolved for a fusion built directly: the modality called "image" if
+    there is one, else None. (The builder replaces "auto" by the modality whose encoder gives a grid of tokens.)"""
+    if spatial == "auto":
+        return "image" if "image" in modalities else None
+    return spatial
+
+
+class TokenPositions:
+    """The fixed positions a token fusion adds to its projected tokens: `(m, tokens (B, T, D))` -> (T, dim) 2-D
+    sine-cosine encodings on the `spatial` modality's h x w grid, 1-D ones on another modality's tokens, or 0.0
+    when `enabled` is off. The options are checked when it is made (`check_positions`); it holds no parameters.
+
+    Args:
+        fusion: the fusion's name, in errors.
+        size_name: the option that sets `dim`, in errors ("output_dim", "hidden_dim").
+        dim: size of each encoding (the fusion's model size).
+        enabled: the fusion's `positional` option.
+        spatial: the grid modality, or None.
+        grid: (h, w) of the grid; by default the square grid of its T tokens.
+        modalities: the fusion's modalities.
+    """
+
+    def __init__(
+        self,
+        fusion: str,
+        size_name: str,
+        dim: int,
+        enabled: bool,
+        spatial: str | None,
+        grid: tuple[int, int] | None,
+        modalities: list[str],
+    ) -> None:
+        check_positions(fusion, size_name, dim, enabled, spatial, grid, modalities)
+        self.fusion, self.dim, self.enabled, self.spatial = fusion, dim, enabled, spatial
+        self.grid = None if grid is None else tuple(grid)
+
+    def __call__(self, m: str, tokens: torch.Tensor) -> torch.Tensor | float:
+        """(T_m, dim) encodings of modality m's token positions, or 0.0 when off."""
+        if not self.enabled:
+            return 0.0
+        return token_positions(tokens, self.dim, m == self.spatial, self.grid, f"{self.fusion}'s {m} input")
+
+
 def check_positions(
     fusion: str, size_name: str, dim: int, positional: bool, spatial: str | None, grid: object, modalities: list[str]
 ) -> None:

@@ -12,15 +12,15 @@ from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.attention import (
     Attention,
     QueryReadout,
-    check_positions,
+    TokenPositions,
+    auto_spatial,
     check_readout,
     masked_mean,
     real_tokens,
-    token_positions,
 )
 from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
 
-__all__ = ["Attention", "CoAttentionBlock", "CoAttentionFusion"]
+__all__ = ["CoAttentionBlock", "CoAttentionFusion"]
 
 
 class CoAttentionBlock(nn.Module):
@@ -122,10 +122,10 @@ class CoAttentionFusion(Fusion):
         num_queries: int = 1,
     ) -> None:
         super().__init__(input_dims, output_dim)
-        if spatial == "auto":
-            spatial = "image" if "image" in self.input_dims else None
+        spatial = auto_spatial(spatial, self.modalities)
         d = output_dim if hidden_dim is None else hidden_dim
-        self._check(d, num_layers, num_heads, positional, spatial, grid)
+        self._check(d, num_layers, num_heads)
+        self._positions = TokenPositions("co_attention", "hidden_dim", d, positional, spatial, grid, self.modalities)
         check_readout("co_attention", readout, num_queries)
         self.hidden_dim, self.positional, self.spatial, self.grid = d, positional, spatial, grid
         self.return_weights, self.readout, self.num_queries = return_weights, readout, num_queries
@@ -151,16 +151,13 @@ class CoAttentionFusion(Fusion):
         super().modality_parameters(modality)  # checks the name
         return [*self.norm_in[modality].parameters(), *self.proj[modality].parameters()]
 
-    def _check(
-        self, d: int, num_layers: int, num_heads: int, positional: bool, spatial: str | None, grid: object
-    ) -> None:
+    def _check(self, d: int, num_layers: int, num_heads: int) -> None:
         if len(self.modalities) != 2:
             raise ValueError(f"co_attention fuses exactly two modalities; got {self.modalities}")
         if num_layers < 1 or num_heads < 1 or d % num_heads:
             raise ValueError(
                 f"co_attention needs num_layers >= 1 and hidden_dim ({d}) divisible by num_heads ({num_heads})"
             )
-        check_positions("co_attention", "hidden_dim", d, positional, spatial, grid, self.modalities)
 
     def forward(self, features: dict[str, EncoderOutput], return_weights: bool | None = None) -> FusionOutput:
         """Fuse; `return_weights` overrides the init option for this call."""
@@ -210,9 +207,3 @@ class CoAttentionFusion(Fusion):
                 x[m] = torch.cat([self.cls[m].expand(x[m].shape[0], 1, -1), x[m]], dim=1)  # (B, 1 + T_m, d)
                 own[m] = torch.cat([torch.ones_like(masks[m][:, :1]), masks[m]], dim=1)  # (B, 1 + T_m)
         return x, masks, own
-
-    def _positions(self, m: str, tokens: torch.Tensor) -> torch.Tensor | float:
-        """(T_m, d) fixed encodings of modality m's token positions (0 when `positional` is off)."""
-        if not self.positional:
-            return 0.0
-        return token_positions(tokens, self.hidden_dim, m == self.spatial, self.grid, f"co_attention's {m} input")

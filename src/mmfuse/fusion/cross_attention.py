@@ -12,13 +12,13 @@ from torch import nn
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.attention import (
     QueryReadout,
+    TokenPositions,
     attend,
-    check_positions,
+    auto_spatial,
     check_readout,
     masked_mean,
     real_tokens,
     split_heads,
-    token_positions,
 )
 from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
 
@@ -90,8 +90,7 @@ class CrossAttentionFusion(Fusion):
         num_queries: int = 1,
     ) -> None:
         super().__init__(input_dims, output_dim)
-        if spatial == "auto":
-            spatial = "image" if "image" in self.input_dims else None
+        spatial = auto_spatial(spatial, self.modalities)
         q_side, _, k_side = direction.partition("_to_")
         if len(self.modalities) != 2 or q_side == k_side or {q_side, k_side} != set(self.modalities):
             raise ValueError(
@@ -102,11 +101,13 @@ class CrossAttentionFusion(Fusion):
             raise ValueError(f"cross_attention query must be 'pooled' or 'tokens', got {query!r}")
         if num_heads < 1 or output_dim % num_heads:
             raise ValueError(f"cross_attention output_dim ({output_dim}) must be divisible by num_heads ({num_heads})")
-        check_positions("cross_attention", "output_dim", output_dim, positional, spatial, grid, self.modalities)
+        self._positions = TokenPositions(
+            "cross_attention", "output_dim", output_dim, positional, spatial, grid, self.modalities
+        )
         self._check_readout(readout, num_queries, query)
         self.q_side, self.k_side, self.query = q_side, k_side, query
         self.num_heads, self.return_weights = num_heads, return_weights
-        self.positional, self.spatial, self.grid = positional, spatial, None if grid is None else tuple(grid)
+        self.positional, self.spatial, self.grid = positional, spatial, self._positions.grid
         d_q, d_k = self.input_dims[q_side], self.input_dims[k_side]
         self.norm_q = nn.LayerNorm(d_q) if norm else None
         self.norm_k = nn.LayerNorm(d_k) if norm else None
@@ -172,12 +173,6 @@ class CrossAttentionFusion(Fusion):
         check_readout("cross_attention", readout, num_queries, allowed=("mean", "query"))
         if readout == "query" and query != "tokens":
             raise ValueError("cross_attention readout='query' needs query='tokens' (a pooled query leaves one output)")
-
-    def _positions(self, m: str, tokens: torch.Tensor) -> torch.Tensor | float:
-        """(T_m, D_out) fixed encodings of modality m's token positions (0 when `positional` is off)."""
-        if not self.positional:
-            return 0.0
-        return token_positions(tokens, self.output_dim, m == self.spatial, self.grid, f"cross_attention's {m} input")
 
     @staticmethod
     def _normed(norm: nn.LayerNorm | None, x: torch.Tensor) -> torch.Tensor:
