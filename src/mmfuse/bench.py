@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from mmfuse.builders import run_outline
 from mmfuse.config import ConfigError, RunConfig, load_config, parse_config
 from mmfuse.io import atomic_write_text
 from mmfuse.multirun import fmt_stats, primary_metrics, scoring_split, seed_stats, train_or_reuse
@@ -85,7 +86,7 @@ def resolve_weightings(names: list[str]) -> list[str]:
 def single_task_config(base: RunConfig, task: str, seed: int) -> RunConfig:
     """`base` cut to one task: monitored by that task's primary metric, its loss weighed 1."""
     data = base.model_dump(mode="json")
-    metric = TASK_KINDS.get(base.tasks[task].kind).default_metric
+    metric = TASK_KINDS.get(run_outline(base).tasks[task]).default_metric
     data["seed"] = seed
     data["tasks"] = {task: {**data["tasks"][task], "weight": 1.0}}
     data["train"].update(weighting={"name": "equal"}, monitor=f"val/{task}/{metric}", progress_bar=False)
@@ -96,7 +97,7 @@ def multi_task_config(base: RunConfig, weighting: str, seed: int) -> RunConfig:
     """`base` with the task weighting `weighting` (its options kept when `base` already names it)."""
     data = base.model_dump(mode="json")
     data["seed"] = seed
-    if data["train"]["weighting"]["name"] != weighting:
+    if run_outline(base).weighting != weighting:
         data["train"]["weighting"] = {"name": weighting}
     data["train"]["progress_bar"] = False
     return parse_config(data)
@@ -129,7 +130,7 @@ def _plan(base: RunConfig, weightings: list[str], seeds: list[int], out_dir: Pat
     """Every run of the bench, configs validated up front (before anything is trained)."""
     jobs: list[Job] = []
     for seed in seeds:
-        for t in base.tasks:
+        for t in run_outline(base).tasks:
             jobs.append(
                 Job(SINGLE, t, seed, single_task_config(base, t, seed), out_dir / f"single-{t}" / f"seed{seed}")
             )
@@ -155,6 +156,7 @@ def run_mtl_bench(
     """
     start = time.perf_counter()
     base = load_config(config, list(overrides))
+    outline = run_outline(base)
     names = resolve_weightings(list(weightings))
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
@@ -176,14 +178,14 @@ def run_mtl_bench(
         }
         log.info("bench [%d/%d] done in %.0f s", i, len(jobs), summary["timings_s"]["total"])
     result = {
-        "config": base.name,
+        "config": outline.name,
         "config_path": str(config) if config is not None else None,
         "overrides": list(overrides),
-        "epochs": base.train.max_epochs,
+        "epochs": outline.max_epochs,
         "seeds": seeds,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "definition": DEFINITION,
-        **summarise(runs, list(base.tasks), names, seeds),
+        **summarise(runs, list(outline.tasks), names, seeds),
         "bench_wall_s": round(time.perf_counter() - start, 1),
     }
     text = render_markdown(result)

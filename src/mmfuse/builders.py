@@ -1,5 +1,6 @@
 """Builders: turn a validated config into objects, passing flat arguments (torchtune's rule: configs never
-intrude into the classes). The only readers of a `RunConfig` below the CLI."""
+intrude into the classes). The only readers of a `RunConfig`: every other module gets built objects, plain options
+or a `RunOutline`, and may hand a config on whole (tests/test_config_readers.py checks it)."""
 
 from __future__ import annotations
 
@@ -377,6 +378,31 @@ def trained_for_missing_inputs(cfg: RunConfig) -> bool:
     from mmfuse.balance import BALANCERS
 
     return bool(getattr(BALANCERS.get(cfg.train.balance.name), "drops_modalities", False))
+
+
+@dataclass(frozen=True)
+class RunOutline:
+    """What the commands around a run ask of its config (the CLI, `serve`, `explain`, `compare`, `bench`): its
+    name, seed and epochs, its tasks' kinds ({task: kind}, in the config's order), its task weighting's name and
+    its fusion (the component as configured: a comparison's members start from its options)."""
+
+    name: str
+    seed: int
+    max_epochs: int
+    tasks: dict[str, str]
+    weighting: str
+    fusion: Component
+
+
+def run_outline(cfg: RunConfig) -> RunOutline:
+    return RunOutline(
+        name=cfg.name,
+        seed=cfg.seed,
+        max_epochs=cfg.train.max_epochs,
+        tasks={n: tc.kind for n, tc in cfg.tasks.items()},
+        weighting=cfg.train.weighting.name,
+        fusion=cfg.model.fusion,
+    )
 
 
 # ---------------------------------------------------------------------- training components

@@ -434,9 +434,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(args.out, overrides)  # only what may change on resume (mmfuse.runs.RESUME_MAY_CHANGE)
     else:
         cfg = load_config(args.config, overrides)
-    out = Path(args.out) if args.out else _default_run_dir(cfg.name)
     _quiet_lightning(args)  # after the config is read: a config error answers before the heavy imports
+    from mmfuse.builders import run_outline
     from mmfuse.train.run import train
+
+    out = Path(args.out) if args.out else _default_run_dir(run_outline(cfg).name)  # the name was checked in cfg
 
     summary = train(cfg, out, resume=args.resume)
     if summary.get("world_size", 1) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":

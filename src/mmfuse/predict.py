@@ -47,7 +47,7 @@ class Predictor:
         run = open_run(run_dir)
         self.model, self.config = run.model, run.config
         self.schema = build_schema(self.config, self.model.encoders)
-        labels = {tc.field or name for name, tc in self.config.tasks.items()}
+        labels = set(self.schema.labels.values())  # each task's label field
         self._other_fields = labels | {self.schema.split_field, self.schema.group_by} - {None}
         self.schema.labels, self.schema.split_field, self.schema.group_by = {}, None, None
         self.trained_for_missing = trained_for_missing_inputs(self.config)

@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # the model and its builders import torch: `resume_config` an
 
 @dataclass
 class LoadedRun:
-    """A finished run: its directory, resolved config and model (in eval mode)."""
+    """A finished run: its directory, resolved config (handed to `mmfuse.builders`, which alone read it) and model
+    (in eval mode)."""
 
     run_dir: Path
     config: RunConfig
@@ -31,11 +32,11 @@ def open_run(run_dir: str | Path) -> LoadedRun:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mmfuse.builders import build_model_from, build_tasks
+    from mmfuse.builders import build_model
 
     run_dir = check_run_dir(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    model = build_model_from(cfg.model, build_tasks(cfg.tasks))
+    model = build_model(cfg)
     weights = run_dir / "model.safetensors"
     try:
         with safe_open(str(weights), "pt") as f:

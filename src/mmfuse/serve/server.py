@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import uvicorn
 
+from mmfuse.builders import run_outline
 from mmfuse.config import ConfigError
 from mmfuse.predict import Predictor
 from mmfuse.serve.app import Service, create_app
@@ -70,7 +71,7 @@ def describe_run(predictor: Predictor, run_dir: Path, options: ServeOptions, fil
     needs_all = not (predictor.trained_for_missing or options.allow_missing)
     model = predictor.model
     return {
-        "name": predictor.config.name,
+        "name": run_outline(predictor.config).name,
         "tasks": {name: {"kind": t.kind, "classes": t.classes} for name, t in model.tasks.items()},
         "inputs": {
             m: {

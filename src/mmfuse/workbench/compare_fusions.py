@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from mmfuse.builders import build_encoders, build_fusion
+from mmfuse.builders import build_encoders, build_fusion, run_outline
 from mmfuse.config import Component, ConfigError, RunConfig
 from mmfuse.encoders.base import EncoderOutput
 
@@ -69,12 +69,12 @@ def resolve_fusions(
     """
     wanted = _registered(names)
     encoders = build_encoders(base.model)
-    options = options or {}
-    _check_options(options, wanted, base.model.fusion, {m: e.output_dim for m, e in encoders.items()})
+    options, fusion = options or {}, run_outline(base).fusion
+    _check_options(options, wanted, fusion, {m: e.output_dim for m, e in encoders.items()})
     explicit = ({n.strip() for n in names} | set(options)) - {"all"}
     kept, skipped = [], {}
     for f in wanted:
-        reason = why_not_feedable(f, base.model.fusion, encoders, options.get(f))
+        reason = why_not_feedable(f, fusion, encoders, options.get(f))
         if reason is None:
             kept.append(f)
         elif f in explicit:

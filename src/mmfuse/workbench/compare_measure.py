@@ -72,7 +72,7 @@ def _measure(run_dir: Path, repeats: dict[int, int]) -> dict[str, Any]:
     records = (records * (size // len(records) + 1))[:size]
     run.splits = {split: records}
     feats = run.prepare()
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and run.options.accelerator != "cpu" else "cpu")
     model = model.to(device).eval()
     latency: dict[str, float] = {}
     for b in LATENCY_BATCHES:

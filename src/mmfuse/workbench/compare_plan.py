@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from mmfuse.builders import run_outline
 from mmfuse.config import MAX_SEED, ConfigError, RunConfig, apply_overrides, default_config_path, parse_config
 from mmfuse.workbench.compare_args import check_out, parse_fusions, parse_seeds, parse_vary
 from mmfuse.workbench.compare_fusions import fusion_component, resolve_fusions
@@ -110,17 +111,20 @@ def plan_compare(
     from mmfuse.config import load_config
 
     base = load_config(config, list(overrides))  # a bad config or --set answers here, as `train` would
+    outline = run_outline(base)
     n_seeds = parse_seeds(seeds)
-    if base.seed + n_seeds - 1 > MAX_SEED:
-        raise ConfigError(f"--seeds: the config's seed {base.seed} + {n_seeds - 1} is over the largest seed {MAX_SEED}")
+    if outline.seed + n_seeds - 1 > MAX_SEED:
+        raise ConfigError(
+            f"--seeds: the config's seed {outline.seed} + {n_seeds - 1} is over the largest seed {MAX_SEED}"
+        )
     axes = parse_vary(vary)
     listed, options = parse_fusions(fusions)
     names, skipped = resolve_fusions(listed, base, options)
     raw = apply_overrides(_read_raw(config), list(overrides))
-    out = Path(out) if out else Path("runs") / f"compare-{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out) if out else Path("runs") / f"compare-{outline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_out(out)
     plan = Plan(base, str(config) if config else None, list(overrides), names, skipped, axes, [], out)
-    plan.seeds = [base.seed + k for k in range(n_seeds)]
+    plan.seeds = [outline.seed + k for k in range(n_seeds)]
     plan.members = _members(plan, raw, options)
     if len({m.name for m in plan.members}) != len(plan.members):
         raise ConfigError("--vary: two values give the same member folder name; use values that differ in letters")
@@ -131,11 +135,12 @@ def _members(plan: Plan, raw: dict[str, Any], options: dict[str, dict[str, Any]]
     """Every member, seed by seed, then `--vary` combination, then fusion (the order they train in)."""
     axes = plan.vary
     combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] if axes else [{}]
+    base_fusion = run_outline(plan.base).fusion
     members = []
     for seed in plan.seeds:
         for combo in combos:
             for f in plan.fusions:
-                cfg = _member_config(raw, fusion_component(plan.base.model.fusion, f, options.get(f)), combo, seed)
+                cfg = _member_config(raw, fusion_component(base_fusion, f, options.get(f)), combo, seed)
                 name = _member_name(f, combo, seed)
                 members.append(Member(name, f, combo, seed, cfg, plan.out / "members" / name))
     return members

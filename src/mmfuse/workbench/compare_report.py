@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mmfuse.builders import run_outline
 from mmfuse.multirun import fmt_stats, seed_stats
 from mmfuse.workbench.compare_measure import LATENCY_BATCHES
 from mmfuse.workbench.compare_plan import Plan
@@ -34,15 +35,16 @@ def summarise(plan: Plan, rows: list[dict[str, Any]], tasks: dict[str, dict[str,
     """
     groups = [_group(label, members) for label, members in by_group(rows).items()]
     splits = sorted({r["split"] for r in rows})
+    outline = run_outline(plan.base)
     result = {
-        "config": plan.base.name,
+        "config": outline.name,
         "config_path": plan.config_path,
         "overrides": plan.overrides,
         "fusions": plan.fusions,
         "skipped": plan.skipped,
         "vary": plan.vary,
         "seeds": plan.seeds,
-        "epochs": plan.base.train.max_epochs,
+        "epochs": outline.max_epochs,
         "split": splits[0] if len(splits) == 1 else splits,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "tasks": tasks,

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmfuse.builders import run_outline
 from mmfuse.data.records import DataError, Record
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.base import FusionOutput
@@ -84,7 +85,7 @@ class Explainer:
             raise ValueError(f"integration steps must be at least 1, got {steps}")
         self.predictor = run if isinstance(run, Predictor) else Predictor(run, device)
         self.model, self.method, self.steps = self.predictor.model, method, steps
-        self.fusion_name = self.predictor.config.model.fusion.name
+        self.fusion_name = run_outline(self.predictor.config).fusion.name
 
     def record(self, fields: Mapping[str, Any], allow_missing: bool = False, source: str = "command line") -> Record:
         """One checked record from field values (DataError for an unknown field or a missing input)."""
