@@ -6,11 +6,16 @@ commands around a run ask of it comes from `mmfuse.builders.run_outline`."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
+import pytest
+import yaml
+
 from mmfuse.builders import run_outline
+from mmfuse.cli import main
 from mmfuse.config import RunConfig, parse_config
-from tiny import run_config
+from tiny import run_config, write_dataset
 
 SRC = Path(__file__).parents[1] / "src" / "mmfuse"
 READERS = {"config.py", "builders.py"}  # the package's own top-level modules that may read it
@@ -157,3 +162,17 @@ def test_the_run_outline_carries_what_the_commands_ask(tmp_path: Path) -> None:
     assert (outline.name, outline.seed, outline.max_epochs, outline.weighting) == ("outlined", 7, 3, "uncertainty")
     assert outline.tasks == {n: tc.kind for n, tc in cfg.tasks.items()} and list(outline.tasks) == list(cfg.tasks)
     assert outline.fusion == cfg.model.fusion
+
+
+def test_train_without_out_names_the_run_directory_after_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI takes the run's name from `run_outline`: `train` without --out lands in runs/<name>-<date>-<time>."""
+    raw = run_config(write_dataset(tmp_path / "data", n=16), max_epochs=1)
+    raw["name"] = "outlined"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "c.yaml"]) == 0
+    made = [p.name for p in (tmp_path / "runs").iterdir()]
+    assert len(made) == 1 and re.fullmatch(r"outlined-\d{8}-\d{6}", made[0]), made
+    assert f"run directory: runs/{made[0]}" in capsys.readouterr().out
