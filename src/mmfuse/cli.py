@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_bench,
         _add_compare,
         _add_data,
+        _add_export,
     ):
         add(sub)
     return p
@@ -721,6 +722,39 @@ def _data_glyphs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    x = sub.add_parser(
+        "export",
+        help="export a finished run's model to ONNX or TorchScript, checked against PyTorch",
+        formatter_class=_FMT,
+        description="Write the whole model (preprocessed tensors -> every task's logits) and export.json into --out, "
+        "then run the file on a batch of the run's own records and compare it with the PyTorch forward.",
+        epilog="examples:\n  mmfuse export runs/easy_vqa --out exported/easy_vqa\n"
+        "  mmfuse export runs/easy_vqa --format torchscript --out exported/easy_vqa_ts",
+    )
+    x.add_argument("run", help="run directory (holds config.yaml and model.safetensors)")
+    x.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
+    x.add_argument("--out", required=True, help="output directory (created): model.onnx or model.pt, export.json")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmfuse.export import check_request
+
+    check_request(args.run, args.out, args.format)  # format, packages, run and --out answer before torch is imported
+    from mmfuse.export import export_run, read_export_info
+
+    path = export_run(args.run, args.out, args.format)
+    info = read_export_info(path)
+    check = info["check"]
+    print(f"exported {path} ({info['exporter']}); inputs: {', '.join(i['name'] for i in info['inputs'])}")
+    runtime, traced = check["runtime"], check["traced_records"]
+    print(f"check on {check['records']} {check['split']} records, {runtime} vs PyTorch (traced on {traced}):")
+    print(f"  {check['summary']}; same decisions on every task: passed")
+    for task, result in check["tasks"].items():
+        print(f"  {task:<20} max |diff| {result['max_abs_diff']:.3g}")
+    return 0
+
+
 def _table(per_task: dict[str, dict[str, float]]) -> str:
     metrics = sorted({m for v in per_task.values() for m in v})
     width = max([len(t) for t in per_task] + [4])
@@ -780,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         "explain": cmd_explain,
         "compare": cmd_compare,
         "data": cmd_data,
+        "export": cmd_export,
     }
     command = " ".join(name for name in (args.command, getattr(args, "dataset", None)) if name)  # "data relations"
     try:
