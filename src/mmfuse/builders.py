@@ -312,6 +312,9 @@ class TrainOptions:
     checkpoint_every_n_steps: int | None = None
     monitor: str | None = None
     compile: bool = False
+    early_stopping_patience: int | None = None  # None: no early stopping
+    early_stopping_min_delta: float = 0.0
+    time_limit: float | None = None  # seconds of this session's fit
 
 
 def train_options(cfg: RunConfig) -> TrainOptions:
@@ -343,6 +346,9 @@ def train_options(cfg: RunConfig) -> TrainOptions:
         checkpoint_every_n_steps=t.checkpoint_every_n_steps,
         monitor=t.monitor,
         compile=t.compile,
+        early_stopping_patience=t.early_stopping.patience if t.early_stopping else None,
+        early_stopping_min_delta=t.early_stopping.min_delta if t.early_stopping else 0.0,
+        time_limit=t.time_limit,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import types
 import typing
 from collections.abc import Mapping
 from importlib import resources
@@ -21,7 +22,16 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
 from mmfuse.files import NotRegularFileError, open_regular
 from mmfuse.registry import Registry, known_names
@@ -105,8 +115,30 @@ class DataConfig(_Strict):
     group_batches: bool = False
 
 
+def _not_bool(value: Any) -> Any:
+    """A number of seconds or a delta is never `true`/`false` (which pydantic would read as 1/0)."""
+    if isinstance(value, bool):
+        from pydantic_core import PydanticCustomError
+
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
+
+
+# a float that refuses booleans; a string such as "1e-3" (YAML 1.1 reads it as text) is read as a number
+Number = Annotated[float, BeforeValidator(_not_bool)]
+
+
+class EarlyStoppingConfig(_Strict):
+    """Stop after `patience` epochs without an improvement of `train.monitor` greater than `min_delta`."""
+
+    patience: int = Field(3, ge=1, strict=True)  # epochs (Lightning's default)
+    min_delta: Number = Field(0.0, ge=0)  # in the monitored metric's units
+
+
 class TrainConfig(_Strict):
     max_epochs: int = Field(10, gt=0)
+    early_stopping: EarlyStoppingConfig | None = None  # null: train for max_epochs
+    time_limit: Number | None = None  # seconds of this session's fit; checked at each epoch end
     lr: float = Field(1e-3, gt=0)
     encoder_lr: float = Field(1e-5, ge=0)
     # Layer-wise lr decay (BEiT, ELECTRA): an encoder's block at depth k from the top gets encoder_lr * layer_decay**k.
@@ -139,6 +171,15 @@ class TrainConfig(_Strict):
     def _precision_alias(cls, value: Any) -> Any:
         """Lightning's short names: 32 -> 32-true, 16 -> 16-mixed, bf16 -> bf16-mixed."""
         return _PRECISION_ALIASES.get(str(value), value) if isinstance(value, (int, str)) else value
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_limit(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            from pydantic_core import PydanticCustomError
+
+            raise PydanticCustomError("time_limit", "must be > 0 seconds")
+        return value
 
     @field_validator("devices")
     @classmethod
@@ -218,6 +259,8 @@ def _unknown_key_error(err: ConfigError, model: type[BaseModel], data: Mapping[s
             continue
         field = getattr(node, "model_fields", {}).get(part)
         node = field.annotation if field else None
+        if isinstance(node, types.UnionType):  # an optional section (`EarlyStoppingConfig | None`)
+            node = next((a for a in typing.get_args(node) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if node is not None and typing.get_origin(node) is dict:
             node, skip = typing.get_args(node)[1], True
     if isinstance(node, type) and issubclass(node, BaseModel):
@@ -436,6 +479,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})
+            if child is None:  # a null section (`early_stopping: null` in a saved config.yaml) gets its first key
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
             node = child

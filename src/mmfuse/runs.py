@@ -80,6 +80,10 @@ RESUME_MAY_CHANGE = frozenset(
         "train.log_every_n_steps",
         "train.checkpoint_every_n_steps",
         "train.cache_dir",
+        "train.time_limit",  # counts each session's fit time
+        "train.early_stopping",  # on or off (null); its counter comes back from the checkpoint
+        "train.early_stopping.patience",
+        "train.early_stopping.min_delta",
     }
 )
 

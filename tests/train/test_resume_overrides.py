@@ -72,7 +72,8 @@ def test_resume_applies_a_longer_max_epochs_and_the_progress_setting(
 def test_the_allowed_keys_exist_and_everything_else_is_refused(finished: Path) -> None:
     saved = load_config(finished / "config.yaml")
     for key in sorted(RESUME_MAY_CHANGE):
-        value = {"train.max_epochs": 9, "train.progress_bar": True, "train.cache_dir": "/tmp/x"}.get(key, 7)
+        shown = {"train.max_epochs": 9, "train.progress_bar": True, "train.cache_dir": "/tmp/x"}
+        value = {**shown, "train.early_stopping": "{patience: 2}"}.get(key, 7)
         check_resume_changes(saved, load_config(finished / "config.yaml", [f"{key}={value}"]))
     with pytest.raises(ConfigError, match="train.encoder_lr"):
         check_resume_changes(saved, load_config(finished / "config.yaml", ["train.encoder_lr=0.5"]))

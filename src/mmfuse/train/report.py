@@ -100,6 +100,7 @@ def write_report(run_dir: Path, about: RunSummary, summary: dict[str, Any], bad:
     lines += [
         f"- records: {summary['records']}, skipped as bad: {summary['bad_records']}",
         _selection_line(summary),
+        *([f"- stopped: {summary['stop_reason']}"] if summary.get("stop_reason") else []),
         f"- device: {summary['device']} x {summary['world_size']}, precision {summary.get('precision', '32-true')}",
         "- time (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()),
         *[f"- warning: {w}" for w in summary.get("warnings", [])],

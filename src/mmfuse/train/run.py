@@ -62,6 +62,7 @@ from mmfuse.train.history import HistoryCSVLogger, KeepHistory, rows_of
 from mmfuse.train.module import MMFuseModule, check_layer_decay
 from mmfuse.train.report import write_report
 from mmfuse.train.sharding import shard_eval_loader
+from mmfuse.train.stopping import check_stopping, drop_unused_state, stop_reason, stopping_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def build_trainer(
     """
     ckpts = run_dir / "checkpoints"
     csv_logger = HistoryCSVLogger(run_dir, rows_of(resumed) if resumed else ())
-    callbacks: list[Any] = [KeepHistory(csv_logger), Restoring()]
+    callbacks: list[Any] = [KeepHistory(csv_logger), Restoring(), *stopping_callbacks(t, monitor, mode)]
     if monitor is not None:  # Lightning runs checkpoint callbacks last, in this order: last.ckpt holds the new best
         callbacks.append(
             BestCheckpoint(
@@ -151,6 +152,8 @@ def build_trainer(
             )
         )
     callbacks.append(LastCheckpoint(ckpts, t.checkpoint_every_n_steps))
+    if resumed:
+        drop_unused_state(resumed, callbacks)
     if t.progress_bar:
         callbacks.append(progress_callback())
     # On resume, TensorBoard drops the events of the interrupted epoch (those at or after the checkpoint's step).
@@ -280,6 +283,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     resumed = load_checkpoint(last) if resume else None  # checked before anything starts
     L.seed_everything(train_options(cfg).seed, workers=True, verbose=False)
     run = Run(cfg)
+    check_stopping(run.options, bool(run.splits.get("val")))  # before the features are encoded
     write_atomic(run_dir / "config.yaml", dump_config(run.cfg))
     feats = run.prepare()
     if run.bad:
@@ -289,6 +293,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     has_val = bool(run.splits.get("val"))
     if not has_val:
         log.warning("no validation records: no model selection; the last epoch's weights are kept")
+    check_stopping(run.options, has_val)
     monitor, mode = monitor_of(run.options.monitor, run.model) if has_val else (None, "min")
     trainer = build_trainer(run.options, run_dir, monitor, mode, resumed)
     if resumed is not None:
@@ -337,6 +342,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         "best_checkpoint": str(best.relative_to(run_dir)),
         "monitor": monitor,
         "epochs": trainer.current_epoch,
+        "stop_reason": stop_reason(trainer),
         "records": {s: len(r) for s, r in run.splits.items()},
         "bad_records": len(run.bad),
         "warnings": run.warnings,
