@@ -10,8 +10,10 @@ dynamo one fails, as `exporter` says); TorchScript by `torch.jit.trace`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +37,23 @@ def dynamic_shapes(specs: Sequence[InputSpec]) -> tuple[dict[int, object], ...]:
 def capture(module: torch.nn.Module, args: tuple[torch.Tensor, ...], specs: Sequence[InputSpec]):
     """`torch.export.export` of `module` with the specs' dynamic axes (raises what torch.export raises).
 
-    `module.forward(*tensors)` takes its inputs as one variadic argument: its dynamic shapes are one tuple."""
-    return torch.export.export(module, args, dynamic_shapes=(dynamic_shapes(specs),), strict=False)
+    `module.forward(*tensors)` takes its inputs as one variadic argument: its dynamic shapes are one tuple. What
+    torch prints on a failure (warnings, the partial graph on stderr) is kept out: the caller reports it in one line.
+    """
+    with quiet():
+        return torch.export.export(module, args, dynamic_shapes=(dynamic_shapes(specs),), strict=False)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Keep torch's log lines up to warnings, and what it prints to stderr, out of the terminal."""
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(level)
 
 
 def write_onnx(

@@ -134,9 +134,16 @@ def compare(task: Any, want: torch.Tensor, got: np.ndarray) -> dict[str, Any]:
 
 
 def reason(err: BaseException) -> str:
-    """An export error's gist on one line: torch.export puts the useful sentence on its first lines."""
-    text = flattened(err, 240)
-    return text or type(err).__name__
+    """An export error's gist on one line: its first sentence, and the user code that raised it when torch names it
+    (`File "x.py", line 5, in forward` then the line)."""
+    text = flattened(err)
+    first = (text.split(". ")[0] if ". " in text else text)[:200] or type(err).__name__
+    lines = str(err).splitlines()
+    calls = [i for i, line in enumerate(lines) if line.strip().startswith('File "')]
+    if calls and calls[-1] + 1 < len(lines):
+        where = lines[calls[-1]].strip().removeprefix("File ").replace('"', "")
+        first += f" (at {where}: {lines[calls[-1] + 1].strip()[:80]})"
+    return first
 
 
 def run_records(loaded: Any, count: int) -> tuple[list[Any], str]:
