@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -44,13 +45,16 @@ def _stopped(run: Path) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("via", ["yaml", "set"])
-def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path: Path, via: str) -> None:
+def test_early_stopping_stops_after_patience_epochs_without_improvement(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, via: str
+) -> None:
     if via == "yaml":
         cfg, sets, patience = _config(tmp_path, max_epochs=6, early_stopping=PLATEAU), [], 2
     else:
         cfg, patience = _config(tmp_path, max_epochs=6), 1
         sets = ["--set", "train.early_stopping.patience=1", "--set", "train.early_stopping.min_delta=1"]
-    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), *sets]) == 0
+    with caplog.at_level(logging.INFO, logger="mmfuse"):
+        assert main(["train", str(cfg), "--out", str(tmp_path / "run"), *sets]) == 0
     run = tmp_path / "run"
     assert _epochs(run) == list(range(patience + 1))  # epoch 1 sets the best; `patience` epochs do not improve on it
     epochs = "2 epochs" if patience == 2 else "1 epoch"
@@ -59,6 +63,8 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
         f"early_stopping (no improvement of {MONITOR} greater than 1 for {epochs} after epoch 1)",
     )
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "model.safetensors").is_file()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped after epoch")]
+    assert said == [f"stopped after epoch {patience + 1}: {_stopped(run)[1]}"]  # the CLI shows it
 
 
 def test_a_run_that_is_not_stopped_says_max_epochs(tmp_path: Path) -> None:

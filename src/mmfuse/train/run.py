@@ -326,6 +326,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         shown = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise CheckpointError(f"{last}: cannot resume from it: {type(err).__name__}: {shown}") from None
     run.timings["fit"] = time.perf_counter() - t0
+    stopped = stop_reason(trainer)
+    if stopped != "max_epochs" and trainer.is_global_zero:
+        log.info("stopped after epoch %d: %s", trainer.current_epoch, stopped)
     best = best_checkpoint(trainer, run_dir)
     module.load_state_dict(_load_state(str(best), module), strict=True)
     if trainer.is_global_zero:
@@ -342,7 +345,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         "best_checkpoint": str(best.relative_to(run_dir)),
         "monitor": monitor,
         "epochs": trainer.current_epoch,
-        "stop_reason": stop_reason(trainer),
+        "stop_reason": stopped,
         "records": {s: len(r) for s, r in run.splits.items()},
         "bad_records": len(run.bad),
         "warnings": run.warnings,
