@@ -211,4 +211,26 @@ def test_an_encoder_with_data_dependent_control_flow_is_named_in_one_line(
         assert code == 2 and stdout == "" and stderr.count("\n") == 1, stderr
         assert "cannot export: the vec encoder (Branchy) cannot be traced: " in stderr
         assert "data-dependent" in stderr and "if inputs.sum() > 0" in stderr
-        assert not (tmp_path / fmt / "export.json").exists()
+        assert not (tmp_path / fmt).exists()
+
+
+def test_a_failed_check_is_one_line_and_keeps_no_file(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import mmfuse.export.build
+
+    monkeypatch.setattr(mmfuse.export.build, "TOLERANCE", -1.0)  # no difference passes: the check must fail
+    code, stdout, stderr = cli("export", str(run), "--format", "torchscript", "--out", str(tmp_path / "o"))
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1, stderr
+    assert "the exported model disagrees with PyTorch, not kept: max |logit difference| " in stderr
+    assert "(tolerance -1)" in stderr and not (tmp_path / "o").exists()
+
+
+def test_request_errors_answer_before_torch_is_imported(run: Path, tmp_path: Path):
+    from test_cli_startup import _probe
+
+    argvs = [
+        ["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "o")],
+        ["export", str(run), "--format", "tflite", "--out", str(tmp_path / "o")],
+        ["export", str(run), "--out", str(run / "config.yaml")],
+    ]
+    for got in _probe(argvs, tmp_path):
+        assert got["rc"] == 2 and got["err"].startswith("mmfuse export: error: ") and got["loaded"] == [], got

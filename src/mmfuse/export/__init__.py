@@ -64,19 +64,22 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "onnx", c
 
     Raises:
         ExportError: one line: a bad request, a part of the model that cannot be traced (named, with the reason),
-            or a check that fails (max |logit difference| over `TOLERANCE`, or another decision).
+            or a check that fails (max |logit difference| over `TOLERANCE`, or another decision: the file is
+            removed).
     """
     from mmfuse.export.build import ExportJob
 
     run, out = check_request(run_dir, out_dir, format)
     job = ExportJob(run, format, check_size)
-    out.mkdir(parents=True, exist_ok=True)
-    path = job.write(out)
+    existed = out.exists()
+    path = job.write(out)  # creates `out` once the graph is captured
     check = job.check(path)
-    info = job.describe(path, check)
-    _write_json(out / "export.json", info)
     if not check["passed"]:
-        raise ExportError(f"{path}: the exported model disagrees with PyTorch: {check['summary']}")
+        path.unlink()
+        if not existed:
+            out.rmdir()
+        raise ExportError(f"{run}: the exported model disagrees with PyTorch, not kept: {check['summary']}")
+    _write_json(out / "export.json", job.describe(path, check))
     return path
 
 

@@ -132,10 +132,13 @@ class Runner:
             self.module = torch.jit.load(str(path), map_location="cpu").eval()
             self.version = f"torch.jit {torch.__version__}"
 
-    def __call__(self, specs: Sequence[InputSpec], tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        """Flat inputs (in `specs` order) -> one (B, C_t) array per task, in output order."""
+    def __call__(self, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """Flat inputs (named `names`, in the exported order) -> one (B, C_t) array per task, in output order.
+
+        ONNX is fed by name (an input the graph does not use is left out); TorchScript takes every input in order.
+        """
         if self.fmt == "onnx":
-            feed = {s.name: t.numpy() for s, t in zip(specs, tensors, strict=True) if s.name in self.input_names}
+            feed = {n: t.numpy() for n, t in zip(names, tensors, strict=True) if n in self.input_names}
             return list(self.session.run(None, feed))
         with torch.inference_mode():
             return [t.numpy() for t in self.module(*tensors)]

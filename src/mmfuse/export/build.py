@@ -45,13 +45,15 @@ class ExportJob:
         self.exporter = ""
 
     def write(self, out: Path) -> Path:
-        """Capture the graph (naming the part that cannot be traced), write the file; returns its path."""
+        """Capture the graph (naming the part that cannot be traced), then create `out` and write the file into it;
+        returns its path."""
         args = flat_inputs(self.specs, self.trace_batch)
         with torch.no_grad():
             try:
                 program = capture(self.flat, args, self.specs)
             except Exception as err:  # noqa: BLE001  (torch.export raises many types; each becomes one line)
                 raise ExportError(f"{self.run_dir}: cannot export: {self.untraceable(args, err)}") from None
+            out.mkdir(parents=True, exist_ok=True)
             path = out / FILES[self.fmt]
             if self.fmt == "onnx":
                 self.exporter = write_onnx(program, self.flat, args, self.specs, path)
@@ -76,7 +78,7 @@ class ExportJob:
         tensors = flat_inputs(self.specs, self.check_batch)
         with torch.inference_mode():
             want = self.model(self.check_batch).logits
-            got = dict(zip(self.flat.tasks, runner(self.specs, tensors), strict=True))
+            got = dict(zip(self.flat.tasks, runner([s.name for s in self.specs], tensors), strict=True))
             tasks = {name: compare(self.model.tasks[name], want[name], got[name]) for name in self.flat.tasks}
         worst = max(t["max_abs_diff"] for t in tasks.values())
         differ = [n for n, t in tasks.items() if not t["same_decisions"]]
