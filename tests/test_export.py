@@ -234,3 +234,30 @@ def test_request_errors_answer_before_torch_is_imported(run: Path, tmp_path: Pat
     ]
     for got in _probe(argvs, tmp_path):
         assert got["rc"] == 2 and got["err"].startswith("mmfuse export: error: ") and got["loaded"] == [], got
+
+
+def test_the_docs_example_runs(exported: dict[str, Any], run: Path, tmp_path: Path):
+    """docs/export.md's onnxruntime example (PIL + numpy + the tokenizer, no mmfuse) gives PyTorch's logits."""
+    if exported["format"] != "onnx":
+        pytest.skip("ONNX only")
+    from PIL import Image
+
+    from mmfuse.runs import load_run
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    image = tmp_path / "tall.png"  # not square: the crop matters
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 23, 3), dtype=np.uint8)).save(image)
+    setup = f"EXPORT, IMAGE, TEXT = {str(exported['out'])!r}, {str(image)!r}, {TEXTS[1]!r}"
+    code = "\n".join(setup if line.startswith("EXPORT, IMAGE, TEXT =") else line for line in code.splitlines())
+    scope: dict[str, Any] = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(code, "docs/export.md", "exec"), scope)
+    model = load_run(run)
+    img, txt = model.encoders["image"], model.encoders["text"]
+    inputs = {"image": img.collate([img.preprocess(img.load(str(image)))]), "text": txt.collate([TEXTS[1]])}
+    with torch.inference_mode():
+        want = model(inputs).logits
+    for out, got in zip(exported["info"]["outputs"], scope["logits"], strict=True):
+        assert np.abs(got - want[out["name"]].numpy()).max() <= 1e-4, out["name"]
+    assert printed.getvalue().splitlines()[0].startswith("color ")
