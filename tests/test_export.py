@@ -261,3 +261,33 @@ def test_the_docs_example_runs(exported: dict[str, Any], run: Path, tmp_path: Pa
     for out, got in zip(exported["info"]["outputs"], scope["logits"], strict=True):
         assert np.abs(got - want[out["name"]].numpy()).max() <= 1e-4, out["name"]
     assert printed.getvalue().splitlines()[0].startswith("color ")
+
+
+def test_a_table_and_vector_run_exports_with_its_fitted_statistics(tmp_path: Path):
+    """Modalities beyond image and text: a tabular encoder (a transformer layer over column tokens) and a vector."""
+    rows = [
+        {"age": 20.0 + 3 * i if i % 5 else None, "city": "abc"[i % 3], "vec": [i / 10, 1.0, -1.0], "label": "xy"[i % 2]}
+        for i in range(16)
+    ]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = {"name": "tabular", "numeric": ["age"], "categorical": ["city"], "dim": 8, "heads": 2}
+    config = {
+        "name": "table",
+        "model": {
+            "encoders": {"table": table, "vec": {"name": "embedding", "dim": 3}},
+            "fusion": {"name": "concat", "output_dim": 4},
+        },
+        "tasks": {"label": {"kind": "multiclass"}},
+        "data": {"source": "records", "path": str(tmp_path / "records.jsonl"), "val_fraction": 0.25},
+    }
+    run = make_run(tmp_path / "run", config)
+    code, stdout, stderr = cli("export", str(run), "--out", str(tmp_path / "out"))
+    assert code == 0, stderr
+    info = json.loads((tmp_path / "out" / "export.json").read_text())
+    inputs = {i["name"]: i for i in info["inputs"]}
+    assert inputs["table.numeric"]["shape"] == ["batch", 1] and inputs["table.categorical"]["dtype"] == "int64"
+    assert inputs["table.numeric_present"]["dtype"] == "bool" and inputs["vec"]["shape"] == ["batch", 3]
+    pre = info["preprocessing"]["table"]
+    assert pre["categories"] == {"city": ["a", "b", "c"]} and set(pre["stats"]["age"]) == {"mean", "std"}
+    assert info["preprocessing"]["vec"]["dim"] == 3
+    assert info["check"]["passed"] and info["check"]["records"] != info["check"]["traced_records"]

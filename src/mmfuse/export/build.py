@@ -37,12 +37,13 @@ class ExportJob:
         loaded = open_run(run_dir)
         self.run_dir, self.fmt, self.model, self.config = run_dir, fmt, loaded.model.eval(), loaded.config
         records, self.split = run_records(loaded, TRACE_SIZE + check_size)
-        self.trace_batch, self.check_batch = collated(self.model, records[:TRACE_SIZE]), None
-        self.check_batch = collated(self.model, records[TRACE_SIZE:] or records[:TRACE_SIZE])
-        first = records[0].inputs
-        self.specs = input_specs(self.model, self.trace_batch, first)
+        self.trace_batch = collated(self.model, records[:TRACE_SIZE])
+        rest = records[TRACE_SIZE:]
+        self.check_batch = collated(self.model, rest if len(rest) not in (0, TRACE_SIZE) else records)  # another size
+        self.specs = input_specs(self.model, self.trace_batch, records[0].inputs)
         self.flat = FlatModel(self.model, self.specs).eval()
-        self.exporter = ""
+        self.exporter = ""  # which exporter wrote the file (`write`)
+        self.input_names = [s.name for s in self.specs]  # the inputs the written graph takes (`check`)
 
     def write(self, out: Path) -> Path:
         """Capture the graph (naming the part that cannot be traced), then create `out` and write the file into it;
@@ -86,7 +87,7 @@ class ExportJob:
         summary = f"max |logit difference| {worst:.3g} (tolerance {TOLERANCE:g})" + (
             f"; other decisions on {', '.join(differ)}" if differ else ""
         )
-        self.input_names = getattr(runner, "input_names", [s.name for s in self.specs])
+        self.input_names = getattr(runner, "input_names", self.input_names)  # ONNX drops inputs the graph ignores
         return {
             "runtime": runner.version,
             "split": self.split,
@@ -150,7 +151,7 @@ def reason(err: BaseException) -> str:
 
 def run_records(loaded: Any, count: int) -> tuple[list[Any], str]:
     """Up to `count` of the run's own records with every input present and readable, from its test split (else
-    val, else train), and the split's name.
+    val, else train: the first with more than `TRACE_SIZE` such records), and the split's name.
 
     Raises:
         ExportError: fewer than two such records.
@@ -160,11 +161,15 @@ def run_records(loaded: Any, count: int) -> tuple[list[Any], str]:
 
     model = loaded.model
     splits = load_splits(loaded.config, build_schema(loaded.config, model.encoders))
+    found: list[tuple[list[Any], str]] = []
     for split in ("test", "val", "train"):
         complete = [r for r in splits.get(split, []) if all(r.inputs.get(m) is not None for m in model.encoders)]
         good, _ = validate_records(complete[: count * 2], {}, dict(model.encoders), True, allow_missing=True)
-        if len(good) >= TRACE_SIZE:
-            return good[:count], split
+        found.append((good[:count], split))
+        if len(good) > TRACE_SIZE:  # enough for a check batch of another size than the traced one
+            return found[-1]
+    if max(len(good) for good, _ in found) >= TRACE_SIZE:
+        return max(found, key=lambda f: len(f[0]))
     raise ExportError(f"{loaded.run_dir}: its data has fewer than {TRACE_SIZE} readable records with every input")
 
 
