@@ -21,6 +21,8 @@ _LAZY = {
     "FUSIONS": "mmfuse.fusion",
     "TASK_KINDS": "mmfuse.tasks",
     "build_task": "mmfuse.tasks",
+    "MultiTaskPredictor": "mmfuse.predictor",
+    "plan_inputs": "mmfuse.infer",
 }
 
 __all__ = sorted(_LAZY)

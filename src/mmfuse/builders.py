@@ -91,6 +91,12 @@ def build_tasks(tasks: Mapping[str, TaskConfig], classes: Mapping[str, list[str]
     return out
 
 
+def data_location(cfg: RunConfig) -> tuple[str | None, bool]:
+    """(data.root, data.allow_outside_root) of a run: where its records' file paths resolve, and whether
+    absolute paths may leave that folder."""
+    return cfg.data.root, cfg.data.allow_outside_root
+
+
 def build_model_from(
     model_cfg: ModelConfig, tasks: Mapping[str, Task], encoders: Mapping[str, Encoder] | None = None
 ) -> MultiTaskModel:
@@ -98,7 +104,6 @@ def build_model_from(
     encoders = dict(encoders) if encoders is not None else build_encoders(model_cfg)
     grids = [m for m, e in encoders.items() if e.modality == "image" and e.has_tokens]  # flattened feature maps
     fusion = build_fusion(model_cfg.fusion, {m: e.output_dim for m, e in encoders.items()}, grids)
-    head = model_cfg.head
     reader = getattr(fusion, "reader", None)  # a fusion that reads its question through fusion/question.py
     if reader is not None and reader.needs_tokens and not encoders[fusion.question].has_tokens:
         raise ConfigError(
@@ -106,6 +111,7 @@ def build_model_from(
             f"model.encoders.{fusion.question} ({model_cfg.encoders[fusion.question].name}) gives none; "
             "use question: pooled"
         )
+    head = model_cfg.head
     heads = {n: MLPHead(fusion.output_dim, t.out_dim, head.hidden_dims, head.dropout) for n, t in tasks.items()}
     return MultiTaskModel(encoders, fusion, tasks, heads)
 

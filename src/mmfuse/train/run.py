@@ -122,8 +122,10 @@ class EpochLineProgress(ProgressBar):
 
 
 def progress_callback() -> ProgressBar:
-    """A bar on a terminal; one line per epoch when stderr goes to a file or a pipe (CI, batch jobs)."""
-    return TQDMProgressBar(refresh_rate=10) if sys.stderr.isatty() else EpochLineProgress()
+    """A bar on a terminal and in a Jupyter kernel; one line per epoch when stderr goes to a file or a pipe (CI,
+    batch jobs)."""
+    in_notebook = "ipykernel" in sys.modules  # Lightning's bar draws with tqdm.auto: a widget in Jupyter
+    return TQDMProgressBar(refresh_rate=10) if sys.stderr.isatty() or in_notebook else EpochLineProgress()
 
 
 def build_trainer(
