@@ -243,6 +243,10 @@ def build_run_data(
     cfg: RunConfig, encoders: Mapping[str, Encoder] | None = None, errors: list[tuple[str, str]] | None = None
 ) -> RunData:
     """Read the records through the encoders, fit encoders and tasks on the training split, look for leaks."""
+    if cfg.data.source == "shards":  # a shard set: the manifest holds what the fit learned (mmfuse.pack)
+        from mmfuse.pack import shard_run_data
+
+        return shard_run_data(cfg, encoders)
     encoders = dict(encoders) if encoders is not None else build_encoders(cfg.model)
     splits = load_splits(cfg, build_schema(cfg, encoders), errors)
     cfg, encoders = fit_config(cfg, encoders, splits.get("train", []))

@@ -93,7 +93,7 @@ class TaskConfig(BaseModel):
 
 
 class DataConfig(_Strict):
-    source: Literal["easy_vqa", "records"] = "easy_vqa"
+    source: Literal["easy_vqa", "records", "shards"] = "easy_vqa"  # shards: a folder written by `mmfuse pack`
     path: str | None = None
     train: str | None = None
     val: str | None = None

@@ -24,6 +24,7 @@ from mmfuse.data.dataset import MultiModalDataset, encode_labels, validate_recor
 from mmfuse.data.grouping import BatchFetch, GroupedBatchSampler, input_groups
 from mmfuse.data.records import Record
 from mmfuse.data.sampling import EpochRandomSampler, epoch_seed
+from mmfuse.data.shards import ShardRows, ShardSamples, ShardSplit, open_stream
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.model import MultiTaskModel
 
@@ -39,6 +40,10 @@ class Features:
     rows: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
+SHARDS_NOT_CACHED = (
+    "train.cache: features of frozen encoders are not cached from data.source=shards yet ({} frozen); "
+    "set train.cache=false (each batch then runs the frozen encoders)"
+)
 GROUP_BATCHES_ALL_CACHED = (
     "data.group_batches: every encoder's features come from the feature cache, so there is no encoder "
     "pass to save; remove it, or fine-tune an encoder (freeze: false) or set train.cache=false"
@@ -65,6 +70,8 @@ def build_features(
 ) -> Features:
     """Encode (or read back) the distinct inputs of the cached modalities; each record gets its row."""
     feats = Features(rows={s: {} for s in splits})
+    if modalities and any(isinstance(r, ShardSplit) for r in splits.values()):
+        raise ConfigError(SHARDS_NOT_CACHED.format(", ".join(f"model.encoders.{m}" for m in modalities)))
     for m in modalities:
         enc = model.encoders[m]
         cache = FeatureCache(enc, m, cache_dir, tokens=model.fusion.needs_tokens and enc.has_tokens)
@@ -275,6 +282,8 @@ def make_loader(
     loaded and encoded once (`dedupe`, see `shared_modalities`), and with `options.group_batches` the training
     batches keep records that share an input together (`GroupedBatchSampler`).
     """
+    if isinstance(records, ShardSplit):
+        return shard_loader(model, records, split, options)
     cached = set(features.tables)
     uncached = [m for m in model.encoders if m not in cached]
     train = split == "train"
@@ -309,6 +318,22 @@ def make_loader(
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and distributed, **common)
 
 
+def shard_loader(model: MultiTaskModel, split: ShardSplit, name: str, options: LoaderOptions) -> DataLoader:
+    """A split of a shard set: training streams it (LitData: chunks shuffled by seed and epoch, partitioned over
+    ranks and loader workers); evaluation reads it in order by position (sharded over DDP ranks by the caller)."""
+    train = name == "train"
+    samples = ShardSamples(model.encoders, model.tasks, name, train)
+    shared = shared_modalities(model, list(model.encoders), train)
+    collate = Collator(model.encoders, model.tasks, dedupe=shared)
+    workers = default_workers(options, list(model.encoders))
+    if train:
+        from mmfuse.data.shard_stream import stream_loader
+
+        return stream_loader(open_stream(split, samples, True, options.seed), options.batch_size, collate, workers)
+    rows = ShardRows(split, samples)
+    return DataLoader(rows, batch_size=options.eval_batch_size, collate_fn=collate, num_workers=workers)
+
+
 def shared_modalities(model: MultiTaskModel, uncached: list[str], train: bool) -> list[str]:
     """The uncached modalities whose distinct inputs a batch loads and encodes once: all but those whose
     preprocessing is random in training (augmentation gives every record its own view)."""
@@ -340,6 +365,8 @@ def check_records(
     """Validate every record up front; with `skip_bad`, drop and list the bad ones."""
     bad_all: list[tuple[str, str]] = []
     for s in list(splits):
+        if isinstance(splits[s], ShardSplit):  # validated when packed; the shards' checksums were checked
+            continue
         good, bad = validate_records(splits[s], model.tasks, dict(model.encoders), skip_bad=skip_bad)
         splits[s] = good
         bad_all += bad

@@ -1,0 +1,196 @@
+"""`mmfuse pack`: a config's records, validated, into streaming shards; and a run's data read back from them.
+
+`pack` reads each split through the records reader (`build_run_data`: the same one-line errors as `train`), checks
+every record as `train` does (`validate_records`), fits what the config leaves to the training split (class lists,
+tabular statistics) and writes each split with LitData (`mmfuse.data.shards`). The manifest ties the shards to the
+config: the inputs (encoder name and the record fields it reads), the tasks (kind, field), the learned options, the
+data options that fixed the splits, and the size and sha256 of every file.
+
+`shard_run_data` is the other side (`data: {source: shards, path: DIR}`): the manifest must match the run's config
+(else one line), every shard must be intact (else one line naming it), and the learned options come from the
+manifest, so no record is read before training starts.
+
+The config is read here as its plain resolved dict (`model_dump`): only its sections are compared and stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from mmfuse.builders import RunData, build_encoders, build_run_data, build_tasks, loader_options
+from mmfuse.config import ConfigError, RunConfig, parse_config
+from mmfuse.data.dataset import validate_records
+from mmfuse.data.records import Record
+from mmfuse.data.shards import (
+    MANIFEST,
+    ShardError,
+    ShardSplit,
+    read_manifest,
+    record_item,
+    verify_shards,
+    write_manifest,
+    write_split,
+)
+from mmfuse.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
+
+# Data options that decide which records land in which split: fixed at pack time.
+SPLIT_OPTIONS = ("root", "split_field", "group_by", "val_fraction", "test_fraction")
+DATA_DEFAULTS = {"root": None, "split_field": "split", "group_by": None, "val_fraction": 0.1, "test_fraction": 0.0}
+
+
+def file_modalities(encoders: Mapping[str, Encoder]) -> list[str]:
+    """The modalities whose references may name input files (images, `.npy` vectors)."""
+    return [m for m, e in encoders.items() if e.groups_records or e.file_suffixes]
+
+
+def _items(records: list[Record], embed: list[str]) -> Iterator[dict[str, Any]]:
+    for i, r in enumerate(records):
+        files = {}
+        for m in embed:
+            ref = r.inputs.get(m)
+            files[m] = Path(ref).read_bytes() if isinstance(ref, str) else b""
+        yield record_item(i, r, files)
+
+
+def _learned(resolved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options the fit added or changed (a resolved section against the config's own)."""
+    return {k: v for k, v in resolved.items() if given.get(k) != v}
+
+
+def describe(raw: Mapping[str, Any], encoders: Mapping[str, Encoder]) -> dict[str, Any]:
+    """What ties records to a config: each input's encoder and the fields it reads, each task's kind and field."""
+    inputs = {}
+    for m, comp in raw["model"]["encoders"].items():
+        field = comp.get("field") or m
+        inputs[m] = {"encoder": comp["name"], "fields": encoders[m].fields(field)}
+    tasks = {n: {"kind": t["kind"], "field": t.get("field") or n} for n, t in raw["tasks"].items()}
+    return {"inputs": inputs, "tasks": tasks}
+
+
+def pack(cfg: RunConfig, out: str | Path, embed_files: bool = False, chunk_bytes: str = "64MB") -> dict[str, Any]:
+    """Write the config's records, split and validated, as shards in `out`; returns the manifest.
+
+    Raises:
+        ConfigError / DataError: one line (a bad config, a bad record, `out` not empty).
+    """
+    out = Path(out)
+    given = cfg.model_dump(mode="json")
+    if given["data"]["source"] == "shards":
+        raise ConfigError("data.source: already shards; pack a config that reads records (records or easy_vqa)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: exists and is not an empty folder; choose another --out")
+    skip_bad = loader_options(cfg).skip_bad
+    bad: list[tuple[str, str]] = []
+    data = build_run_data(cfg, None, bad if skip_bad else None)
+    resolved = data.cfg.model_dump(mode="json")
+    tasks = build_tasks(data.cfg.tasks)
+    embed = file_modalities(data.encoders) if embed_files else []
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, records in data.splits.items():
+        good, skipped = validate_records(records, tasks, data.encoders, skip_bad=skip_bad)
+        bad += skipped
+        if good:
+            splits[split] = write_split(out, split, _items(good, embed), chunk_bytes)
+            log.info("%s: %d records -> %s/%s", split, len(good), out, split)
+    manifest = {
+        **describe(resolved, data.encoders),
+        "learned": {
+            "encoders": {
+                m: _learned(c, given["model"]["encoders"][m]) for m, c in resolved["model"]["encoders"].items()
+            },
+            "tasks": {n: _learned(t, given["tasks"][n]) for n, t in resolved["tasks"].items()},
+        },
+        "data": {k: given["data"][k] for k in SPLIT_OPTIONS}
+        | {"source": given["data"]["source"], "seed": given["seed"]},
+        "embedded": embed,
+        "splits": splits,
+        "warnings": data.warnings,
+        "bad_records": [f"{s}: {r}" for s, r in bad],
+        "packed": {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "by": _versions()},
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import mmfuse
+
+    return {"mmfuse": mmfuse.__version__, "litdata": version("litdata")}
+
+
+# ---------------------------------------------------------------------- reading a run's data from shards
+def _refuse(folder: str, what: str) -> ShardError:
+    return ShardError(f"{Path(folder) / MANIFEST}: packed for another config: {what}; pack the data again with it")
+
+
+def check_manifest(folder: str, manifest: Mapping[str, Any], raw: Mapping[str, Any], encoders: Mapping[str, Encoder]):
+    """The run's inputs, tasks and split options against the manifest's; ShardError (one line) at the first
+    difference."""
+    here = describe(raw, encoders)
+    for key, section in (("model.encoders", "inputs"), ("tasks", "tasks")):
+        theirs, ours = manifest.get(section, {}), here[section]
+        if set(theirs) != set(ours):
+            raise _refuse(folder, f"{key} are {', '.join(ours)} here, {', '.join(theirs) or 'none'} there")
+        for name, value in ours.items():
+            if theirs[name] != value:
+                raise _refuse(folder, f"{key}.{name} is {value} here, {theirs[name]} there")
+    for k in SPLIT_OPTIONS:
+        ours, theirs = raw["data"][k], manifest.get("data", {}).get(k)
+        if ours not in (theirs, DATA_DEFAULTS[k]):
+            raise _refuse(folder, f"data.{k} is {ours!r} here, {theirs!r} there (the splits are fixed when packing)")
+
+
+def _apply_learned(folder: str, section: dict[str, Any], learned: Mapping[str, Any], where: str) -> bool:
+    """Write the manifest's learned options into a config section; a different value already set is refused."""
+    changed = False
+    for k, v in learned.items():
+        if section.get(k) is not None and section[k] != v:
+            raise _refuse(folder, f"{where}.{k} is set to another value here than the one learned when packing")
+        changed |= section.get(k) != v
+        section[k] = v
+    return changed
+
+
+def shard_run_data(cfg: RunConfig, encoders: Mapping[str, Encoder] | None = None) -> RunData:
+    """A run's data from a shard set: checked against the config, its learned options written in.
+
+    Raises:
+        ConfigError: options that do not apply to shards.
+        ShardError: not a shard set, packed for another config, a missing, truncated or altered shard.
+    """
+    raw = cfg.model_dump(mode="json")
+    d = raw["data"]
+    folder = d["path"]
+    if folder is None or any(d[s] is not None for s in ("train", "val", "test")):
+        raise ConfigError(
+            "data.path: name the shard folder written by `mmfuse pack` (data.train/val/test do not apply)"
+        )
+    for key in ("limit", "group_batches"):
+        if d[key]:
+            raise ConfigError(f"data.{key}: not supported with data.source=shards (pack a smaller set instead)")
+    manifest = read_manifest(folder)
+    built = dict(encoders) if encoders is not None else build_encoders(cfg.model)
+    check_manifest(folder, manifest, raw, built)
+    verify_shards(folder, manifest)
+    rebuild = []
+    for m, learned in manifest["learned"]["encoders"].items():
+        if _apply_learned(folder, raw["model"]["encoders"][m], learned, f"model.encoders.{m}"):
+            rebuild.append(m)
+    for name, learned in manifest["learned"]["tasks"].items():
+        _apply_learned(folder, raw["tasks"][name], learned, f"tasks.{name}")
+    resolved = parse_config(raw)
+    if rebuild and encoders is None:
+        built.update(build_encoders(resolved.model))
+    elif rebuild:
+        raise _refuse(folder, f"model.encoders.{rebuild[0]} was fitted on other data")
+    splits: dict[str, Any] = {s: ShardSplit(str(folder), s, int(v["records"])) for s, v in manifest["splits"].items()}
+    return RunData(resolved, built, splits, list(manifest.get("warnings", [])))
