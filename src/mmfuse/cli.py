@@ -1,4 +1,4 @@
-"""`mmfuse` command line: train, evaluate, predict, explain, serve, list, cache, bench, compare, data. The only
+"""`mmfuse` command line: train, evaluate, predict, explain, serve, list, cache, bench, compare, data, init. The only
 module that prints.
 
 Startup is kept fast: this module imports only the standard library. Each `cmd_*` function checks its
@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_data,
         _add_export,
         _add_pack,
+        _add_init,
     ):
         add(sub)
     return p
@@ -756,6 +757,66 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser(
+        "init",
+        help="write a commented run config inferred from a CSV/JSONL table's columns",
+        formatter_class=_FMT,
+        description="Read the table, decide each column's use (image, text, numeric, categorical, embedding; the "
+        "rules of mmfuse.infer, as MultiTaskPredictor.fit), print the plan and write a YAML run config that "
+        "`mmfuse train` trains as is, with a comment above each entry saying what was inferred and why.",
+        epilog="examples:\n  mmfuse init products.csv --tasks color,price\n"
+        "  mmfuse init items.jsonl --tasks tags --kinds tags=multilabel --inputs sku=ignore --out items.yaml",
+    )
+    i.add_argument("data", help="the table: .csv, or .jsonl/.json (one object per row)")
+    i.add_argument("--tasks", required=True, help="the label columns, comma-separated")
+    i.add_argument("--kinds", help="task kinds instead of inferred: TASK=binary|multiclass|multilabel|regression,...")
+    i.add_argument(
+        "--inputs",
+        help="column uses instead of inferred ones: COLUMN=image|text|numeric|categorical|embedding|ignore,...",
+    )
+    i.add_argument("--root", help="the folder image paths are relative to (default: the data file's folder)")
+    i.add_argument("--out", help="the config to write (default: <data stem>.yaml here); never overwritten")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from mmfuse.infer import PlanError
+
+    out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}.yaml")
+    if out.exists():
+        raise _usage(f"{out}: already exists; pass another --out or remove it")
+    from mmfuse.init_config import draft_config, parse_pairs, task_kinds
+
+    try:
+        tasks = task_kinds(args.tasks, parse_pairs(args.kinds, "--kinds"))
+        inputs = parse_pairs(args.inputs, "--inputs")
+        draft = draft_config(Path(args.data), tasks, inputs, Path(args.root) if args.root else None, _command(args))
+    except PlanError as err:
+        raise _usage(str(err)) from None
+    from mmfuse.config import parse_config
+
+    parse_config(draft.config)  # a config the trainer would refuse is never written
+    print(f"inputs of {args.data} ({len(draft.plan.columns)} columns, {len(draft.plan.tasks)} tasks):")
+    width = max(map(len, draft.why))
+    for name, why in draft.why.items():
+        use = draft.plan.columns.get(name) or f"label: {draft.plan.tasks[name]}"
+        print(f"  {name:<{width}}  {use:<{len('label: multiclass')}}  {why}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "x", encoding="utf-8") as f:  # "x": never overwrite, even if it appeared meanwhile
+        f.write(draft.text)
+    print(f"\nwrote {out}; review it, then: mmfuse train {out}")
+    return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The `mmfuse init` command line as the config's first comment shows it."""
+    parts = ["mmfuse init", Path(args.data).name, "--tasks", args.tasks]
+    for option in ("kinds", "inputs", "root"):
+        if getattr(args, option):
+            parts += [f"--{option}", getattr(args, option)]
+    return " ".join(parts)
+
+
 def _add_pack(sub: argparse._SubParsersAction) -> None:
     pk = sub.add_parser(
         "pack",
@@ -853,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": cmd_data,
         "export": cmd_export,
         "pack": cmd_pack,
+        "init": cmd_init,
     }
     command = " ".join(name for name in (args.command, getattr(args, "dataset", None)) if name)  # "data relations"
     try:
