@@ -91,11 +91,13 @@ def pack(cfg: RunConfig, out: str | Path, embed_files: bool = False, chunk_bytes
     resolved = data.cfg.model_dump(mode="json")
     tasks = build_tasks(data.cfg.tasks)
     embed = file_modalities(data.encoders) if embed_files else []
+    checked = {}
+    for split, records in data.splits.items():  # every record checked before anything is written
+        checked[split], skipped = validate_records(records, tasks, data.encoders, skip_bad=skip_bad)
+        bad += skipped
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
-    for split, records in data.splits.items():
-        good, skipped = validate_records(records, tasks, data.encoders, skip_bad=skip_bad)
-        bad += skipped
+    for split, good in checked.items():
         if good:
             splits[split] = write_split(out, split, _items(good, embed), chunk_bytes)
             log.info("%s: %d records -> %s/%s", split, len(good), out, split)
