@@ -9,4 +9,4 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 # The serve extra (FastAPI + uvicorn) and the export extra (onnx, onnxscript, onnxruntime) too, so the test suite
 # covers `mmfuse serve` and `mmfuse export`.
-.venv/bin/python -m pip install -q -e ".[dev,serve,export]"
+.venv/bin/python -m pip install -q -e ".[dev,serve,export,stream]"

@@ -84,6 +84,14 @@ def files_folder() -> Path:
     return Path(os.environ.get("MMFUSE_SHARD_FILES") or Path(tempfile.gettempdir()) / "mmfuse-shard-files")
 
 
+def require_litdata() -> None:
+    """ShardError (one line) when LitData, which writes and reads the shards, is not installed."""
+    try:
+        import litdata  # noqa: F401
+    except ImportError:
+        raise ShardError("shards need LitData: pip install 'mmfuse[stream]' (or litdata)") from None
+
+
 # ---------------------------------------------------------------------- writing
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -101,6 +109,7 @@ def write_split(
     Returns:
         {"records": N, "files": {relative path: {"bytes": size, "sha256": hex}}} for the manifest.
     """
+    require_litdata()
     from litdata.streaming.writer import BinaryWriter
 
     out = folder / split
@@ -127,6 +136,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- reading and checking
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a shard set. ShardError when `folder` is not one (missing, no manifest, unreadable)."""
+    require_litdata()
     root = Path(folder)
     if not root.is_dir():
         raise ShardError(
