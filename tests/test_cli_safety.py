@@ -32,6 +32,17 @@ def test_an_internal_error_is_one_line_and_exit_1(monkeypatch, capsys) -> None:
     assert err == "mmfuse list: internal error: RuntimeError: boom (run with -v for the traceback)"
 
 
+def test_a_long_internal_error_is_cut_to_300_characters_with_dots(monkeypatch, capsys) -> None:
+    def broken(args) -> int:
+        raise RuntimeError("x" * 1000)
+
+    monkeypatch.setattr(cli, "cmd_list", broken)
+    assert main(["list"]) == 1
+    err = one_line(capsys.readouterr().err)
+    shown = "RuntimeError: " + "x" * (300 - len("RuntimeError: ") - 3) + "..."
+    assert err == f"mmfuse list: internal error: {shown} (run with -v for the traceback)"
+
+
 def test_with_verbose_the_traceback_is_kept(monkeypatch) -> None:
     monkeypatch.setattr(cli, "cmd_list", lambda args: {}["missing"])
     with pytest.raises(KeyError):

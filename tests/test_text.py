@@ -31,3 +31,12 @@ def test_flattened_keeps_every_line_on_one() -> None:
     err = RuntimeError("Error(s) in loading state_dict:\n\tsize mismatch for w: [3] vs [4].\n")
     assert flattened(err) == "Error(s) in loading state_dict: size mismatch for w: [3] vs [4]."
     assert flattened(err, 9) == "Error(s) "
+
+
+def test_one_line_typed_names_the_type_and_marks_a_cut() -> None:
+    assert one_line(RuntimeError("boom\nmore"), typed=True) == "RuntimeError: boom"
+    assert one_line(KeyError(), typed=True) == "KeyError"  # no message: the type name once
+    cut = one_line(ValueError("x" * 50), 20, typed=True)
+    assert cut == "ValueError: xxxxx..." and len(cut) == 20
+    assert one_line(ValueError("short"), 20, typed=True) == "ValueError: short"  # nothing cut, no "..."
+    assert one_line("plain text", typed=True) == "plain text"  # a message alone has no type to name

@@ -22,6 +22,7 @@ from torch import nn
 
 from mmfuse.files import NotRegularFileError, check_regular, open_regular
 from mmfuse.io import sha256_file
+from mmfuse.text import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError:
         raise ValueError(unsafe_pickle_message(f"weights file {path}")) from None
     except Exception as err:  # torch and safetensors raise EOFError, KeyError, RuntimeError, their own errors
-        reason = str(err).splitlines()[0][:120] if str(err).strip() else "the file ends early"
+        reason = one_line(str(err), 120) or "the file ends early"
         raise ValueError(f"weights file {path} is not readable weights ({type(err).__name__}: {reason})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):

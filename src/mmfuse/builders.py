@@ -30,6 +30,7 @@ from mmfuse.encoders.base import Encoder
 from mmfuse.fusion.base import Fusion
 from mmfuse.model import MultiTaskModel
 from mmfuse.tasks import TASK_KINDS, MLPHead, Task, build_task
+from mmfuse.text import is_blank, one_line
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def build_encoder(modality: str, comp: EncoderConfig) -> Encoder:
     try:
         return ENCODERS.get(comp.name)(**opts)
     except _BUILD_ERRORS as err:
-        raise ConfigError(f"model.encoders.{modality}: {_one_line(err)}") from None
+        raise ConfigError(f"model.encoders.{modality}: {one_line(err)}") from None
 
 
 def build_encoders(model_cfg: ModelConfig) -> dict[str, Encoder]:
@@ -70,7 +71,7 @@ def build_fusion(comp: Component, input_dims: Mapping[str, int], grids: Sequence
     try:
         return cls(input_dims=dict(input_dims), **opts)
     except (ValueError, TypeError, RuntimeError, OverflowError) as err:  # torch: a size it cannot allocate
-        raise ConfigError(f"model.fusion: {_one_line(err)}") from None
+        raise ConfigError(f"model.fusion: {one_line(err)}") from None
 
 
 def build_tasks(tasks: Mapping[str, TaskConfig], classes: Mapping[str, list[str]] | None = None) -> dict[str, Task]:
@@ -183,7 +184,7 @@ def load_splits(cfg: RunConfig, schema: Schema, errors: list[tuple[str, str]] | 
 
 def _check_group_by(cfg: RunConfig) -> None:
     g = cfg.data.group_by
-    if g is not None and not g.strip():
+    if g is not None and is_blank(g):
         raise ConfigError("data.group_by: empty; name a modality or a record field")
 
 
@@ -210,7 +211,7 @@ def fit_config(
         try:
             learned = enc.fit([r.inputs[m] for r in train if r.inputs.get(m) is not None])
         except ValueError as err:  # e.g. a table column without any value in the training split
-            raise ConfigError(f"model.encoders.{m}: {_one_line(err)}") from None
+            raise ConfigError(f"model.encoders.{m}: {one_line(err)}") from None
         if learned:
             data["model"]["encoders"][m].update(learned)
             comp = EncoderConfig.model_validate(data["model"]["encoders"][m])
@@ -453,11 +454,6 @@ def build_balancer(comp: Component | None, model: MultiTaskModel) -> Any:
     except ValueError as err:
         raise ConfigError(f"train.balance: {err}") from None
     return balancer
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _no_grid(fusion: str, spatial: Any, grids: Sequence[str]) -> str:

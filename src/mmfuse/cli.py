@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from mmfuse.text import one_line
+
 EPILOG_TRAIN = """examples:
   mmfuse train                                   # built-in easy-VQA run, packaged encoders, CPU
   mmfuse train configs/easy_vqa_film.yaml --out runs/film
@@ -937,7 +939,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if args.verbose:
             raise
-        print(f"mmfuse {command}: internal error: {_one_line(err)} (run with -v for the traceback)", file=sys.stderr)
+        print(
+            f"mmfuse {command}: internal error: {one_line(err, 300, typed=True)} (run with -v for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("interrupted; the last finished checkpoint is kept (resume with --resume)", file=sys.stderr)
@@ -957,13 +962,6 @@ def _is(err: BaseException, module: str, name: str) -> bool:
     mod = sys.modules.get(module)
     cls = getattr(mod, name, None) if mod is not None else None
     return cls is not None and isinstance(err, cls)
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message`, shortened to `limit` characters."""
-    lines = str(err).strip().splitlines()
-    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pydantic import (
 
 from mmfuse.files import NotRegularFileError, open_regular
 from mmfuse.registry import Registry, known_names
+from mmfuse.text import one_line
 
 
 class ConfigError(ValueError):
@@ -492,9 +493,8 @@ def _override_value(item: str, raw: str) -> Any:
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(
-            f"--set {item!r}: the value is not valid YAML ({first}); quote it, e.g. 'a.b=\"text\"'"
+            f"--set {item!r}: the value is not valid YAML ({one_line(err)}); quote it, e.g. 'a.b=\"text\"'"
         ) from None
     except RecursionError:
         raise ConfigError(f"--set {item!r}: the value is nested too deeply") from None
@@ -513,7 +513,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {one_line(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections (model, tasks, data, train)")
     return parse_config(apply_overrides(data, overrides or []))

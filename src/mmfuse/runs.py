@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmfuse.config import ConfigError, RunConfig, check_run_dir, load_config
+from mmfuse.text import one_line
 
 if TYPE_CHECKING:  # the model and its builders import torch: `resume_config` answers without them
     from mmfuse.model import MultiTaskModel
@@ -43,8 +44,9 @@ def open_run(run_dir: str | Path) -> LoadedRun:
             meta = f.metadata() or {}
         state = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error type (and OSError) for a damaged file
-        shown = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{weights}: not a readable safetensors file (truncated or corrupt?): {shown}") from None
+        raise ConfigError(
+            f"{weights}: not a readable safetensors file (truncated or corrupt?): {one_line(err, 160)}"
+        ) from None
     rebuilt = [m for m in model.encoders if f"frozen.{m}" in meta]
     for m in rebuilt:
         if meta[f"frozen.{m}"] != model.encoders[m].cache_key():
@@ -54,7 +56,7 @@ def open_run(run_dir: str | Path) -> LoadedRun:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # size mismatches
-        detail = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err).splitlines()[0])
+        detail = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), one_line(err))
         raise ConfigError(f"{run_dir}/model.safetensors does not match config.yaml: {detail}") from None
     missing = [k for k in missing if not k.startswith(tuple(f"encoders.{m}." for m in rebuilt))]
     if missing or unexpected:

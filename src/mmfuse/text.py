@@ -11,12 +11,22 @@ def is_blank(value: object) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def one_line(err: BaseException | str, limit: int | None = None) -> str:
+def one_line(err: BaseException | str, limit: int | None = None, *, typed: bool = False) -> str:
     """The first line of an error's message, stripped (the exception's type name when the message is empty),
-    cut to `limit` characters. For a message whose first line says what went wrong."""
+    cut to `limit` characters. For a message whose first line says what went wrong.
+
+    Args:
+        err: an exception, or a message already taken from one (an empty one stays empty).
+        limit: the most characters returned; None keeps the whole line.
+        typed: `Type: first line` (a message for someone who will report it), and a cut line ends in "..." (still
+            at most `limit` characters) so the reader sees it was cut.
+    """
     lines = str(err).strip().splitlines()
-    text = lines[0] if lines else (type(err).__name__ if isinstance(err, BaseException) else "")
-    return text if limit is None else text[:limit]
+    name = type(err).__name__ if isinstance(err, BaseException) else ""
+    text = (f"{name}: {lines[0]}" if typed and name else lines[0]) if lines else name
+    if limit is None or len(text) <= limit:
+        return text
+    return text[: limit - 3] + "..." if typed else text[:limit]
 
 
 def flattened(err: BaseException | str, limit: int | None = None) -> str:

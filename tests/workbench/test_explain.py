@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from mmfuse.cli import main
+from mmfuse.data.records import DataError
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.workbench.explain import Explainer
 from tiny import run_config, tiny_model, write_dataset
@@ -125,6 +126,33 @@ def test_integrated_gradients_on_an_affine_model_equal_the_exact_terms(runs, dat
         for m, value in want["modalities"].items():
             assert got["modalities"][m] == pytest.approx(value, abs=1e-3), (task, m)
         assert got["baseline"] == pytest.approx(want["baseline"], abs=1e-4)
+
+
+class TanhHead(torch.nn.Module):
+    """A custom head whose one layer is a Linear but which is not affine: tanh(fc(x))."""
+
+    def __init__(self, fc: torch.nn.Linear) -> None:
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+def test_a_custom_head_that_is_not_affine_is_never_decomposed_exactly(runs, data: Path) -> None:
+    """A head is linear only when its forward is known to be (a Linear, an MLPHead without hidden layers): one
+    Linear among a custom head's layers says nothing about what its forward does with it."""
+    pytest.importorskip("captum")
+    ex = Explainer(runs("concat"))
+    for name, head in list(ex.model.heads.items()):
+        (linear,) = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+        ex.model.heads[name] = TanhHead(linear)
+    record = ex.record({"image": str(data.parent / "images" / "2.png"), "text": QUESTION})
+    for task, got in ex.explain(record).report["contributions"].items():
+        assert got["method"] != "exact", task
+    ex.method = "exact"
+    with pytest.raises(DataError, match="a head is not linear"):
+        ex.explain(record)
 
 
 # ---------------------------------------------------------------------------------------------- gated, film

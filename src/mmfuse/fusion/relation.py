@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfuse.encoders.base import EncoderOutput
-from mmfuse.fusion.attention import real_tokens
+from mmfuse.fusion.attention import auto_spatial, real_tokens
 from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
 from mmfuse.fusion.positional import coord_grid, grid_shape
 from mmfuse.fusion.question import QuestionReader
@@ -187,8 +187,7 @@ class RelationFusion(Fusion):
 
 def spatial_and_question(name: str, modalities: list[str], spatial: str | None) -> tuple[str, str]:
     """(the grid modality, the other one) of a two-modality fusion that reasons over one modality's grid."""
-    if spatial == "auto":
-        spatial = "image" if "image" in modalities else None
+    spatial = auto_spatial(spatial, modalities)
     if len(modalities) != 2:
         raise ValueError(f"{name} fuses exactly two modalities (a grid of tokens and a question); got {modalities}")
     if spatial not in modalities:

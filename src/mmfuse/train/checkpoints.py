@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mmfuse.config import ConfigError
+from mmfuse.io import atomic_path
 
 _PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
 _SCORE_KEYS = ("best_model_score", "current_score", "kth_value")
@@ -72,11 +73,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return ckpt if ckpt is not None else load_checkpoint(path)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        """Write `.<name>.tmp` next to `path`, then rename it over `path`: a reader sees the old file or the new."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        """Write a temporary file next to `path`, then rename it over `path`: a reader sees the old file or the new."""
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 class Restoring(L.Callback):

@@ -22,6 +22,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from mmfuse.io import atomic_write_text
+
 Row = dict[str, Any]
 METRICS_FILE = "metrics.csv"
 
@@ -87,10 +89,7 @@ class HistoryCSVLogger(Logger):
             writer = csv.DictWriter(buf, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.history)
-            tmp = os.path.join(self.log_dir, f".{METRICS_FILE}.tmp")
-            with open(tmp, "w", newline="") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, path)
+            atomic_write_text(path, buf.getvalue())  # the csv module's own line ends, kept as written
         self._written, self._keys = len(self.history), keys
 
     @rank_zero_only

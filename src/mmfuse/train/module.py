@@ -30,6 +30,7 @@ from torch import nn
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from mmfuse.config import ConfigError
+from mmfuse.data.collate import merge_absent
 from mmfuse.encoders.base import Encoder
 from mmfuse.model import ModelOutput, MultiTaskModel
 from mmfuse.train.errors import NonFiniteError
@@ -107,9 +108,7 @@ class MMFuseModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], absent: dict[str, torch.Tensor] | None = None) -> ModelOutput:
-        merged = dict(batch.get("absent") or {})
-        for m, a in (absent or {}).items():
-            merged[m] = merged[m] | a if m in merged else a
+        merged = merge_absent(batch.get("absent"), absent)
         return self.model(batch.get("inputs", {}), batch.get("features"), merged or None)
 
     def shared_parameters(self) -> list[nn.Parameter]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from mmfuse.builders import RunSummary
+from mmfuse.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,4 @@ def write_report(run_dir: Path, about: RunSummary, summary: dict[str, Any], bad:
         lines += [f"## skipped records ({len(bad)})", "", *[f"- {s}: {r}" for s, r in bad[:200]], ""]
         if len(bad) > 200:
             lines.append(f"- ... {len(bad) - 200} more in bad_records.txt")
-    tmp = run_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, run_dir / "report.md")
+    atomic_write_text(run_dir / "report.md", "\n".join(lines))

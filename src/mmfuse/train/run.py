@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -39,8 +38,10 @@ from mmfuse.builders import (
     train_options,
 )
 from mmfuse.config import ConfigError, RunConfig, dump_config, load_config
+from mmfuse.io import atomic_path, atomic_write_text
 from mmfuse.model import MultiTaskModel
 from mmfuse.runs import load_run  # noqa: F401  (re-exported: it moved to mmfuse.runs, which needs no trainer)
+from mmfuse.text import one_line
 from mmfuse.train.checkpoints import (  # noqa: F401  (CheckpointError, load_checkpoint: re-exported)
     BestCheckpoint,
     CheckpointError,
@@ -65,13 +66,6 @@ from mmfuse.train.sharding import shard_eval_loader
 from mmfuse.train.stopping import check_stopping, drop_unused_state, stop_reason, stopping_callbacks
 
 log = logging.getLogger(__name__)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def monitor_of(monitor: str | None, model: MultiTaskModel) -> tuple[str, str]:
@@ -180,10 +174,9 @@ def build_trainer(
             plugins=[SafeCheckpointIO({last: resumed} if resumed else None)],
         )
     except (MisconfigurationException, ValueError, RuntimeError) as err:
-        shown = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
             f"train (accelerator={t.accelerator!r}, devices={t.devices!r}, strategy={t.strategy!r}, "
-            f"precision={t.precision!r}): {shown}"
+            f"precision={t.precision!r}): {one_line(err)}"
         ) from None
     if resumed:
         csv_logger.save()  # the CSV now holds exactly the epochs the checkpoint covers
@@ -286,10 +279,10 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     L.seed_everything(train_options(cfg).seed, workers=True, verbose=False)
     run = Run(cfg)
     check_stopping(run.options, bool(run.splits.get("val")))  # before the features are encoded
-    write_atomic(run_dir / "config.yaml", dump_config(run.cfg))
+    atomic_write_text(run_dir / "config.yaml", dump_config(run.cfg))
     feats = run.prepare()
     if run.bad:
-        write_atomic(run_dir / "bad_records.txt", "".join(f"{s}: {r}\n" for s, r in run.bad))
+        atomic_write_text(run_dir / "bad_records.txt", "".join(f"{s}: {r}\n" for s, r in run.bad))
     if "train" not in run.splits or not run.splits["train"]:
         raise ConfigError("data: no training records")
     has_val = bool(run.splits.get("val"))
@@ -325,7 +318,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         if not (resume and not next(c for c in trainer.callbacks if isinstance(c, Restoring)).done):
             raise
         # Restoring the checkpoint's state failed (a damaged or foreign file): one line, never a traceback.
-        shown = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        shown = one_line(str(err), 200)  # from the message: a message-less error is named once, by its type
         raise CheckpointError(f"{last}: cannot resume from it: {type(err).__name__}: {shown}") from None
     run.timings["fit"] = time.perf_counter() - t0
     stopped = stop_reason(trainer)
@@ -358,7 +351,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         "world_size": world,
     }
     if trainer.is_global_zero:
-        write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
         write_report(run_dir, run_summary(run.cfg), summary, run.bad)
     return summary
 
@@ -419,9 +412,8 @@ def export_weights(model: MultiTaskModel, path: Path) -> None:
     frozen = tuple(f"encoders.{m}." for m in rebuilt)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(frozen)}
     meta = {f"frozen.{m}": e.cache_key() for m, e in rebuilt.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
 
 
 def only_split(run: Run, run_dir: Path, split: str) -> None:

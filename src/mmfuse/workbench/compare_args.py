@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from mmfuse.config import ConfigError
+from mmfuse.text import one_line
 
 FORBIDDEN_VARY = {"seed": "--seeds", "model.fusion": "--fusions", "model.fusion.name": "--fusions"}
 MAX_SEEDS = 1000  # seeds per setting: each is a full training run
@@ -114,7 +115,7 @@ def parse_fusions(text: str | Sequence[str]) -> tuple[list[str], dict[str, dict[
             try:
                 opts = yaml.safe_load("{" + rest)
             except yaml.YAMLError as err:
-                shown = str(err).splitlines()[0]
+                shown = one_line(err)
                 raise ConfigError(f"--fusions {item!r}: options are not a YAML mapping ({shown})") from None
             if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
                 raise ConfigError(f"--fusions {item!r}: options must be a mapping of option names to values")

@@ -17,6 +17,7 @@ import yaml
 from mmfuse.builders import build_encoders, build_fusion, run_outline
 from mmfuse.config import Component, ConfigError, RunConfig
 from mmfuse.encoders.base import EncoderOutput
+from mmfuse.text import one_line
 
 CARRIED_OPTIONS = ("output_dim", "adapters")  # fusion options every fusion that takes them inherits
 
@@ -53,8 +54,7 @@ def why_not_feedable(
         with torch.no_grad():
             fusion.eval()(dummy)
     except Exception as err:  # noqa: BLE001  (any failure means these encoders cannot feed it)
-        shown = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"needs tokens that {', '.join(lacking)} does not give ({shown})"
+        return f"needs tokens that {', '.join(lacking)} does not give ({one_line(err)})"
     return None
 
 

@@ -35,8 +35,10 @@ from torch import nn
 from mmfuse.builders import run_outline
 from mmfuse.data.records import DataError, Record
 from mmfuse.encoders.base import EncoderOutput
+from mmfuse.fusion.attention import masked_mean
 from mmfuse.fusion.base import FusionOutput
 from mmfuse.predict import Predictor
+from mmfuse.tasks.heads import linear_head
 from mmfuse.utils import move_to
 
 log = logging.getLogger(__name__)
@@ -191,16 +193,6 @@ class Explainer:
 
 
 # ---------------------------------------------------------------------------------------------- contributions
-def linear_head(head: nn.Module) -> nn.Linear | None:
-    """The head's one linear layer when the head is affine in eval mode (a Linear, possibly after Dropout)."""
-    if isinstance(head, nn.Linear):
-        return head
-    layers = [m for m in head.modules() if not list(m.children())]  # leaves
-    linear = [m for m in layers if isinstance(m, nn.Linear)]
-    others = [m for m in layers if not isinstance(m, (nn.Linear, nn.Dropout, nn.Identity))]
-    return linear[0] if len(linear) == 1 and not others else None
-
-
 def exact_terms(fused: FusionOutput, head: nn.Linear, c: int) -> dict[str, Any]:
     """`logit_c = sum_m w_c . contribution_m + baseline`, with `baseline = w_c . bias + b_c`."""
     w = head.weight[c].detach()  # (D_out,)
@@ -421,7 +413,7 @@ def attention_maps(
         w = weights[0].float()  # (..., Q, T): (H, Q, T) or (L, H, Q, T)
         w = w.reshape(-1, *w.shape[-2:]).mean(dim=0)  # (Q, T)
         q_mask = _real_mask(features[q], w.shape[0])  # (Q,)
-        avg = (w * q_mask.unsqueeze(1)).sum(0) / q_mask.sum().clamp(min=1)  # (T,)
+        avg = masked_mean(w.unsqueeze(0), q_mask.unsqueeze(0))[0]  # (T,): over the real queries
         entry: dict[str, Any] = {
             "query": q,
             "key": k,
