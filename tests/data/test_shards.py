@@ -34,7 +34,9 @@ def _indices(batch: list[dict[str, Any]]) -> list[int]:
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shards")
-    records = [Record({"table": (float(i), "a" if i % 2 else None)}, {"y": i % 3}, f"r.jsonl:{i + 1}") for i in range(N)]
+    records = [
+        Record({"table": (float(i), "a" if i % 2 else None)}, {"y": i % 3}, f"r.jsonl:{i + 1}") for i in range(N)
+    ]
     split = write_split(root, "train", (record_item(i, r, {}) for i, r in enumerate(records)), chunk_bytes="600B")
     write_manifest(root, {"splits": {"train": split}})
     assert len([f for f in split["files"] if "chunk" in f]) > 4  # several chunks to partition
