@@ -1,5 +1,5 @@
-"""Modality balancing, one file per method; importing this package imports every module in it, which
-registers them.
+"""Modality balancing, one file per method; each module is imported (and registers its balancer) when its
+name is first asked for (`mmfuse.registry`).
 
 Adding a balancer is one file here (or in `$MMFUSE_PLUGINS/balance/`): a subclass of `Balancer` registered
 with `@BALANCERS.register("name")`; tests/balance/test_balancer_contract.py covers it from then on.

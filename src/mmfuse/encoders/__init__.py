@@ -1,4 +1,5 @@
-"""Encoders, one file per encoder; importing this package imports every module in it, which registers them.
+"""Encoders, one file per encoder; each module is imported (and registers its encoder) when its
+name is first asked for (`mmfuse.registry`): a run without a timm encoder never imports timm.
 
 Adding a modality is one file here (or in `$MMFUSE_PLUGINS/encoders/`): a subclass of `Encoder` registered with
 `@ENCODERS.register("name")`, plus its tiny test recipe, either `tests/recipes/<name>.py` or a module-level

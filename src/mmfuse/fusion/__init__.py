@@ -1,4 +1,5 @@
-"""Fusion modules, one file each; importing this package imports every module in it, which registers them.
+"""Fusion modules, one file each; each module is imported (and registers its fusion) when its
+name is first asked for (`mmfuse.registry`).
 
 Adding a fusion is one file here (or in `$MMFUSE_PLUGINS/fusion/`): a subclass of `Fusion` registered with
 `@FUSIONS.register("name")`; tests/fusion/test_fusion_contract.py covers it from then on.

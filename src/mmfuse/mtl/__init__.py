@@ -1,5 +1,5 @@
-"""Multi-task loss weighting, one file per method; importing this package imports every module in it, which
-registers them.
+"""Multi-task loss weighting, one file per method; each module is imported (and registers its weighting) when its
+name is first asked for (`mmfuse.registry`).
 
 Adding a weighting is one file here (or in `$MMFUSE_PLUGINS/mtl/`): a subclass of `Weighting` registered with
 `@WEIGHTINGS.register("name")`; tests/mtl/test_registry.py covers it from then on.

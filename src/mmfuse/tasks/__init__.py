@@ -1,4 +1,5 @@
-"""Task kinds (one file each) and heads; importing this package imports every module in it, which registers them.
+"""Task kinds (one file each) and heads; each module is imported (and registers its components)
+when one of its names is first asked for (`mmfuse.registry`).
 
 Adding a kind is one file here (or in `$MMFUSE_PLUGINS/tasks/`): a subclass of `Task` registered with
 `@TASK_KINDS.register("name")` that declares `example_labels`; tests/test_tasks.py covers it from then on.

@@ -15,12 +15,14 @@ only ever see those rows, so a masked label of any value (even NaN) changes noth
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torchmetrics
 
 from mmfuse.registry import Registry
+
+if TYPE_CHECKING:  # torchmetrics is imported by `metrics()` alone: predicting never needs it
+    import torchmetrics
 
 TASK_KINDS: Registry[type[Task]] = Registry("task kind")
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 
 from mmfuse.tasks.base import TASK_KINDS, LabelError, Task, class_name, format_top
+
+if TYPE_CHECKING:  # torchmetrics is imported by `metrics()` alone: predicting never needs it
+    import torchmetrics
 
 _TRUTHY = {"1", "true", "yes", "1.0"}
 _FALSY = {"0", "false", "no", "0.0"}
@@ -93,6 +95,8 @@ class BinaryTask(Task):
         return torch.where(target.reshape(-1) > 0.5, p, 1 - p)
 
     def metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics
+
         return torchmetrics.MetricCollection(
             {
                 "accuracy": torchmetrics.Accuracy(task="binary"),

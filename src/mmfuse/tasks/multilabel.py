@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 
 from mmfuse.tasks.base import (
     TASK_KINDS,
@@ -19,6 +18,9 @@ from mmfuse.tasks.base import (
     format_top,
     require_classes,
 )
+
+if TYPE_CHECKING:  # torchmetrics is imported by `metrics()` alone: predicting never needs it
+    import torchmetrics
 
 
 def label_names(raw: Any) -> list[str]:
@@ -90,6 +92,8 @@ class MultilabelTask(Task):
         return torch.sigmoid(logits), target.long()
 
     def metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics
+
         c = len(self.classes)
         return torchmetrics.MetricCollection(
             {

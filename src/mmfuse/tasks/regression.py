@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 
 from mmfuse.tasks.base import TASK_KINDS, LabelError, Task
+
+if TYPE_CHECKING:  # torchmetrics is imported by `metrics()` alone: predicting never needs it
+    import torchmetrics
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
@@ -73,6 +75,8 @@ class RegressionTask(Task):
         return logits.squeeze(-1), target.float()
 
     def metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics
+
         return torchmetrics.MetricCollection(
             {"mae": torchmetrics.MeanAbsoluteError(), "rmse": torchmetrics.MeanSquaredError(squared=False)}
         )
