@@ -29,17 +29,10 @@ Shapes: M modalities.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
-
 import torch
-import torch.distributed as dist
 
 from mmfuse.balance.base import BALANCERS
 from mmfuse.balance.ogm_ge import OGMGE
-
-if TYPE_CHECKING:
-    from mmfuse.model import ModelOutput, MultiTaskModel
 
 
 def agm_coefficients(
@@ -86,38 +79,20 @@ class AGM(OGMGE):
         self.register_buffer("running", torch.zeros(len(self.modalities)))  # S_m, saved with checkpoints
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
-    def modulate(
-        self,
-        model: MultiTaskModel,
-        out: ModelOutput,
-        labels: Mapping[str, torch.Tensor],
-        masks: Mapping[str, torch.Tensor],
-        epoch: int,
-    ) -> dict[str, float]:
-        self.ensure_setup(model)
-        losses, count = self.mono_losses(model, out, labels[self.task], masks[self.task])
-        active = self.active(model, epoch, count)
+    def score_terms(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N,) true-class probabilities -> (N,) mono-modal cross-entropies."""
+        return -probs.clamp_min(1e-8).log()
+
+    def coefficients(
+        self, sums: torch.Tensor, count: int, update: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(M,) summed cross-entropies -> (M,) k_m against the running means (updated when `update`), and the
+        series to log: the mean losses s_m and the ratios r_m."""
+        losses = sums / max(count, 1)
         running = self.running.to(losses)
         coeffs, ratios = agm_coefficients(losses, running, self.alpha, self.max_coeff)
-        if model.training and count > 0:
+        if update:
             self.steps += 1
             t = float(self.steps)
             self.running.copy_(running * (t - 1) / t + losses / t)
-        return self.set_lr_scale(coeffs, active, loss=losses, ratio=ratios)
-
-    @torch.no_grad()
-    def mono_losses(
-        self, model: MultiTaskModel, out: ModelOutput, target: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, int]:
-        """(M,) mean mono-modal cross-entropy over the labelled samples (summed over DDP processes), and their count."""
-        logits = self.unimodal_logits(model, out, self.task)
-        mask, task = mask.bool(), model.tasks[self.task]
-        sums = [
-            -task.true_class_probability(logits[m][mask], target[mask]).clamp_min(1e-8).log().sum()
-            for m in self.modalities
-        ]
-        stats = torch.stack([*sums, mask.sum().to(sums[0].dtype)]).float()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
-        count = int(stats[-1])
-        return stats[:-1] / max(count, 1), count
+        return coeffs, {"loss": losses, "ratio": ratios}

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BALANCERS: Registry[type[Balancer]] = Registry("balancer")
+Tensors = Mapping[str, torch.Tensor]  # {name: tensor}: labels, masks, missing modalities
 
 
 def decompose_logits(linear: nn.Linear, fusion: FusionOutput) -> dict[str, torch.Tensor]:
@@ -108,6 +109,7 @@ class Balancer(nn.Module):
         probe_task: the task the linear probes predict, once `build_probes` ran (else None).
         lr_scale: {modality: k} for the coming optimiser step, set by `modulate` (empty: no change).
         drops_modalities: whether `absent` hides whole modalities in training.
+        absent_logs: values to log left by the last `absent` call; the base `modulate` returns a copy.
 
     Args:
         modalities: the modality names, in the model's order.
@@ -126,6 +128,7 @@ class Balancer(nn.Module):
         self._probe_loss = None  # the scored Task's masked_loss, set with the probes
         self.ready = False
         self.lr_scale: dict[str, float] = {}  # {modality: k} for the coming optimiser step, set by `modulate`
+        self.absent_logs: dict[str, float] = {}  # values to log left by the last `absent`; `modulate` returns them
 
     def setup(self, model: MultiTaskModel) -> None:
         """Bind to a built model (create any parameters here, so the optimiser sees them). Idempotent."""
@@ -138,7 +141,7 @@ class Balancer(nn.Module):
         batch_size: int,
         device: torch.device | str | None = None,
         training: bool = True,
-        missing: Mapping[str, torch.Tensor] | None = None,
+        missing: Tensors | None = None,
     ) -> dict[str, torch.Tensor] | None:
         """{modality: (B,) bool, True = hide this modality for this sample}, or None to hide nothing.
 
@@ -146,9 +149,7 @@ class Balancer(nn.Module):
         """
         return None
 
-    def aux_loss(
-        self, out: ModelOutput, labels: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor | None:
+    def aux_loss(self, out: ModelOutput, labels: Tensors, masks: Tensors) -> torch.Tensor | None:
         """An extra scalar for the step's single backward (the probes' loss), or None."""
         if self.probes is None or self.probe_task is None:
             return None
@@ -159,15 +160,11 @@ class Balancer(nn.Module):
         return torch.stack(losses).sum()
 
     def modulate(
-        self,
-        model: MultiTaskModel,
-        out: ModelOutput,
-        labels: Mapping[str, torch.Tensor],
-        masks: Mapping[str, torch.Tensor],
-        epoch: int,
+        self, model: MultiTaskModel, out: ModelOutput, labels: Tensors, masks: Tensors, epoch: int
     ) -> dict[str, float]:
-        """Edit gradients after the backward, before the optimiser step; returns values to log."""
-        return {}
+        """Edit gradients after the backward, before the optimiser step; returns values to log (here: a copy of
+        `absent_logs`, what the step's `absent` call left to log)."""
+        return dict(self.absent_logs)
 
     def build_probes(self, model: MultiTaskModel, task: str) -> None:
         """One linear probe per modality, (B, D_m) -> (B, C_task), on the device/dtype of the task head."""

@@ -10,15 +10,9 @@ Shapes: B batch, M modalities.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
-
 import torch
 
-from mmfuse.balance.base import BALANCERS, Balancer
-
-if TYPE_CHECKING:
-    from mmfuse.model import ModelOutput, MultiTaskModel
+from mmfuse.balance.base import BALANCERS, Balancer, Tensors
 
 
 @BALANCERS.register("modality_dropout")
@@ -29,6 +23,8 @@ class ModalityDropout(Balancer):
         modalities: the model's modality names.
         p: the drop probability, one for all modalities or {modality: p} (modalities left out: 0).
         seed: seeds the sampling (None: torch's global RNG).
+
+    Logs `drop/<modality>`: the fraction of samples whose modality the last `absent` call dropped.
     """
 
     drops_modalities = True
@@ -44,14 +40,13 @@ class ModalityDropout(Balancer):
             raise ValueError(f"modality_dropout: p must be in [0, 1], got {bad}")
         self.rates = [float(rates.get(m, 0.0)) for m in self.modalities]
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self._last: dict[str, float] = {}
 
     def absent(
         self,
         batch_size: int,
         device: torch.device | str | None = None,
         training: bool = True,
-        missing: Mapping[str, torch.Tensor] | None = None,
+        missing: Tensors | None = None,
     ) -> dict[str, torch.Tensor] | None:
         if not training or not any(self.rates):
             return None
@@ -67,16 +62,5 @@ class ModalityDropout(Balancer):
             pick = torch.rand(b, m, generator=self.generator).masked_fill(~available, -1.0).argmax(1)  # (B,)
             rows = lost.nonzero().squeeze(1)
             drop[rows, pick[rows]] = False
-        self._last = {f"drop/{name}": float(drop[:, i].float().mean()) for i, name in enumerate(self.modalities)}
+        self.absent_logs = {f"drop/{name}": float(drop[:, i].float().mean()) for i, name in enumerate(self.modalities)}
         return {name: drop[:, i].to(device) for i, name in enumerate(self.modalities)}
-
-    def modulate(
-        self,
-        model: MultiTaskModel,
-        out: ModelOutput,
-        labels: Mapping[str, torch.Tensor],
-        masks: Mapping[str, torch.Tensor],
-        epoch: int,
-    ) -> dict[str, float]:
-        """Logs the fraction of samples whose modality was dropped in the last `absent` call."""
-        return dict(self._last)

@@ -36,7 +36,6 @@ trainable parameter of its own (frozen encoder, fusion without a projection for 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,6 +45,7 @@ from torch import nn
 from mmfuse.balance.base import (
     BALANCERS,
     Balancer,
+    Tensors,
     fusion_decomposes,
     linear_head,
     modality_parameters,
@@ -120,21 +120,29 @@ class OGMGE(Balancer):
         return model.training and self.start_epoch <= epoch < self.end_epoch and count > 0
 
     def modulate(
-        self,
-        model: MultiTaskModel,
-        out: ModelOutput,
-        labels: Mapping[str, torch.Tensor],
-        masks: Mapping[str, torch.Tensor],
-        epoch: int,
+        self, model: MultiTaskModel, out: ModelOutput, labels: Tensors, masks: Tensors, epoch: int
     ) -> dict[str, float]:
         self.ensure_setup(model)
-        scores, count = self.scores(model, out, labels[self.task], masks[self.task])
-        coeffs, ratios = ogm_coefficients(scores, self.alpha)
+        sums, count = self.scores(model, out, labels[self.task], masks[self.task])
         active = self.active(model, epoch, count)
+        coeffs, series = self.coefficients(sums, count, update=model.training and count > 0)
         if active and self.noise:
             for m in self.modalities:
                 self.add_noise(modality_parameters(model, m))
-        return self.set_lr_scale(coeffs, active, score=scores, ratio=ratios)
+        return self.set_lr_scale(coeffs, active, **series)
+
+    def score_terms(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N,) true-class probabilities -> (N,) the terms summed into a modality's score (here: themselves)."""
+        return probs
+
+    def coefficients(
+        self, sums: torch.Tensor, count: int, update: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(M,) summed score terms of `count` labelled samples -> (M,) k_m and the (M,) series to log, by name.
+
+        `update`: whether this step counts towards a subclass's history (AGM's running means)."""
+        coeffs, ratios = ogm_coefficients(sums, self.alpha)
+        return coeffs, {"score": sums, "ratio": ratios}
 
     def set_lr_scale(self, coeffs: torch.Tensor, active: bool, **series: torch.Tensor) -> dict[str, float]:
         """Set `lr_scale` from the (M,) coefficients (all 1 when not `active`); the values to log, what was
@@ -162,15 +170,14 @@ class OGMGE(Balancer):
     def scores(
         self, model: MultiTaskModel, out: ModelOutput, target: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
-        """(M,) summed true-class probabilities per modality over the labelled samples, and their count."""
+        """(M,) `score_terms` of the true-class probabilities summed per modality over the labelled samples (and
+        over DDP processes), and their count."""
         logits = self.unimodal_logits(model, out, self.task)
-        mask = mask.bool()
-        task = model.tasks[self.task]
-        ref = logits[self.modalities[0]]
-        stats = torch.stack(
-            [task.true_class_probability(logits[m][mask], target[mask]).sum() for m in self.modalities]
-            + [mask.sum().to(ref.dtype)]
-        ).float()
+        mask, task = mask.bool(), model.tasks[self.task]
+        sums = [
+            self.score_terms(task.true_class_probability(logits[m][mask], target[mask])).sum() for m in self.modalities
+        ]
+        stats = torch.stack([*sums, mask.sum().to(sums[0].dtype)]).float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         return stats[:-1], int(stats[-1])
