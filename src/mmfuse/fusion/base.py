@@ -55,6 +55,23 @@ class Fusion(nn.Module):
     def forward(self, features: dict[str, EncoderOutput]) -> FusionOutput:
         raise NotImplementedError
 
+    def other_modality(self, name: str, chosen: str, option: str, verb: str) -> str:
+        """The modality of a two-modality fusion that option `option` did not choose; ValueError (one line) unless
+        the fusion has exactly two modalities and `chosen` is one of them.
+
+        Args:
+            name: the fusion's registered name, for the message.
+            chosen: the modality the option names.
+            option: the option's name (`condition_on`, `gate_on`), for the message.
+            verb: what the fusion does with the chosen modality ("conditions on", "gates on"), for the message.
+        """
+        if len(self.modalities) != 2 or chosen not in self.input_dims:
+            raise ValueError(
+                f"{name} fuses exactly two modalities and {verb} one of them; "
+                f"got modalities {self.modalities} and {option}={chosen!r}"
+            )
+        return next(m for m in self.modalities if m != chosen)
+
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
         """The parameters that belong to `modality` alone (its own input projection/adapter), for modality balancing.
 

@@ -38,13 +38,8 @@ class FiLMFusion(Fusion):
         adapters: bool = False,
     ) -> None:
         super().__init__(input_dims, output_dim)
-        if len(self.modalities) != 2 or condition_on not in self.input_dims:
-            raise ValueError(
-                f"film fuses exactly two modalities and conditions on one of them; "
-                f"got modalities {self.modalities} and condition_on={condition_on!r}"
-            )
+        self.target = self.other_modality("film", condition_on, "condition_on", "conditions on")
         self.condition_on = condition_on
-        self.target = next(m for m in self.modalities if m != condition_on)
         self.hidden_dim = output_dim if hidden_dim is None else hidden_dim
         d_t = self.input_dims[self.target]
         self.fc = nn.Linear(self.input_dims[condition_on], 2 * self.hidden_dim)

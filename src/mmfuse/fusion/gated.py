@@ -29,13 +29,8 @@ class GatedFusion(Fusion):
         self, input_dims: dict[str, int], output_dim: int, gate_on: str = "image", hidden_dim: int | None = None
     ) -> None:
         super().__init__(input_dims, output_dim)
-        if len(self.modalities) != 2 or gate_on not in self.input_dims:
-            raise ValueError(
-                f"gated fuses exactly two modalities and gates on one of them; "
-                f"got modalities {self.modalities} and gate_on={gate_on!r}"
-            )
+        self.gated = self.other_modality("gated", gate_on, "gate_on", "gates on")
         self.gate_on = gate_on
-        self.gated = next(m for m in self.modalities if m != gate_on)
         self.hidden_dim = output_dim if hidden_dim is None else hidden_dim
         self.fc = nn.ModuleDict({m: nn.Linear(d, self.hidden_dim) for m, d in self.input_dims.items()})
         self.fc_out = nn.Linear(self.hidden_dim, output_dim)
