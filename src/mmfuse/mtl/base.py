@@ -7,7 +7,7 @@ gradients are all-reduced exactly once per step) and returns the task weights it
 - Gradient-based methods (PCGrad, CAGrad) compute the per-task gradients g_t on the shared parameters
   with `torch.autograd.grad` (no `.grad` is written, so DDP's hooks do not fire), combine them into g*,
   and backward one surrogate loss whose gradient is g* on the shared parameters and the ordinary
-  gradient everywhere else (`surrogate_backward`).
+  gradient everywhere else (`surrogate_loss`).
 
 Shapes: T tasks, P the total number of shared parameter elements.
 """
@@ -35,7 +35,8 @@ class Weighting(nn.Module):
     """Base class of every task weighting (an `nn.Module`, so learned weights are checkpointed).
 
     Subclasses take `tasks` (the task names, in the model's order) and flat options. Loss-based
-    methods override `weigh`; gradient-based ones subclass `GradientWeighting`.
+    methods override `weigh`; gradient-based ones subclass `GradientWeighting`; a method that reads the
+    shared parameters otherwise (GradNorm) overrides `objective`.
 
     Args:
         tasks: the task names.
@@ -68,9 +69,16 @@ class Weighting(nn.Module):
             backward: called once with the final scalar (e.g. Lightning's `manual_backward`).
             extra_loss: an optional scalar added unweighted (e.g. a balancer's auxiliary loss).
         """
-        total, weights = self.weigh(self.stack(losses))
+        total, weights = self.objective(self.stack(losses), shared_params)
         backward(add_extra(total, extra_loss))
         return self.as_dict(weights)
+
+    def objective(
+        self, losses: torch.Tensor, shared_params: Sequence[nn.Parameter]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scalar this step backwards (before `extra_loss`), from the stacked losses (T,), and the weights (T,)
+        to log. Default: `weigh(losses)`; GradNorm and the gradient-based methods override it."""
+        return self.weigh(losses)
 
     def on_epoch_end(self, epoch: int, losses: Mapping[str, float]) -> None:
         """Called once per training epoch with each task's epoch-mean loss (tasks without labels may be missing)."""
@@ -110,6 +118,31 @@ def task_gradients(losses: torch.Tensor, params: Sequence[nn.Parameter]) -> torc
     return torch.stack(rows)  # (T, P)
 
 
+def surrogate_loss(
+    losses: torch.Tensor, params: Sequence[nn.Parameter], combined: torch.Tensor, task_grads: torch.Tensor
+) -> torch.Tensor:
+    """The scalar whose gradient is `combined` (P,) on `params` and the ordinary gradient everywhere else.
+
+    `sum_t L_t + sum_p (p * (g*_p - sum_t g_t,p).detach()).sum()`: the shared parameters receive
+    `sum_t g_t + (g* - sum_t g_t) = g*`, task-specific parameters (heads) their usual `dL_t/dθ`, all in one
+    backward, so DDP synchronises the final gradients once.
+
+    Args:
+        losses: (T,) the task losses, still attached to the graph.
+        params: the shared parameters the task gradients were taken on.
+        combined: (P,) g*, the combined shared gradient.
+        task_grads: (T, P) the per-task gradients `task_gradients` returned.
+    """
+    correction = (combined - task_grads.sum(0)).detach()  # (P,)
+    total = losses.sum()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        total = total + (p * correction[offset : offset + n].view_as(p)).sum()
+        offset += n
+    return total
+
+
 def surrogate_backward(
     losses: torch.Tensor,
     params: Sequence[nn.Parameter],
@@ -118,29 +151,9 @@ def surrogate_backward(
     backward: BackwardFn = default_backward,
     extra_loss: torch.Tensor | None = None,
 ) -> None:
-    """One backward call that puts `combined` (P,) on `params` and ordinary gradients everywhere else.
-
-    Backwards `sum_t L_t + extra + sum_p (p * (g*_p - sum_t g_t,p).detach()).sum()`: the shared
-    parameters receive `sum_t g_t + (g* - sum_t g_t) = g*` (plus the gradient of `extra_loss`, if it
-    reaches them), task-specific parameters (heads) their usual `dL_t/dθ`, all in one pass, so DDP
-    synchronises the final gradients once.
-
-    Args:
-        losses: (T,) the task losses, still attached to the graph.
-        params: the shared parameters the task gradients were taken on.
-        combined: (P,) g*, the combined shared gradient.
-        task_grads: (T, P) the per-task gradients `task_gradients` returned.
-        backward: the single backward call.
-        extra_loss: optional scalar added unweighted.
-    """
-    correction = (combined - task_grads.sum(0)).detach()  # (P,)
-    total = add_extra(losses.sum(), extra_loss)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        total = total + (p * correction[offset : offset + n].view_as(p)).sum()
-        offset += n
-    backward(total)
+    """One backward call of `surrogate_loss` (+ `extra_loss`, added unweighted; its gradient adds to g* where it
+    reaches the shared parameters)."""
+    backward(add_extra(surrogate_loss(losses, params, combined, task_grads), extra_loss))
 
 
 class GradientWeighting(Weighting):
@@ -150,19 +163,13 @@ class GradientWeighting(Weighting):
         """(T, P) per-task gradients -> g* (P,) and per-task weights (T,) to log."""
         raise NotImplementedError
 
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        shared_params: Sequence[nn.Parameter],
-        backward: BackwardFn = default_backward,
-        extra_loss: torch.Tensor | None = None,
-    ) -> dict[str, float]:
-        stacked = self.stack(losses)
+    def objective(
+        self, losses: torch.Tensor, shared_params: Sequence[nn.Parameter]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`surrogate_loss` of g* (`combine` of the per-task gradients) and the weights `combine` gave."""
         params = [p for p in shared_params if p.requires_grad]
         if not params:  # nothing shared to combine: ordinary sum of the losses
-            backward(add_extra(stacked.sum(), extra_loss))
-            return {t: 1.0 for t in self.tasks}
-        grads = task_gradients(stacked, params)
+            return losses.sum(), torch.ones_like(losses)
+        grads = task_gradients(losses, params)
         combined, weights = self.combine(grads)
-        surrogate_backward(stacked, params, combined, grads, backward, extra_loss)
-        return self.as_dict(weights)
+        return surrogate_loss(losses, params, combined, grads), weights

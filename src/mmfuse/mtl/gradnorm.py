@@ -17,12 +17,12 @@ parameter if none has two dimensions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from mmfuse.mtl.base import WEIGHTINGS, BackwardFn, Weighting, add_extra, default_backward
+from mmfuse.mtl.base import WEIGHTINGS, Weighting
 
 
 def last_shared_layer(shared_params: Sequence[nn.Parameter]) -> nn.Parameter | None:
@@ -56,20 +56,15 @@ class GradNorm(Weighting):
         self.weights.clamp_(min=self.min_weight)
         self.weights.mul_(len(self.tasks) / self.weights.sum())
 
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        shared_params: Sequence[nn.Parameter],
-        backward: BackwardFn = default_backward,
-        extra_loss: torch.Tensor | None = None,
-    ) -> dict[str, float]:
+    def objective(
+        self, losses: torch.Tensor, shared_params: Sequence[nn.Parameter]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sum_t w_t L_t` with the weights held fixed, plus the surrogate that writes dL_grad/dw into
+        `weights.grad`; the weights are renormalised first."""
         self.renormalise()
-        stacked = self.stack(losses)  # (T,)
-        weight_grad = self.weight_gradient(stacked, last_shared_layer(shared_params))
+        weight_grad = self.weight_gradient(losses, last_shared_layer(shared_params))
         w = self.weights
-        total = (w.detach().to(stacked) * stacked).sum() + (w * weight_grad).sum()
-        backward(add_extra(total, extra_loss))
-        return self.as_dict(w)
+        return (w.detach().to(losses) * losses).sum() + (w * weight_grad).sum(), w
 
     def weight_gradient(self, losses: torch.Tensor, layer: nn.Parameter | None) -> torch.Tensor:
         """dL_grad/dw (T,), detached; zeros when there is no shared layer or no usable initial loss."""
