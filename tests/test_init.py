@@ -118,7 +118,7 @@ def test_an_existing_config_is_never_overwritten(tmp_path, capsys) -> None:
         ({"photo": "img/0.png"}, ["items.csv", "--tasks", "price"], "column 'photo', row 0: 'img/0.png' names no file"),
         (None, ["items.csv", "--tasks", "price", "--kinds", "price"], "--kinds 'price': expected COLUMN=KIND pairs"),
         (None, ["items.csv", "--tasks", "price", "--kinds", "grade=multiclass"], "--kinds 'grade': not one of --tasks"),
-        (None, ["items.csv", "--tasks", "price", "--inputs", "sku=words"], "inputs: column 'sku': unknown kind 'words'"),
+        (None, ["items.csv", "--tasks", "price", "--inputs", "sku=words"], "column 'sku': unknown kind 'words'"),
         (None, ["items.csv", "--tasks", "price", "--root", "nowhere"], "--root nowhere: not a folder"),
         (None, ["items.txt", "--tasks", "price"], "items.txt: unknown records format '.txt'"),
     ],
