@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,29 @@ def _positive_int(text: str) -> int:
 _FMT = argparse.RawDescriptionHelpFormatter
 
 
+def _subcommands(parser: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:
+    """Sub-parsers of `parser` (chosen one named in `args.<dest>`) whose --help keeps the line breaks of their
+    descriptions and epilogs (the examples)."""
+    return parser.add_subparsers(
+        dest=dest, required=True, parser_class=partial(argparse.ArgumentParser, formatter_class=_FMT)
+    )
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    """The optional run config positional (train, bench, compare)."""
+    parser.add_argument("config", nargs="?", help="YAML run config (default: the built-in easy-VQA config)")
+
+
+def _add_repeatable(parser: argparse.ArgumentParser, flag: str, metavar: str, text: str) -> None:
+    """A repeatable option: its `args` entry is the list of the values given ([] when none)."""
+    parser.add_argument(flag, action="append", default=[], metavar=metavar, help=text)
+
+
+def _add_set(parser: argparse.ArgumentParser, text: str = "override a config key (repeatable)") -> None:
+    """--set KEY=VALUE, repeatable (`text`: its help)."""
+    _add_repeatable(parser, "--set", "KEY=VALUE", text)
+
+
 def _parser() -> argparse.ArgumentParser:
     """The `mmfuse` parser: one sub-parser per command, each added by its `_add_<command>` (in `--help` order)."""
     p = argparse.ArgumentParser(
@@ -51,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Multi-task, multi-modal learning (images, texts and any other modality with an encoder).",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = _subcommands(p, "command")
     for add in (
         _add_train,
         _add_evaluate,
@@ -76,17 +100,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train from a YAML config",
         epilog=EPILOG_TRAIN,
-        formatter_class=_FMT,
         description="Train a model; writes checkpoints, metrics.json and report.md to the run directory.",
     )
-    t.add_argument("config", nargs="?", help="YAML run config (default: the built-in easy-VQA config)")
-    t.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.max_epochs=3 (repeatable; values parsed as YAML)",
-    )
+    _add_config(t)
+    _add_set(t, "override a config key, e.g. --set train.max_epochs=3 (repeatable; values parsed as YAML)")
     t.add_argument("--out", help="run directory (default: runs/<name>-<date>-<time>); with --resume, the run to resume")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.ckpt")
     t.add_argument(
@@ -100,7 +117,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "evaluate",
         help="per-task metrics of a finished run",
-        formatter_class=_FMT,
         epilog="examples:\n  mmfuse evaluate runs/easy_vqa\n  mmfuse evaluate runs/easy_vqa --split val --json\n"
         "  mmfuse evaluate runs/easy_vqa --drop image                      # the image absent from every record\n"
         "  mmfuse evaluate runs/easy_vqa --corrupt image=noise:0.1 --corrupt text=word_dropout:0.5 --seed 1\n"
@@ -108,28 +124,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("run", help="run directory (holds config.yaml and model.safetensors)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split (default: test)")
-    e.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override data keys, e.g. --set data.test=other.jsonl",
-    )
+    _add_set(e, "override data keys, e.g. --set data.test=other.jsonl")
     e.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    e.add_argument(
-        "--drop",
-        action="append",
-        default=[],
-        metavar="MODALITY",
-        help="evaluate with this modality absent (repeatable)",
-    )
-    e.add_argument(
+    _add_repeatable(e, "--drop", "MODALITY", "evaluate with this modality absent (repeatable)")
+    _add_repeatable(
+        e,
         "--corrupt",
-        action="append",
-        default=[],
-        metavar="MODALITY=KIND:SEVERITY",
-        help="corrupt a modality's raw inputs before encoding, e.g. image=noise:0.1 (repeatable: applied together)",
+        "MODALITY=KIND:SEVERITY",
+        "corrupt a modality's raw inputs before encoding, e.g. image=noise:0.1 (repeatable: applied together)",
     )
     e.add_argument("--seed", type=int, help="seed of the corruption draws (default 0)")
 
@@ -138,7 +141,6 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser(
         "predict",
         help="predict with a finished run",
-        formatter_class=_FMT,
         description="Predict every task of a run from its inputs: a records file, or field values given here.",
         epilog="examples:\n  mmfuse predict runs/easy_vqa --image shape.png --text 'what color is the shape?'\n"
         "  mmfuse predict runs/easy_vqa --input records.jsonl --output preds.jsonl\n"
@@ -170,7 +172,6 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser(
         "explain",
         help="explain one prediction: a picture and JSON (contributions, attention, gates, FiLM)",
-        formatter_class=_FMT,
         description="Explain one prediction of a run: each task's answer, each modality's contribution to it, "
         "and the fusion's attention weights, gates or FiLM statistics. Writes a PNG and a JSON beside it.",
         epilog="examples:\n  mmfuse explain runs/easy_vqa --image shape.png --text 'what color is the shape?'\n"
@@ -197,7 +198,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser(
         "serve",
         help="serve a finished run over HTTP (dynamic batching, demo page at /)",
-        formatter_class=_FMT,
         description="Answer POST /predict (JSON or multipart: the run's input fields; files as uploads), GET /info, "
         "GET /health and a demo page at /. Needs the serve extra: pip install 'mmfuse[serve]'.",
         epilog="examples:\n  mmfuse serve runs/easy_vqa                        # http://127.0.0.1:8000/\n"
@@ -229,7 +229,6 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
         "list",
         help="registered encoders, fusions, task kinds, weightings and balancers",
         epilog="example:\n  mmfuse list",
-        formatter_class=_FMT,
     )
 
 
@@ -237,7 +236,6 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "cache",
         help="the frozen-encoder feature cache",
-        formatter_class=_FMT,
         epilog="examples:\n  mmfuse cache info\n  mmfuse cache clear\n  MMFUSE_CACHE_DIR=/scratch/c mmfuse cache info",
     )
     c.add_argument(
@@ -252,14 +250,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
         "bench",
         help="multi-task vs single-task comparison (Δm)",
-        formatter_class=_FMT,
         epilog="examples:\n  mmfuse bench mtl                       # built-in easy-VQA config\n"
         "  mmfuse bench mtl my.yaml --weightings equal,uncertainty,pcgrad --out runs/bench\n"
         "  mmfuse bench mtl --set train.max_epochs=3 --seeds 0,1",
     )
     b.add_argument("what", choices=["mtl"], help="mtl: one single-task model per task vs the multi-task model(s)")
-    b.add_argument("config", nargs="?", help="YAML run config (default: the built-in easy-VQA config)")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    _add_config(b)
+    _add_set(b)
     b.add_argument(
         "--weightings",
         default="equal",
@@ -273,7 +270,6 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     cp = sub.add_parser(
         "compare",
         help="train several fusions (x seeds, x varied keys) on the same data; tables and plots",
-        formatter_class=_FMT,
         description="Train every fusion (and every combination of --vary values) for each seed on the same data "
         "and budget; write compare.md, compare.json and PNG plots. Rerun the same command to continue.",
         epilog="examples:\n  mmfuse compare my.yaml --fusions all --seeds 3 --out runs/cmp\n"
@@ -281,7 +277,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "  mmfuse compare my.yaml --fusions film --vary train.balance.name=ogm_ge,agm --seeds 2\n"
         "  mmfuse compare my.yaml --fusions concat,film --stress --out runs/cmp   # + robustness curves",
     )
-    cp.add_argument("config", nargs="?", help="YAML run config (default: the built-in easy-VQA config)")
+    _add_config(cp)
     cp.add_argument(
         "--fusions",
         default="all",
@@ -289,16 +285,13 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "'all,co_attention{hidden_dim: 128}'",
     )
     cp.add_argument("--seeds", default="3", help="number of seeds: the config's seed, +1, ... (default: 3)")
-    cp.add_argument(
+    _add_repeatable(
+        cp,
         "--vary",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="also compare these values of a config key (repeatable; values parsed as YAML, like --set)",
+        "KEY=V1,V2",
+        "also compare these values of a config key (repeatable; values parsed as YAML, like --set)",
     )
-    cp.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
-    )
+    _add_set(cp)
     cp.add_argument("--stress", action="store_true", help="also sweep each member over corrupted and missing inputs")
     cp.add_argument("--stress-limit", type=int, help="records per stress condition (default: the whole split)")
     cp.add_argument("--out", help="folder of the comparison (default: runs/compare-<name>-<date>-<time>)")
@@ -308,14 +301,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser(
         "data",
         help="generate a built-in data set (relations, glyphs)",
-        formatter_class=_FMT,
         description="Generate a built-in data set into a folder: images and JSONL records that `mmfuse train` "
         "reads.\nA folder holding the same generation is reused; one holding other files is refused.",
         epilog="examples:\n  mmfuse data relations --out data/relations          # prints counts, baselines, ceiling\n"
         "  mmfuse data relations --out data/relations --score preds.jsonl --split test_combo\n"
         "  mmfuse data glyphs --out data/glyphs",
     )
-    sets = d.add_subparsers(dest="dataset", required=True)
+    sets = _subcommands(d, "dataset")
     _add_data_relations(sets)
     _add_data_glyphs(sets)
 
@@ -324,7 +316,6 @@ def _add_data_relations(sets: argparse._SubParsersAction) -> None:
     r = sets.add_parser(
         "relations",
         help="VQA about several objects: spatial relations, counting, attribute binding (docs/relations.md)",
-        formatter_class=_FMT,
         description="Relations: a built-in VQA set about several objects: spatial relations, counting and "
         "attribute binding.\nGenerates (or reuses) the set and prints its counts, majority baseline and text-only "
         "ceiling;\nwith --score, the answer accuracy per question type of `mmfuse predict` output instead.",
@@ -352,7 +343,6 @@ def _add_data_glyphs(sets: argparse._SubParsersAction) -> None:
     g = sets.add_parser(
         "glyphs",
         help="VQA about one rotated, cluttered digit, for fine-tuning recipes (docs/finetune.md)",
-        formatter_class=_FMT,
         description="Glyphs: a generated VQA set of digits where frozen ImageNet features are weak, for fine-tuning "
         "recipes.\nThree questions per image (the digit, even, greater than four).",
         epilog="example:\n  mmfuse data glyphs --out data/glyphs --train 1000",
@@ -501,12 +491,11 @@ def _add_record_inputs(parser: argparse.ArgumentParser) -> None:
     for modality, value in (("image", "PATH"), ("text", "TEXT")):
         shorthand = f"shorthand for --field <its field>={value}"
         parser.add_argument(f"--{modality}", help=f"the input of the run's `{modality}` modality ({shorthand})")
-    parser.add_argument(
+    _add_repeatable(
+        parser,
         "--field",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an input field of one record (repeatable); a value starting with [ or { is read as JSON",
+        "NAME=VALUE",
+        "an input field of one record (repeatable); a value starting with [ or { is read as JSON",
     )
 
 
@@ -730,7 +719,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser(
         "export",
         help="export a finished run's model to ONNX or TorchScript, checked against PyTorch",
-        formatter_class=_FMT,
         description="Write the whole model (preprocessed tensors -> every task's logits) and export.json into --out, "
         "then run the file on a batch of the run's own records and compare it with the PyTorch forward.",
         epilog="examples:\n  mmfuse export runs/easy_vqa --out exported/easy_vqa\n"
@@ -763,7 +751,6 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser(
         "init",
         help="write a commented run config inferred from a CSV/JSONL table's columns",
-        formatter_class=_FMT,
         description="Read the table, decide each column's use (image, text, numeric, categorical, embedding; the "
         "rules of mmfuse.infer, as MultiTaskPredictor.fit), print the plan and write a YAML run config that "
         "`mmfuse train` trains as is, with a comment above each entry saying what was inferred and why.",
@@ -823,7 +810,6 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     pk = sub.add_parser(
         "pack",
         help="write a config's records, validated and split, into streaming shards (LitData) for data.source=shards",
-        formatter_class=_FMT,
         description="Read the records of each split as `train` does (same checks), fit class lists and statistics on "
         "the training split, and write the splits as LitData shards with mmfuse_manifest.json into --out. Train "
         "from them with --set data.source=shards --set data.path=DIR.",
@@ -832,7 +818,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     )
     pk.add_argument("config", help="YAML run config whose data to pack")
     pk.add_argument("--out", required=True, help="output folder (created; must be new or empty)")
-    pk.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _add_set(pk, "override a config key")
     pk.add_argument(
         "--embed-files", action="store_true", help="store the input files' bytes (images, .npy) in the shards"
     )
