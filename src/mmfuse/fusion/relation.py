@@ -11,16 +11,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfuse.encoders.base import EncoderOutput
-from mmfuse.fusion.attention import auto_spatial, real_tokens
-from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
-from mmfuse.fusion.positional import coord_grid, grid_shape
-from mmfuse.fusion.question import QuestionReader
+from mmfuse.fusion.base import FUSIONS, FusionOutput
+from mmfuse.fusion.grid import GridFusion
 
 AGGREGATES = ("sum", "mean", "attention")
 
 
 @FUSIONS.register("relation")
-class RelationFusion(Fusion):
+class RelationFusion(GridFusion):
     """Relation Network: `fused = f(sum_{i,j} g([o_i; o_j; q]))` over all ordered pairs of grid cells.
 
         All ordered pairs (i, j), i == j included, as in the paper.
@@ -45,9 +43,6 @@ class RelationFusion(Fusion):
         Args:
             input_dims: {modality: D_m}, two modalities.
             output_dim: D_out.
-            spatial: the modality whose tokens are the objects (a flattened h x w grid). "auto": the builder asks the
-                encoders (the one image encoder that gives tokens); built directly, the modality called "image".
-            grid: (h, w) of the spatial grid; by default the square grid of its T tokens.
             g_layers: layers of g (the paper: 4).
             g_dim: G, the width of g (the paper: 256).
             f_layers: layers of f, the last one to D_out.
@@ -62,15 +57,10 @@ class RelationFusion(Fusion):
             question_dim: the GRU's width with question: gru.
     """
 
-    needs_tokens = True
-    needs_grid = True  # the builder refuses it, before training, when no encoder gives a grid of tokens
-
     def __init__(
         self,
         input_dims: dict[str, int],
         output_dim: int,
-        spatial: str | None = "auto",
-        grid: tuple[int, int] | None = None,
         g_layers: int = 4,
         g_dim: int = 256,
         f_layers: int = 2,
@@ -80,17 +70,16 @@ class RelationFusion(Fusion):
         max_chunk_pairs: int = 65536,
         max_batch_pairs: int = 1 << 22,
         recompute: bool = True,
+        spatial: str | None = "auto",
+        grid: tuple[int, int] | None = None,
         question: str = "pooled",
         question_dim: int = 256,
     ) -> None:
-        super().__init__(input_dims, output_dim)
-        self.spatial, self.question = spatial_and_question("relation", self.modalities, spatial)
-        self.reader = QuestionReader(question, self.input_dims[self.question], question_dim, "relation")
+        super().__init__(input_dims, output_dim, "relation", spatial, grid, question, question_dim)
         if aggregate not in AGGREGATES:
             raise ValueError(f"relation aggregate must be one of {', '.join(AGGREGATES)}; got {aggregate!r}")
         if min(g_layers, f_layers, g_dim, f_dim or g_dim, max_chunk_pairs, max_batch_pairs) < 1:
             raise ValueError("relation g_layers, f_layers, g_dim, f_dim, max_chunk_pairs, max_batch_pairs must be >= 1")
-        self.grid = None if grid is None else tuple(grid)
         self.aggregate, self.recompute = aggregate, recompute
         self.max_chunk_pairs, self.max_batch_pairs = max_chunk_pairs, max_batch_pairs
         d_s = self.input_dims[self.spatial]
@@ -125,14 +114,12 @@ class RelationFusion(Fusion):
             )
 
     def forward(self, features: dict[str, EncoderOutput]) -> FusionOutput:
-        tokens, mask = spatial_tokens(features[self.spatial], self.spatial, "relation")  # (B, T, C), (B, T)
+        tokens, mask, _, coords, q = self.grid_inputs(features)  # (B, T, C), (B, T), (h, w), (T, 2), (B, Q)
         b, t = mask.shape
         self.check_batch(b, t)
-        h, w = grid_shape(t, self.grid, f"relation's {self.spatial} input")
-        coords = coord_grid(h, w, device=tokens.device, dtype=tokens.dtype)  # (T, 2)
         a_i = self.g_in_i(tokens) + self.g_pos_i(coords)  # (B, T, G): A o_i with o_i = [x_i; xy_i]
         b_j = self.g_in_j(tokens) + self.g_pos_j(coords)  # (B, T, G): B o_j
-        c_q = self.g_in_q(self.reader(features[self.question], self.question))  # (B, G)
+        c_q = self.g_in_q(q)  # (B, G)
         pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)  # (B, T, T)
         rows = max(1, self.max_chunk_pairs // max(1, b * t))  # object rows i per chunk
         parts = []
@@ -183,26 +170,3 @@ class RelationFusion(Fusion):
         scores = torch.cat([p[3] for p in parts], dim=1)  # (B, T, T)
         shifted = torch.where(pair_mask, scores - top.unsqueeze(-1), scores.new_tensor(float("-inf")))
         return pooled, shifted.exp() / total.clamp(min=1e-30)[:, None, None]
-
-
-def spatial_and_question(name: str, modalities: list[str], spatial: str | None) -> tuple[str, str]:
-    """(the grid modality, the other one) of a two-modality fusion that reasons over one modality's grid."""
-    spatial = auto_spatial(spatial, modalities)
-    if len(modalities) != 2:
-        raise ValueError(f"{name} fuses exactly two modalities (a grid of tokens and a question); got {modalities}")
-    if spatial not in modalities:
-        raise ValueError(
-            f"{name} reasons over the grid of tokens of one modality: set spatial to one of {modalities} "
-            f"(got {spatial!r})"
-        )
-    return spatial, next(m for m in modalities if m != spatial)
-
-
-def spatial_tokens(side: EncoderOutput, modality: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid tokens with padded or absent cells zeroed (B, T, C), and the mask of real cells (B, T)."""
-    if side.tokens is None:
-        raise ValueError(
-            f"{name} needs {modality} tokens (a grid), but the {modality} features have tokens=None: "
-            f"use an image encoder that gives tokens (tokens: true, or the conv encoder)"
-        )
-    return real_tokens(side, modality, name)

@@ -10,10 +10,8 @@ import torch
 from torch import nn
 
 from mmfuse.encoders.base import EncoderOutput
-from mmfuse.fusion.base import FUSIONS, Fusion, FusionOutput
-from mmfuse.fusion.positional import coord_grid, grid_shape
-from mmfuse.fusion.question import QuestionReader
-from mmfuse.fusion.relation import spatial_and_question, spatial_tokens
+from mmfuse.fusion.base import FUSIONS, FusionOutput
+from mmfuse.fusion.grid import GridFusion
 
 
 class FiLMedBlock(nn.Module):
@@ -34,7 +32,7 @@ class FiLMedBlock(nn.Module):
 
 
 @FUSIONS.register("spatial_film")
-class SpatialFiLMFusion(Fusion):
+class SpatialFiLMFusion(GridFusion):
     """FiLM on the token grid: `fused = fc(maxpool(relu(conv1x1([x_N; xy]))))`, x_N after N FiLM-ed conv blocks.
 
     The `spatial` modality's tokens (B, T, C) become a map (B, C, h, w); the stem `x_0 = relu(bn(conv1x1([map; xy])))`
@@ -51,38 +49,28 @@ class SpatialFiLMFusion(Fusion):
     Args:
         input_dims: {modality: D_m}, two modalities.
         output_dim: D_out.
-        spatial: the modality whose tokens are a flattened h x w grid. "auto": the builder asks the encoders (the one
-            image encoder that gives tokens); built directly, the modality called "image".
-        grid: (h, w) of the spatial grid; by default the square grid of its T tokens (a non-square T needs it).
         width: W, the channels of the blocks (the paper: 128).
         num_blocks: N (the paper: 4).
         classifier_channels: K (the paper: 512).
-        question: how q is read: "pooled" (the question's pooled vector) or "gru" (a GRU over its tokens, which
-            keeps word order; the paper's question encoder is a GRU).
-        question_dim: the GRU's width with question: gru.
+        spatial, grid, question, question_dim: the grid modality, its (h, w), how q is read ("pooled", or "gru": a
+            GRU over its tokens, which keeps word order; the paper's question encoder is a GRU): see `GridFusion`.
     """
-
-    needs_tokens = True
-    needs_grid = True  # the builder refuses it, before training, when no encoder gives a grid of tokens
 
     def __init__(
         self,
         input_dims: dict[str, int],
         output_dim: int,
-        spatial: str | None = "auto",
-        grid: tuple[int, int] | None = None,
         width: int = 128,
         num_blocks: int = 4,
         classifier_channels: int = 512,
+        spatial: str | None = "auto",
+        grid: tuple[int, int] | None = None,
         question: str = "pooled",
         question_dim: int = 256,
     ) -> None:
-        super().__init__(input_dims, output_dim)
-        self.spatial, self.question = spatial_and_question("spatial_film", self.modalities, spatial)
-        self.reader = QuestionReader(question, self.input_dims[self.question], question_dim, "spatial_film")
+        super().__init__(input_dims, output_dim, "spatial_film", spatial, grid, question, question_dim)
         if min(width, num_blocks, classifier_channels) < 1:
             raise ValueError("spatial_film width, num_blocks and classifier_channels must be >= 1")
-        self.grid = None if grid is None else tuple(grid)
         self.width, self.num_blocks = width, num_blocks
         # The stem's 1x1 conv over [map; xy], split into the tokens' part (the modality's own) and the coordinates'.
         self.stem = nn.Conv2d(self.input_dims[self.spatial], width, kernel_size=1)
@@ -101,12 +89,10 @@ class SpatialFiLMFusion(Fusion):
         return [*self.reader.parameters(), *self.film.parameters()]
 
     def forward(self, features: dict[str, EncoderOutput]) -> FusionOutput:
-        tokens, mask = spatial_tokens(features[self.spatial], self.spatial, "spatial_film")  # (B, T, C), (B, T)
-        b, t = mask.shape
-        h, w = grid_shape(t, self.grid, f"spatial_film's {self.spatial} input")
+        tokens, mask, (h, w), xy, q = self.grid_inputs(features)  # (B, T, C), (B, T), grid, (T, 2), (B, Q)
+        b = mask.shape[0]
         fmap = tokens.transpose(1, 2).unflatten(2, (h, w))  # (B, C, h, w)
-        coords = coord_grid(h, w, device=tokens.device, dtype=tokens.dtype).T.unflatten(1, (h, w)).expand(b, 2, h, w)
-        q = self.reader(features[self.question], self.question)  # (B, Q)
+        coords = xy.T.unflatten(1, (h, w)).expand(b, 2, h, w)  # (B, 2, h, w)
         film = self.film(q).view(b, self.num_blocks, 2, self.width)  # (B, N, 2, W)
         x = torch.relu(self.stem_norm(self.stem(fmap) + self.stem_xy(coords)))  # (B, W, h, w)
         for k, block in enumerate(self.blocks):
