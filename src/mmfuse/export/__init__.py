@@ -23,7 +23,7 @@ from typing import Any
 from mmfuse.config import ConfigError
 
 FORMATS = ("onnx", "torchscript")
-TOLERANCE = 1e-4  # max |logit difference| the check accepts
+TOLERANCE = 1e-4  # max |logit difference| the check accepts, per unit of max(1, max |logit|) of each task
 NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "torchscript": ()}
 
 
