@@ -148,7 +148,10 @@ def _report(args, cases, times, codes, load_start, load, wall, own, heavy) -> No
         )
     total = sum(own.values())
     print(f"\nOne more predict under `-X importtime` (inflated by it): {wall:.2f} s wall, {total:.2f} s of imports")
-    print(f"(the rest, {wall - total:.2f} s: start-up, reading the run, building the model, predicting).")
+    print(
+        f"(the rest, {wall - total:.2f} s, is work outside import statements: the libraries' own, such as transformers"
+    )
+    print("scanning its model folders for its lazy names, and mmfuse's: reading the run, building, predicting).")
     print("Heavy packages it imported: " + (", ".join(heavy) or "none"))
     print("\n| top-level package | own import s |\n|---|---|")
     top = sorted(own.items(), key=lambda kv: -kv[1])
