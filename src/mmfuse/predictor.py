@@ -110,9 +110,7 @@ class MultiTaskPredictor:
             print(f"inputs of {self.path}:\n{self.plan}")
         rows = _rows(train_data)
         if tuning_data is None:
-            order = np.random.default_rng(self.seed).permutation(len(rows))
-            n_val = max(1, round(0.1 * len(rows))) if len(rows) >= 10 else 0
-            val_rows, rows = [rows[i] for i in order[:n_val]], [rows[i] for i in sorted(order[n_val:])]
+            rows, val_rows = hold_out(rows, self.plan, self.seed)
         else:
             val_rows = _rows(tuning_data)
         data_dir = self.path / "data"
@@ -124,6 +122,8 @@ class MultiTaskPredictor:
             data["val"] = str((data_dir / "val.jsonl").resolve())
         data |= {"root": str(root), "allow_outside_root": any_absolute(rows, self.plan), "num_workers": 0}
         raw = self._config(preset, data, time_limit)
+        for task, options in raw["tasks"].items():  # the classes of every row: a class seen only in val is no error
+            options |= task_fit(options["kind"], [r.get(task) for r in rows + val_rows])
         overrides = [f"{k}={json.dumps(v)}" for k, v in (hyperparameters or {}).items()]
         cfg = RunConfig.model_validate(apply_overrides(raw, overrides))
         with lightning_quiet(self.verbose):
@@ -342,6 +342,32 @@ def lightning_quiet(epoch_lines: bool) -> Any:
         if handler is not None:
             epochs.removeHandler(handler)
             epochs.setLevel(old_level)
+
+
+def hold_out(
+    rows: list[dict[str, Any]], plan: InputPlan, seed: int, fraction: float = 0.1
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, val rows): `fraction` of the rows held out by the seed for model selection (none under 10 rows).
+
+    Rows that share a file (many questions about one image) are held out together, so no validation row sees an
+    image that training saw: the first image column groups them; without one, every row is its own group.
+    """
+    if len(rows) < 10:
+        return rows, []
+    images = [c for c, k in plan.columns.items() if k == "image"]
+    keys = [r.get(images[0]) if images else i for i, r in enumerate(rows)]
+    groups = list(dict.fromkeys(keys))  # in first-seen order
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n_val = max(1, round(fraction * len(groups)))
+    held = {groups[i] for i in order[:n_val]}
+    return [r for r, k in zip(rows, keys) if k not in held], [r for r, k in zip(rows, keys) if k in held]
+
+
+def task_fit(kind: str, labels: Sequence[Any]) -> dict[str, Any]:
+    """What a task kind learns from its labels (a classifier's sorted class names), as `mmfuse train` learns it."""
+    from mmfuse.tasks import TASK_KINDS
+
+    return TASK_KINDS.get(kind).fit([v for v in labels if v is not None], {})
 
 
 def pandas() -> Any:

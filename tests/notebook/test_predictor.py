@@ -122,3 +122,23 @@ def test_bad_input_is_one_line_naming_the_column(fitted, table, tmp_path) -> Non
         MultiTaskPredictor(["color"], path=tmp_path / "p", verbose=False).fit(frame, time_limit=0, data_root=root)
     with pytest.raises(PlanError, match="not a finished run directory"):
         MultiTaskPredictor.load(tmp_path)
+
+
+def test_hold_out_keeps_the_questions_of_one_image_together() -> None:
+    from mmfuse.infer import InputPlan
+    from mmfuse.predictor import hold_out
+
+    rows = [{"image": f"{i // 4}.png", "text": f"q{i}", "answer": i % 3} for i in range(80)]  # 20 images x 4
+    plan = InputPlan(columns={"image": "image", "text": "text"}, tasks={"answer": "multiclass"}, root=Path("."))
+    train, val = hold_out(rows, plan, seed=0)
+    assert len(val) == 8 and len(train) == 72  # 2 of the 20 images, all 4 questions each
+    assert not {r["image"] for r in train} & {r["image"] for r in val}
+    assert hold_out(rows, plan, seed=0) == (train, val) and hold_out(rows, plan, seed=1) != (train, val)
+    assert hold_out(rows[:9], plan, seed=0) == (rows[:9], [])  # too few rows to hold any out
+
+
+def test_classes_come_from_every_row_as_training_would_learn_them() -> None:
+    from mmfuse.predictor import task_fit
+
+    assert task_fit("multiclass", ["red", None, "blue", "red", "black"]) == {"classes": ["black", "blue", "red"]}
+    assert task_fit("regression", [1.5, 2.0]) == {}
