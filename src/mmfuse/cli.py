@@ -814,7 +814,8 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         "the training split, and write the splits as LitData shards with mmfuse_manifest.json into --out. Train "
         "from them with --set data.source=shards --set data.path=DIR.",
         epilog="examples:\n  mmfuse pack my.yaml --out shards/my\n  mmfuse pack my.yaml --out shards/my --embed-files"
-        "\n  mmfuse train my.yaml --set data.source=shards --set data.path=shards/my --set train.cache=false",
+        "\n  mmfuse pack my.yaml --out shards/my --features      # on a shard set already there: add the features"
+        "\n  mmfuse train my.yaml --set data.source=shards --set data.path=shards/my",
     )
     pk.add_argument("config", help="YAML run config whose data to pack")
     pk.add_argument("--out", required=True, help="output folder (created; must be new or empty)")
@@ -824,6 +825,12 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     )
     pk.add_argument("--chunk-bytes", default="64MB", help="the largest chunk file (LitData), e.g. 64MB (default)")
     pk.add_argument("--skip-bad", action="store_true", help="leave bad records out (listed in the manifest)")
+    pk.add_argument(
+        "--features",
+        action="store_true",
+        help="also encode each distinct input of the frozen encoders once, into DIR/features (what train.cache "
+        "reads); on a shard set packed for this config, add them or finish an interrupted pass",
+    )
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
@@ -832,10 +839,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.set) + (["data.skip_bad=true"] if args.skip_bad else []))
     from mmfuse.pack import pack
 
-    manifest = pack(cfg, args.out, embed_files=args.embed_files, chunk_bytes=args.chunk_bytes)
+    manifest = pack(cfg, args.out, embed_files=args.embed_files, chunk_bytes=args.chunk_bytes, features=args.features)
     counts = ", ".join(f"{s}: {v['records']} records" for s, v in manifest["splits"].items())
     embedded = f" (files of {', '.join(manifest['embedded'])} embedded)" if manifest["embedded"] else ""
     print(f"packed {counts} -> {args.out}{embedded}")
+    if "features" in manifest:
+        counts = ", ".join(f"{m}: {n} distinct inputs" for m, n in manifest["features"].items())
+        print(f"features of the frozen encoders ({counts}) -> {Path(args.out) / 'features'}")
     if manifest["bad_records"]:
         print(f"skipped {len(manifest['bad_records'])} bad records: see {Path(args.out) / 'mmfuse_manifest.json'}")
     return 0

@@ -16,10 +16,14 @@ The config is read here as its plain resolved dict (`model_dump`): only its sect
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from mmfuse.builders import RunData, build_encoders, build_run_data, build_tasks, loader_options
 from mmfuse.config import ConfigError, RunConfig, parse_config
@@ -73,8 +77,14 @@ def describe(raw: Mapping[str, Any], encoders: Mapping[str, Encoder]) -> dict[st
     return {"inputs": inputs, "tasks": tasks}
 
 
-def pack(cfg: RunConfig, out: str | Path, embed_files: bool = False, chunk_bytes: str = "64MB") -> dict[str, Any]:
+def pack(
+    cfg: RunConfig, out: str | Path, embed_files: bool = False, chunk_bytes: str = "64MB", features: bool = False
+) -> dict[str, Any]:
     """Write the config's records, split and validated, as shards in `out`; returns the manifest.
+
+    With `features`, also compute the features of the config's frozen encoders into `out/features` (see
+    `pack_features`; the returned manifest then has "features": {modality: distinct inputs}); when `out` already
+    holds a shard set packed for this config, only that is done (or finished).
 
     Raises:
         ConfigError / DataError: one line (a bad config, a bad record, `out` not empty).
@@ -83,11 +93,15 @@ def pack(cfg: RunConfig, out: str | Path, embed_files: bool = False, chunk_bytes
     given = cfg.model_dump(mode="json")
     if given["data"]["source"] == "shards":
         raise ConfigError("data.source: already shards; pack a config that reads records (records or easy_vqa)")
+    if features and (out / MANIFEST).is_file():
+        return {**read_manifest(out), "features": pack_features(cfg, out)}
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: exists and is not an empty folder; choose another --out")
     skip_bad = loader_options(cfg).skip_bad
     bad: list[tuple[str, str]] = []
     data = build_run_data(cfg, None, bad if skip_bad else None)
+    if features:
+        check_features(data.encoders, cfg.train.cache)  # before the records are written, not after
     resolved = data.cfg.model_dump(mode="json")
     tasks = build_tasks(data.cfg.tasks)
     embed = file_modalities(data.encoders) if embed_files else []
@@ -118,7 +132,40 @@ def pack(cfg: RunConfig, out: str | Path, embed_files: bool = False, chunk_bytes
         "packed": {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "by": _versions()},
     }
     write_manifest(out, manifest)
-    return manifest
+    return {**manifest, "features": pack_features(cfg, out)} if features else manifest
+
+
+def check_features(encoders: Mapping[str, Encoder], cache: bool) -> None:
+    """`--features` on a config whose run would read no cached feature: ConfigError (one line)."""
+    if not cache:
+        raise ConfigError("--features: train.cache is false in this config, so no run of it reads features")
+    if not any(e.frozen for e in encoders.values()):
+        raise ConfigError("--features: no encoder of model.encoders is frozen (freeze: true); nothing to compute")
+
+
+def pack_features(cfg: RunConfig, out: str | Path) -> dict[str, int]:
+    """Compute the features of the config's frozen encoders into the shard set `out` (`out/features/...`), as a run
+    from it with `train.cache: true` would at its start; resumes what an interrupted pass left.
+
+    Returns:
+        {modality: number of distinct inputs}.
+    """
+    from mmfuse.builders import build_model_from
+    from mmfuse.train.data import build_features, cached_modalities
+
+    raw = cfg.model_dump(mode="json")
+    raw["data"].update(source="shards", path=str(out), train=None, val=None, test=None, limit=None)
+    raw["data"]["group_batches"] = False
+    # Seeded as `mmfuse train` seeds before it builds the encoders (Lightning's `seed_everything`): an encoder with
+    # random weights gets the run's weights, hence its cache_key, and the run finds these features.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    data = shard_run_data(parse_config(raw))  # the manifest checked against the config, the shards verified
+    check_features(data.encoders, data.cfg.train.cache)
+    model = build_model_from(data.cfg.model, build_tasks(data.cfg.tasks), data.encoders)
+    feats = build_features(model, data.splits, cached_modalities(model, True))
+    return {m: len(t) for m, t in feats.tables.items()}
 
 
 def _versions() -> dict[str, str]:

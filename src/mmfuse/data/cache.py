@@ -89,13 +89,20 @@ class FeatureTable:
     def __len__(self) -> int:
         return self.loc.shape[0]
 
+    def locate(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: (B,) long -> (B, 2) long, the (shard, row in shard) of each."""
+        return self.loc[rows]
+
+    def shard(self, shard_no: int) -> dict[str, torch.Tensor]:
+        return self.shards[shard_no]
+
     def gather(self, rows: torch.Tensor) -> EncoderOutput:
         """rows: (B,) long -> EncoderOutput with tokens re-padded to the longest item of the batch."""
-        loc = self.loc[rows]  # (B, 2)
+        loc = self.locate(rows)  # (B, 2)
         parts = []
         for shard_no in loc[:, 0].unique().tolist():
             sel = (loc[:, 0] == shard_no).nonzero().squeeze(1)
-            parts.append((sel, self._from_shard(self.shards[shard_no], loc[sel, 1])))
+            parts.append((sel, self._from_shard(self.shard(shard_no), loc[sel, 1])))
         if len(parts) == 1:
             return parts[0][1]
         return _merge(parts, len(rows))

@@ -24,7 +24,8 @@ from mmfuse.data.dataset import MultiModalDataset, encode_labels, validate_recor
 from mmfuse.data.grouping import BatchFetch, GroupedBatchSampler, input_groups
 from mmfuse.data.records import Record
 from mmfuse.data.sampling import EpochRandomSampler, epoch_seed
-from mmfuse.data.shards import ShardRows, ShardSamples, ShardSplit, open_stream
+from mmfuse.data.shard_features import RowMap, ShardFeatures
+from mmfuse.data.shards import ShardRows, ShardSamples, ShardSplit, open_stream, read_manifest
 from mmfuse.encoders.base import EncoderOutput
 from mmfuse.model import MultiTaskModel
 
@@ -37,13 +38,9 @@ class Features:
     row of each record."""
 
     tables: dict[str, FeatureTable] = field(default_factory=dict)
-    rows: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    rows: dict[str, dict[str, torch.Tensor | RowMap]] = field(default_factory=dict)
 
 
-SHARDS_NOT_CACHED = (
-    "train.cache: features of frozen encoders are not cached from data.source=shards yet ({} frozen); "
-    "set train.cache=false (each batch then runs the frozen encoders)"
-)
 GROUP_BATCHES_ALL_CACHED = (
     "data.group_batches: every encoder's features come from the feature cache, so there is no encoder "
     "pass to save; remove it, or fine-tune an encoder (freeze: false) or set train.cache=false"
@@ -71,7 +68,7 @@ def build_features(
     """Encode (or read back) the distinct inputs of the cached modalities; each record gets its row."""
     feats = Features(rows={s: {} for s in splits})
     if modalities and any(isinstance(r, ShardSplit) for r in splits.values()):
-        raise ConfigError(SHARDS_NOT_CACHED.format(", ".join(f"model.encoders.{m}" for m in modalities)))
+        return shard_set_features(model, splits, modalities, cache_dir)  # type: ignore[arg-type]
     for m in modalities:
         enc = model.encoders[m]
         cache = FeatureCache(enc, m, cache_dir, tokens=model.fusion.needs_tokens and enc.has_tokens)
@@ -87,6 +84,26 @@ def build_features(
         for s, (a, b) in bounds.items():
             feats.rows[s][m] = rows[a:b]
         log.info("%s features: %d distinct inputs for %d records (cache %s)", m, len(table), len(refs), cache.dir)
+    return feats
+
+
+def shard_set_features(
+    model: MultiTaskModel, splits: Mapping[str, ShardSplit], modalities: list[str], cache_dir: str | None = None
+) -> Features:
+    """The features of the cached modalities over a shard set, kept inside it (`mmfuse.data.shard_features`):
+    computed once for the whole set by the first process to get there, read by row by every rank."""
+    folder = next(iter(splits.values())).folder
+    if cache_dir is not None:
+        log.warning("train.cache_dir: not used with data.source=shards; features are kept in %s/features", folder)
+    manifest = read_manifest(folder)
+    feats = Features(rows={s: {} for s in splits})
+    for m in modalities:
+        enc = model.encoders[m]
+        store = ShardFeatures(folder, manifest, m, enc, model.fusion.needs_tokens and enc.has_tokens)
+        feats.tables[m], rows = store.build()
+        for s in splits:
+            feats.rows[s][m] = rows[s]
+        log.info("%s features: %d distinct inputs (%s)", m, len(feats.tables[m]), store.dir)
     return feats
 
 
@@ -283,7 +300,7 @@ def make_loader(
     batches keep records that share an input together (`GroupedBatchSampler`).
     """
     if isinstance(records, ShardSplit):
-        return shard_loader(model, records, split, options)
+        return shard_loader(model, records, split, options, features)
     cached = set(features.tables)
     uncached = [m for m in model.encoders if m not in cached]
     train = split == "train"
@@ -318,14 +335,20 @@ def make_loader(
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and distributed, **common)
 
 
-def shard_loader(model: MultiTaskModel, split: ShardSplit, name: str, options: LoaderOptions) -> DataLoader:
+def shard_loader(
+    model: MultiTaskModel, split: ShardSplit, name: str, options: LoaderOptions, features: Features | None = None
+) -> DataLoader:
     """A split of a shard set: training streams it (LitData: chunks shuffled by seed and epoch, partitioned over
-    ranks and loader workers); evaluation reads it in order by position (sharded over DDP ranks by the caller)."""
+    ranks and loader workers); evaluation reads it in order by position (sharded over DDP ranks by the caller).
+    The cached modalities' features are gathered by each record's row (`features`); their inputs are not read."""
     train = name == "train"
-    samples = ShardSamples(model.encoders, model.tasks, name, train)
-    shared = shared_modalities(model, list(model.encoders), train)
-    collate = Collator(model.encoders, model.tasks, dedupe=shared)
-    workers = default_workers(options, list(model.encoders))
+    tables = features.tables if features is not None else {}
+    uncached = [m for m in model.encoders if m not in tables]
+    encoders = {m: model.encoders[m] for m in uncached}
+    samples = ShardSamples(encoders, model.tasks, name, train)
+    base = Collator(encoders, model.tasks, dedupe=shared_modalities(model, uncached, train))
+    collate = CachedCollator(base, tables, features.rows.get(name, {})) if features is not None and tables else base
+    workers = default_workers(options, uncached)
     if train:
         from mmfuse.data.shard_stream import stream_loader
 
