@@ -34,6 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
+from mmfuse.builders import train_options  # noqa: E402
 from mmfuse.config import load_config  # noqa: E402
 from mmfuse.train.data import make_loader  # noqa: E402
 from mmfuse.train.run import Run, build_trainer, monitor_of  # noqa: E402
@@ -92,8 +93,8 @@ def mmfuse_epoch(run: Run, loaders: dict, workdir: Path, r: int) -> float:
     """One `fit` epoch of mmfuse (its own trainer and module); returns the training epoch's seconds."""
     cfg = copy.deepcopy(run.cfg)
     cfg.train.max_epochs, cfg.train.progress_bar = 1, False
-    monitor, mode = monitor_of(cfg, run.model)
-    trainer = build_trainer(cfg, workdir / f"round{r}", monitor, mode)
+    monitor, mode = monitor_of(cfg.train.monitor, run.model)
+    trainer = build_trainer(train_options(cfg), workdir / f"round{r}", monitor, mode)
     timer = EpochTimer()
     trainer.callbacks.append(timer)
     saved = copy.deepcopy(run.model.state_dict())

@@ -487,10 +487,11 @@ def lightning_callbacks() -> tuple[Any, Any]:
 def mmfuse_trainer(cfg: Any, run_dir: Path, callbacks: list[Any], max_steps: int = -1) -> Any:
     """mmfuse's own Trainer (`mmfuse.train.run.build_trainer`: its checkpointing, loggers, precision,
     determinism) plus our clocks, optionally stopped after `max_steps`."""
+    from mmfuse.builders import train_options
     from mmfuse.train.run import build_trainer
 
     quiet()  # again: importing Lightning resets its loggers' levels
-    trainer = build_trainer(cfg, run_dir, None, "min")
+    trainer = build_trainer(train_options(cfg), run_dir, None, "min")
     trainer.callbacks[:0] = callbacks  # before ModelCheckpoint, which Lightning runs last anyway
     if max_steps > 0:
         trainer.fit_loop.epoch_loop.max_steps = max_steps
