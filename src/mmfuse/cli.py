@@ -141,15 +141,21 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser(
         "predict",
         help="predict with a finished run",
-        description="Predict every task of a run from its inputs: a records file, or field values given here.",
+        description="Predict every task of a run from its inputs: a records file, a split of a shard folder (mmfuse "
+        "pack; streamed, bounded memory), or field values given here.",
         epilog="examples:\n  mmfuse predict runs/easy_vqa --image shape.png --text 'what color is the shape?'\n"
         "  mmfuse predict runs/easy_vqa --input records.jsonl --output preds.jsonl\n"
+        "  mmfuse predict runs/my --input shards/my --split test --output preds.jsonl   # a split of a shard set\n"
         "  mmfuse predict runs/products --field price_band=high --field photo=shoe.jpg   # any input field\n"
         "  mmfuse predict runs/easy_vqa --text 'is there a circle?' --allow-missing     # text only",
     )
     pr.add_argument("run", help="run directory")
     _add_record_inputs(pr)
-    pr.add_argument("--input", help="records file (.jsonl, .json or .csv) with the run's input fields")
+    pr.add_argument(
+        "--input",
+        help="records file (.jsonl, .json or .csv) with the run's input fields, or a shard folder (mmfuse pack)",
+    )
+    pr.add_argument("--split", help="with a shard folder as --input: the split to predict (default: test)")
     pr.add_argument(
         "--root",
         "--image-root",
@@ -532,7 +538,10 @@ def _field_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import contextlib
+
     from mmfuse.config import check_run_dir
+    from mmfuse.io import atomic_path
 
     fields = _field_values(args)
     shorthands = _shorthands(args)
@@ -540,6 +549,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise _usage("give either --input or field values (--image/--text/--field), not both")
     if not (args.input or fields or shorthands):
         raise _usage("give --input FILE, or the inputs of one record (--image, --text, --field NAME=VALUE)")
+    shards = bool(args.input) and Path(args.input).is_dir()
+    if args.split is not None and not shards:
+        raise _usage("--split names a split of a shard folder given as --input (written by mmfuse pack)")
+    if shards and (args.root or args.allow_outside_root):
+        raise _usage(
+            "--root and --allow-outside-root apply to a records file; a shard set's paths were checked when packed"
+        )
     check_run_dir(args.run)
     from mmfuse.predict import Predictor  # torch, never Lightning
 
@@ -547,29 +563,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _add_shorthands(fields, shorthands, predictor.input_fields)
     bad: list[tuple[str, str]] = []
     errors = bad if args.skip_bad else None
-    if args.input:
-        records = predictor.records_from_file(args.input, args.root, args.allow_outside_root, errors)
+    if shards:
+        split = predictor.shard_split(args.input, args.split or "test")
+        chunks: Any = predictor.shard_records(split, chunk=16 * args.batch_size)  # a chunk of records at a time
+    elif args.input:
+        chunks = [predictor.records_from_file(args.input, args.root, args.allow_outside_root, errors)]
     else:
-        records = predictor.records_from_fields(fields)
-    records, skipped = predictor.check(records, allow_missing=args.allow_missing, skip_bad=args.skip_bad)
-    bad += skipped
-    for source, reason in bad:
-        print(f"skipped {source}: {reason}", file=sys.stderr)
-    if not records:  # every record was skipped: nothing predicted is not a success
-        raise _usage(f"no record to predict: all {len(bad)} were skipped as bad (listed above)")
-    results = predictor.predict(records, args.batch_size)
+        chunks = [predictor.records_from_fields(fields)]
+    many = split.n > 1 if shards else None  # a header line per record when the input holds several
+    done = shown = 0
+    with contextlib.ExitStack() as stack:  # --output: written whole or not at all (an existing file is kept on error)
+        out = stack.enter_context(open(stack.enter_context(atomic_path(args.output)), "w")) if args.output else None
+        for records in chunks:
+            records, skipped = predictor.check(records, allow_missing=args.allow_missing, skip_bad=args.skip_bad)
+            for source, reason in bad + skipped:
+                print(f"skipped {source}: {reason}", file=sys.stderr)
+            shown, bad = shown + len(bad) + len(skipped), []
+            if records:
+                many_here = len(records) > 1 if many is None else many
+                _write_predictions(predictor, records, out, many_here, args.batch_size, args.top)
+                done += len(records)
+        if not done:  # every record was skipped: nothing predicted is not a success
+            raise _usage(f"no record to predict: all {shown} were skipped as bad (listed above)")
     if args.output:
-        with open(args.output, "w") as f:
-            for rec, res in zip(records, results):
-                f.write(json.dumps({"source": rec.source, **res}) + "\n")
-        print(f"wrote {len(results)} predictions to {args.output}" + (f" ({len(bad)} records skipped)" if bad else ""))
-        return 0
-    for rec, res in zip(records, results):
-        if len(records) > 1:
-            print(f"{rec.source}:")
-        for line in predictor.format(res, args.top):
-            print(f"  {line}")
+        print(f"wrote {done} predictions to {args.output}" + (f" ({shown} records skipped)" if shown else ""))
     return 0
+
+
+def _write_predictions(predictor: Any, records: list[Any], out: Any, many: bool, batch_size: int, top: int) -> None:
+    """Predict `records` (checked) and write them: a JSON line each to `out`, else the terminal lines (a "SOURCE:"
+    header before each when `many`)."""
+    for rec, res in zip(records, predictor.predict(records, batch_size)):
+        if out is not None:
+            out.write(json.dumps({"source": rec.source, **res}) + "\n")
+            continue
+        if many:
+            print(f"{rec.source}:")
+        for line in predictor.format(res, top):
+            print(f"  {line}")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

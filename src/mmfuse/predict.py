@@ -1,8 +1,9 @@
 """Predictions from a finished run directory, without the trainer: per task, what its kind describes
 (a class and probabilities, a set of labels, a value).
 
-Inputs come as records (a JSONL/CSV file) or as field values (the command line); each modality's encoder
-reads its own field(s), exactly as in training. A record is refused (one line, skippable) when it has
+Inputs come as records (a JSONL/CSV file, or a split of a shard set written by `mmfuse pack`, streamed a chunk of
+records at a time) or as field values (the command line); each modality's encoder reads its own field(s), exactly as
+in training. A record is refused (one line, skippable) when it has
 none of the run's inputs, and when it lacks one while the model was never trained without it, unless
 `allow_missing` is set (then a warning is logged).
 """
@@ -13,7 +14,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,6 +26,9 @@ from mmfuse.data.records import DataError, Record, read_records
 from mmfuse.encoders.base import DataRoot
 from mmfuse.runs import open_run
 from mmfuse.utils import move_to
+
+if TYPE_CHECKING:
+    from mmfuse.data.shards import ShardSplit
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,49 @@ class Predictor:
             )
         root = DataRoot(Path.cwd(), allow_outside=True)
         return [self.schema.record(dict(fields), source, root, required=False)]
+
+    def shard_split(self, folder: str | os.PathLike[str], split: str = "test") -> ShardSplit:
+        """One split of a shard set (`mmfuse pack`), checked before any record is read.
+
+        Raises:
+            ShardError: one line: not a shard set, no such split, packed for other inputs than this run reads, or a
+                missing, truncated or altered shard of the split (size and sha256 against the manifest).
+        """
+        from mmfuse.data.shards import MANIFEST, ShardError, ShardSplit, read_manifest, verify_shards
+        from mmfuse.pack import describe
+
+        manifest = read_manifest(folder)
+        if split not in manifest["splits"]:
+            held = ", ".join(manifest["splits"]) or "none"
+            raise ShardError(f"{folder}: the shard set has no {split!r} split (splits: {held})")
+        ours, theirs = describe(self.config.model_dump(mode="json"), self.model.encoders)["inputs"], manifest["inputs"]
+        for m, value in ours.items():  # labels play no part in a prediction: only the inputs must be the run's
+            if theirs.get(m) != value:
+                raise ShardError(
+                    f"{Path(folder) / MANIFEST}: packed for another config: model.encoders.{m} is {value} here, "
+                    f"{theirs.get(m, 'absent')} there; pack the data again with it"
+                )
+        verify_shards(folder, {"splits": {split: manifest["splits"][split]}})
+        return ShardSplit(str(folder), split, int(manifest["splits"][split]["records"]))
+
+    def shard_records(self, split: ShardSplit, chunk: int = 1024) -> Iterator[list[Record]]:
+        """The split's records in their order, `chunk` at a time (LitData streams the chunk files: bounded memory).
+        An input file embedded in the shards is written once, by its content, for its encoder to read."""
+        from litdata import StreamingDataset
+
+        from mmfuse.data.shards import files_folder, item_record, local_copy
+
+        records: list[Record] = []
+        for item in StreamingDataset(split.path, shuffle=False):
+            record, files = item_record(item, split.split)
+            for m, data in files.items():
+                record.inputs[m] = local_copy(data, str(record.inputs[m]), files_folder())
+            records.append(record)
+            if len(records) == chunk:
+                yield records
+                records = []
+        if records:
+            yield records
 
     # ------------------------------------------------------------------ checking
     def check(
