@@ -69,9 +69,21 @@ class Weighting(nn.Module):
             backward: called once with the final scalar (e.g. Lightning's `manual_backward`).
             extra_loss: an optional scalar added unweighted (e.g. a balancer's auxiliary loss).
         """
-        total, weights = self.objective(self.stack(losses), shared_params)
+        return self.as_dict(self.backward_tensors(losses, shared_params, backward, extra_loss)[1])
+
+    def backward_tensors(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        shared_params: Sequence[nn.Parameter],
+        backward: BackwardFn = default_backward,
+        extra_loss: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`backward` without the host sync of reading the weights: returns the stacked losses (T,) and the weights
+        (T,), both detached, on the losses' device. The trainer reads them only on the steps it logs."""
+        stacked = self.stack(losses)
+        total, weights = self.objective(stacked, shared_params)
         backward(add_extra(total, extra_loss))
-        return self.as_dict(weights)
+        return stacked.detach(), weights.detach()
 
     def objective(
         self, losses: torch.Tensor, shared_params: Sequence[nn.Parameter]

@@ -43,6 +43,7 @@ class HistoryCSVLogger(Logger):
         self._save_dir = os.fspath(save_dir)
         self.history: list[Row] = [dict(r) for r in rows]
         self._written, self._keys = 0, []  # rows of `history` in the file, and its header
+        self._columns = {k for r in self.history for k in r}  # every key logged: kept as rows come, not rescanned
 
     @property
     def name(self) -> str:
@@ -74,12 +75,13 @@ class HistoryCSVLogger(Logger):
         row = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
         row["step"] = len(self.history) if step is None else step
         self.history.append(row)
+        self._columns.update(row)
 
     @rank_zero_only
     def save(self) -> None:
         """Append the new rows; rewrite the whole file (atomically) on the first save or when a column appears."""
         path = os.path.join(self.log_dir, METRICS_FILE)
-        keys = sorted({k for r in self.history for k in r})
+        keys = sorted(self._columns)  # (a scan of every row here made each save, every logged step, O(rows))
         if self._written and keys == self._keys and os.path.exists(path):
             with open(path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=keys).writerows(self.history[self._written :])
