@@ -65,28 +65,76 @@ def lr_factor(warm: int, total: int):
     return factor
 
 
-def bare_epoch(run: Run, feats: dict[str, torch.Tensor], labels, masks, epoch: int, total_steps: int) -> float:
-    """One epoch of the bare loop on a fresh copy of the model's fusion + heads; returns seconds."""
+def bare_optimizer(cfg, params: list[torch.nn.Parameter], total_steps: int):
+    """The bare loop's fused AdamW and mmfuse's schedule (warm-up + cosine) over `params`."""
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.train.warmup_steps, total_steps))
+
+
+def bare_loss(model, logits: dict, labels: dict, masks: dict) -> torch.Tensor:
+    """The sum of the tasks' losses over their labelled rows (equal weighting)."""
+    return sum(model.tasks[t].loss(logits[t][masks[t]], labels[t][masks[t]]) for t in labels)
+
+
+def bare_epoch(
+    run: Run, feats: dict[str, torch.Tensor], labels, masks, epoch: int, total_steps: int
+) -> tuple[float, float]:
+    """One epoch of the bare loop on a fresh copy of the model's fusion + heads; returns wall and CPU seconds."""
     cfg = run.cfg
     model = copy.deepcopy(run.model)
     model.train()
     params = model.trainable_parameters("head")
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.train.warmup_steps, total_steps))
+    opt, sched = bare_optimizer(cfg, params, total_steps)
     from mmfuse.encoders.base import EncoderOutput
 
     n, bs = len(next(iter(masks.values()))), cfg.data.batch_size
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
     for idx in order.split(bs):
         out = model({}, {m: EncoderOutput(f[idx]) for m, f in feats.items()}, None)
-        loss = sum(model.tasks[t].loss(out.logits[t][masks[t][idx]], labels[t][idx][masks[t][idx]]) for t in labels)
+        loss = bare_loss(
+            model, out.logits, {t: v[idx] for t, v in labels.items()}, {t: v[idx] for t, v in masks.items()}
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"), foreach=True)
         opt.step()
         sched.step()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+class BareStepModule(L.LightningModule):
+    """The bare loop's step as a LightningModule (manual optimisation, as mmfuse's): the cost of Lightning's loop
+    and hooks, mmfuse's Trainer (callbacks, loggers) and loader, without anything of mmfuse's module.
+
+    Args:
+        model: a fresh copy of the model (its fusion + heads train).
+        cfg: the run config (lr, weight decay, warm-up, clipping).
+        total_steps: the schedule's length.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg, total_steps: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model, self.cfg, self.total_steps = model, cfg, total_steps
+        self.params = model.trainable_parameters("head")
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        out = self.model({}, batch["features"], None)
+        loss = bare_loss(self.model, out.logits, batch["labels"], batch["masks"])
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip or float("inf"), foreach=True)
+        opt.step()
+        sched.step()
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        return batch if device.type == "cpu" else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def configure_optimizers(self) -> dict:
+        opt, sched = bare_optimizer(self.cfg, self.params, self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def mmfuse_epoch(run: Run, loaders: dict, workdir: Path, r: int) -> float:
@@ -127,7 +175,7 @@ def main() -> None:
             sides = [("bare", bare), ("mmfuse", ours)]
             for name, out in sides[r % 2 :] + sides[: r % 2]:
                 if name == "bare":
-                    out.append(bare_epoch(run, feats, labels, masks, r, total_steps))
+                    out.append(bare_epoch(run, feats, labels, masks, r, total_steps)[0])
                 else:
                     out.append(mmfuse_epoch(run, loaders, Path(tmp), r))
     ratios = [n / o / (n / b) for b, o in zip(bare, ours)]

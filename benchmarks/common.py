@@ -474,12 +474,15 @@ def lightning_callbacks() -> tuple[Any, Any]:
 
         def __init__(self, device: torch.device) -> None:
             self.device, self.starts, self.train_only = device, [], []
+            self.cpu_starts, self.train_cpu = [], []  # this process's CPU seconds, likewise
 
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
             self.starts.append(now(self.device))
+            self.cpu_starts.append(time.process_time())
 
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
             self.train_only.append(now(self.device) - self.starts[-1])
+            self.train_cpu.append(time.process_time() - self.cpu_starts[-1])
 
     return StepClock, EpochClock
 
