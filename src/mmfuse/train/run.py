@@ -130,6 +130,11 @@ def build_trainer(
     `checkpoints/last.ckpt` is written at the end of every epoch (and every `train.checkpoint_every_n_steps`
     steps); with a `monitor`, `checkpoints/best.ckpt` holds its best epoch. Both are saved after the epoch's
     validation and epoch-end hooks, so a resume repeats nothing.
+
+    Across nodes (`t.num_nodes` > 1, `t.devices` processes on each) the processes are started by a launcher
+    (torchrun, SLURM's srun, or one command per node with NODE_RANK, MASTER_ADDR and MASTER_PORT set): a launcher
+    that started another number of processes than num_nodes x devices, or a multi-node run without any, is refused
+    here rather than training on part of the data or waiting forever for a node that never comes.
     """
     ckpts = run_dir / "checkpoints"
     csv_logger = HistoryCSVLogger(run_dir, rows_of(resumed) if resumed else ())
@@ -173,11 +178,35 @@ def build_trainer(
             default_root_dir=run_dir,
             plugins=[SafeCheckpointIO({last: resumed} if resumed else None)],
         )
+        env = getattr(trainer.strategy, "cluster_environment", None)  # None: one process (SingleDeviceStrategy)
+        if env is not None and env.creates_processes_externally:
+            env.validate_settings(trainer.num_devices, trainer.num_nodes)  # srun's tasks per node = devices
     except (MisconfigurationException, ValueError, RuntimeError) as err:
         raise ConfigError(
-            f"train (accelerator={t.accelerator!r}, devices={t.devices!r}, strategy={t.strategy!r}, "
-            f"precision={t.precision!r}): {one_line(err)}"
+            f"train (accelerator={t.accelerator!r}, devices={t.devices!r}, num_nodes={t.num_nodes}, "
+            f"strategy={t.strategy!r}, precision={t.precision!r}): {one_line(err)}"
         ) from None
+    import os  # (imported here: the module's imports are shared with other work in progress)
+
+    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    processes = trainer.num_nodes * trainer.num_devices
+    launcher, count = "torchrun's WORLD_SIZE", os.environ.get("WORLD_SIZE")
+    if not TorchElasticEnvironment.detect():
+        count = None
+    if count is None and SLURMEnvironment.detect():
+        launcher, count = "SLURM's SLURM_NTASKS", os.environ.get("SLURM_NTASKS")
+    if count and int(count) != processes:
+        raise ConfigError(
+            f"train.num_nodes={t.num_nodes} x train.devices={trainer.num_devices} makes {processes} processes, but "
+            f"{launcher} is {count}: make them agree (docs/scale.md, 'Across nodes')"
+        )
+    unset = [k for k in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if isinstance(env, LightningEnvironment) and t.num_nodes > 1 and unset:
+        raise ConfigError(
+            f"train.num_nodes={t.num_nodes}: {', '.join(unset)} not set; start every node with torchrun, srun "
+            "(SLURM), or NODE_RANK, MASTER_ADDR and MASTER_PORT set (docs/scale.md, 'Across nodes')"
+        )
     if resumed:
         csv_logger.save()  # the CSV now holds exactly the epochs the checkpoint covers
     if t.precision == "16-mixed" and trainer.precision != "16-mixed":
