@@ -325,3 +325,15 @@ def test_two_processes_at_once_encode_each_input_once(tiny, tmp_path, small_unit
     encoded, sums = zip(*(out.decode().split() for out, _ in outs))
     assert sorted(int(n) for n in encoded) == [0, N_IMAGES]
     assert sums[0] == sums[1]
+
+
+def test_an_unusable_index_starts_the_folder_over(tiny, tmp_path, monkeypatch, caplog) -> None:
+    shards = _shards_copy(tiny, tmp_path / "shards")
+    store = _store(shards, _image_encoder())
+    before = _all_rows(store)
+    (store.dir / "index.json").write_text('{"format": "mmfuse-shard-features/1", "units": {"0": [1, 2]}')
+    counter = Counting(monkeypatch, TorchvisionImageEncoder)
+    with caplog.at_level(logging.WARNING):
+        after = _all_rows(_store(shards, _image_encoder()))
+    assert any(r.getMessage().startswith(f"{store.dir / 'index.json'}: unusable") for r in caplog.records)
+    assert counter.n == N_IMAGES and torch.allclose(before, after, atol=1e-6)

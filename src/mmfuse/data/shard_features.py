@@ -212,9 +212,10 @@ class ShardFeatures:
 
     def _complete(self, batch_size: int) -> None:
         """Under the lock: plan if needed, then encode the units that are not there (or fail their checks)."""
-        for entry in os.scandir(self.dir):  # what a killed writer left; no other writer holds the lock
-            if _TEMPORARY.fullmatch(entry.name):
-                Path(entry.path).unlink(missing_ok=True)
+        for folder in (self.dir, self.dir / "rows"):  # what a killed writer left; no other writer holds the lock
+            for entry in os.scandir(folder) if folder.is_dir() else ():
+                if _TEMPORARY.fullmatch(entry.name):
+                    Path(entry.path).unlink(missing_ok=True)
         index, reason = self._read_index()
         if index is None:
             if reason is not None:
@@ -252,8 +253,7 @@ class ShardFeatures:
             return None, None
         try:
             index = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(index, dict) or not isinstance(index.get("units"), dict) or "plan" not in index:
-                raise ValueError("not a feature index")
+            _check_index(index)
         except (OSError, ValueError, RecursionError) as err:
             return None, f"{path}: unusable ({str(err).splitlines()[0][:120]})"
         for key, value in self.identity.items():
@@ -369,6 +369,27 @@ class ShardFeatures:
         self.index["units"][str(unit)] = {**self._entry(path), "items": len(rows)}
         self._write_index()  # after the unit: a kill in between costs that unit only
         self.encoded += len(rows)
+
+
+def _check_index(index: object) -> None:
+    """ValueError when an index.json's structure is not what this module writes."""
+
+    def entry(e: object, *keys: str) -> bool:
+        return (
+            isinstance(e, dict)
+            and isinstance(e.get("sha256"), str)
+            and all(type(e.get(k)) is int and e[k] >= 0 for k in ("bytes", *keys))
+        )
+
+    plan = index.get("plan", ...) if isinstance(index, dict) else ...
+    units = index.get("units") if isinstance(index, dict) else None
+    ok = isinstance(units, dict) and all(entry(u, "items") for u in units.values())
+    if plan is not None:
+        ok = ok and isinstance(plan, dict) and type(plan.get("distinct")) is int and plan["distinct"] >= 0
+        ok = ok and type(plan.get("unit_rows")) is int and plan["unit_rows"] > 0 and isinstance(plan.get("files"), dict)
+        ok = ok and all(entry(f) for f in plan["files"].values())
+    if not ok:
+        raise ValueError("not a feature index of this mmfuse version")
 
 
 class _Splits(dict):
