@@ -4,6 +4,10 @@ LitData assigns the chunks (and intervals of chunks) of an epoch to `ranks x loa
 one of them, in an order drawn from `seed + epoch` (`shuffle=True`). Under DDP it drops the last records that would
 give one rank more batches than another (`drop_last`, at most `world_size x batch_size - 1` a epoch, which differ
 from epoch to epoch): otherwise the ranks would wait on each other forever at the last step.
+
+The loader's state (`state_dict`: the epoch and the records yielded in it) is saved in every checkpoint; a resumed run
+hands it back (`mmfuse.train.checkpoints.LoaderResume`) and the epoch goes on from there: no record of it read twice or
+skipped. A state saved for another split folder or seed is refused with one line.
 """
 
 from __future__ import annotations
@@ -38,9 +42,36 @@ class ShardStream(StreamingDataset):
         return self.samples(super().__getitem__(index))
 
 
-def stream_loader(dataset: ShardStream, batch_size: int, collate_fn: Any, num_workers: int) -> StreamingDataLoader:
+class ShardLoader(StreamingDataLoader):
     """LitData's loader: it sets each epoch on the dataset and keeps the stream's state (records seen)."""
-    return StreamingDataLoader(
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        """Go on from a saved position. ValueError (one line) when it was saved for another split or seed: LitData
+        would find it out inside a loader worker, as a traceback."""
+        saved = obj.get("dataset") if isinstance(obj, dict) else None
+        if not isinstance(saved, dict) or "current_epoch" not in obj:
+            raise ValueError("its training loader state is not a LitData streaming state")
+        here = self.dataset
+        if (saved.get("input_dir_path"), saved.get("seed")) != (here.input_dir.path, here.seed):
+            raise ValueError(
+                f"its training loader stopped in {saved.get('input_dir_path')} (seed {saved.get('seed')}), this run "
+                f"streams {here.input_dir.path} (seed {here.seed}); resume with the same shards or start a new run"
+            )
+        super().load_state_dict(obj)
+
+    def __iter__(self) -> Any:
+        """One epoch. A restored position holds for the epoch it was saved in only: LitData forgets it when an epoch
+        is read to its end, which Lightning never does (it stops after `len(loader)` batches), so without this the
+        next epoch would start from the stale position again (and read nothing)."""
+        for i, batch in enumerate(super().__iter__()):
+            if i == 0:  # the epoch's iterator exists (its workers were handed their first indices): done restoring
+                self.restore = False
+            yield batch
+
+
+def stream_loader(dataset: ShardStream, batch_size: int, collate_fn: Any, num_workers: int) -> ShardLoader:
+    """The training split's loader (`ShardLoader`)."""
+    return ShardLoader(
         dataset,
         batch_size=batch_size,
         collate_fn=collate_fn,

@@ -8,6 +8,7 @@
   `last.ckpt` at the end of every training epoch (and every N steps when asked), whatever the monitor did.
   Both store the files they know by name only and, on resume, read them as files of this run's
   `checkpoints/` folder: a moved or copied run directory resumes from its own files, never from a path outside it.
+- `LoaderResume` puts a resumable training loader (LitData's `StreamingDataLoader`) back at the checkpoint's position.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ class LastCheckpoint(RunCheckpoint):
     Lightning's `save_last` writes only when a top-k checkpoint was saved: with a monitor whose best epoch
     has passed, `last.ckpt` stays at the best epoch and a resume repeats every epoch since.
 
-    A resume from a mid-epoch (step) checkpoint is not exact: the training loader cannot skip the batches
+    A resume from a mid-epoch (step) checkpoint goes on from the loader's saved position when the loader keeps one
+    (streamed shards, `LoaderResume`: each record of that epoch once); a records loader cannot skip the batches
     already seen, so the rest of that epoch reads the epoch's first batches again (`train` warns).
 
     Args:
@@ -179,3 +181,50 @@ class LastCheckpoint(RunCheckpoint):
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
         self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def loader_states(ckpt: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training loaders' states a checkpoint holds (Lightning saves `state_dict()` of each loader that has one,
+    under `loops.fit_loop.state_dict.combined_loader`); [] when none."""
+    try:
+        states = ckpt["loops"]["fit_loop"]["state_dict"].get("combined_loader") or []
+    except (KeyError, TypeError, AttributeError):
+        return []
+    return states if isinstance(states, list) and all(isinstance(s, dict) for s in states) else []
+
+
+def stateful_loaders(loader: Any) -> list[Any]:
+    """The loaders in `loader` (one, or a list/dict of them, as `trainer.train_dataloader` gives) that keep a state
+    (`state_dict` and `load_state_dict`, Lightning's test for what it saves)."""
+    found = loader.values() if isinstance(loader, dict) else loader if isinstance(loader, (list, tuple)) else [loader]
+    return [dl for dl in found if all(callable(getattr(dl, f, None)) for f in ("state_dict", "load_state_dict"))]
+
+
+class LoaderResume(L.Callback):
+    """On resume, hands each stateful training loader its state from the checkpoint before the first batch is read.
+
+    Lightning saves the state of a loader that has `state_dict`/`load_state_dict` in every checkpoint, but loads it
+    back only when it builds the loader after restoring its loops, and only inside an epoch. Here neither holds:
+    `configure_optimizers` reads `trainer.estimated_stepping_batches` (the schedule's length), which builds the loader
+    before the loops are restored, so the state was dropped without a word and a mid-epoch resume read the epoch from
+    its start; and after an epoch-end checkpoint LitData's epoch count started again, so the next epoch replayed the
+    first epoch's order. Loading the same state twice is harmless, so this stays right if Lightning restores it too.
+
+    Runs before `Restoring` sees the training start: a state the loader refuses is the checkpoint's error (one line).
+    """
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, Any]] = []
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.states = loader_states(checkpoint)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        states, self.states = self.states, []
+        loaders = stateful_loaders(trainer.train_dataloader)
+        if not states or not loaders:  # a loader without a state (records) restarts its epoch: `train` warns
+            return
+        if len(loaders) != len(states):
+            raise ValueError(f"it holds the state of {len(states)} training loader(s), this run has {len(loaders)}")
+        for loader, state in zip(loaders, states):
+            loader.load_state_dict(state)

@@ -320,15 +320,19 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     check_stopping(run.options, has_val)
     monitor, mode = monitor_of(run.options.monitor, run.model) if has_val else (None, "min")
     trainer = build_trainer(run.options, run_dir, monitor, mode, resumed)
-    if resumed is not None:
-        _warn_mid_epoch(resumed)
-    del resumed
+    # (imported here: the module's import block is shared with other work in progress)
+    from mmfuse.train.checkpoints import LoaderResume, stateful_loaders
+
+    trainer.callbacks.insert(0, LoaderResume())  # first: a loader state it refuses is the checkpoint's (one line)
     world = trainer.world_size
     loaders = {
         s: make_loader(run.model, recs, s, feats, run.loader_options, world > 1)
         for s, recs in run.splits.items()
         if recs
     }
+    if resumed is not None:
+        _warn_mid_epoch(resumed, bool(stateful_loaders(loaders["train"])))
+    del resumed
     loaders = {s: loader if s == "train" else shard_eval_loader(loader, world) for s, loader in loaders.items()}
     module = run.module()
     if run.options.compile:
@@ -385,20 +389,33 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     return summary
 
 
-def _warn_mid_epoch(ckpt: dict[str, Any]) -> None:
-    """Say so when a resume starts inside an epoch (a `train.checkpoint_every_n_steps` checkpoint)."""
+def _warn_mid_epoch(ckpt: dict[str, Any], resumable: bool) -> None:
+    """Say what a resume that starts inside an epoch (a `train.checkpoint_every_n_steps` checkpoint) does with the
+    rest of it: a loader that keeps a state (streamed shards, `resumable`) goes on from the checkpoint's position
+    (`LoaderResume`); any other loader reads the epoch from its start again."""
+    from mmfuse.train.checkpoints import loader_states
+
     try:
         done = int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"])
         finished = bool(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"])
     except (KeyError, TypeError, ValueError):
         return
-    if done and not finished:
-        log.warning(
-            "resuming inside epoch %s after %d of its batches: the rest of that epoch reads the epoch's first "
-            "batches again (the loader cannot skip ahead), so the run will differ from an uninterrupted one",
+    if not done or finished:
+        return
+    if resumable and loader_states(ckpt):
+        log.info(
+            "resuming inside epoch %s after %d of its batches: the streaming loader goes on from the checkpoint's "
+            "position (no record of that epoch read twice or skipped)",
             ckpt.get("epoch"),
             done,
         )
+        return
+    log.warning(
+        "resuming inside epoch %s after %d of its batches: the rest of that epoch reads the epoch's first "
+        "batches again (the loader cannot skip ahead), so the run will differ from an uninterrupted one",
+        ckpt.get("epoch"),
+        done,
+    )
 
 
 def best_checkpoint(trainer: L.Trainer, run_dir: Path) -> Path:
