@@ -95,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _global_zero() -> bool:
+    """Global rank 0 (across nodes every node has a LOCAL_RANK 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train",
@@ -442,7 +451,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_run_dir(run_outline(cfg).name)  # the name was checked in cfg
 
     summary = train(cfg, out, resume=args.resume)
-    if summary.get("world_size", 1) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
+    if summary.get("world_size", 1) > 1 and not _global_zero():
         return 0
     print(f"\nrun directory: {out}")
     for split in ("test", "val"):

@@ -156,7 +156,7 @@ class TrainConfig(_Strict):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | str = 1
     strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true"] = "auto"
-    num_nodes: int = Field(1, gt=0)
+    num_nodes: int = Field(1, gt=0, strict=True)
     monitor: str | None = None
     weighting: Component = Field(default_factory=lambda: Component(name="equal"))
     balance: Component | None = None
