@@ -341,13 +341,15 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def weights_identity(self) -> str:
-        """Names the weights: a file's content hash, or "random:<hash of the state>" for random init.
-
-        The default is the latter, for encoders whose weights never come from a file.
-        """
+        """Names the weights: a file's content hash, or "random:<hash of the state>" for random init (memoised)."""
         if self._weights_id is None:
-            self._weights_id = "random:" + module_sha256(self)
+            self._weights_id = self.weights_digest()
         return self._weights_id
+
+    def weights_digest(self) -> str:
+        """Computes `weights_identity`: "sha256:<hash of the file(s)>" for weights read from files, else
+        "random:<hash of the state>". The default is the latter, for encoders whose weights never come from a file."""
+        return "random:" + module_sha256(self)
 
     @property
     def rebuilt_from_config(self) -> bool:

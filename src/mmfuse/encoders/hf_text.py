@@ -210,13 +210,10 @@ class HFTextEncoder(Encoder):
             pooled = out.pooler_output
         return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)
 
-    def weights_identity(self) -> str:
-        if self._weights_id is None:
-            if self._model_dir is not None:
-                self._weights_id = "sha256:" + dir_sha256(self._model_dir)
-            else:
-                self._weights_id = "random:" + module_sha256(self.model)
-        return self._weights_id
+    def weights_digest(self) -> str:
+        if self._model_dir is not None:
+            return "sha256:" + dir_sha256(self._model_dir)
+        return "random:" + module_sha256(self.model)
 
     def cache_key(self) -> str:
         """Class, model, weights identity (content hashes), tokenizer files, pooling and max_length.

@@ -126,6 +126,25 @@ class ImagePreprocessor:
         return f"size={self.image_size}:interp={self.interpolation.value}:mean={self.mean}:std={self.std}"
 
 
+def load_headless(net: nn.Module, state: Mapping[str, torch.Tensor], path: str, heads: tuple[str, ...]) -> None:
+    """Load `state` (read from `path`) into `net` without its classifier (`heads`' keys are dropped); the rest must fit.
+
+    Raises:
+        ValueError: one line naming the file, and the first missing or unexpected keys.
+    """
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(h + "." for h in heads))}
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"weights file {path} does not fit {type(net).__name__}: {err}") from err
+    if result.missing_keys or result.unexpected_keys:
+        missing, unexpected = (f"{keys[:5]}{'...' if len(keys) > 5 else ''}" for keys in result)
+        raise ValueError(
+            f"weights file {path} does not fit {type(net).__name__}: "
+            f"missing keys {missing}, unexpected keys {unexpected}"
+        )
+
+
 def stack_images(items: list[torch.Tensor]) -> torch.Tensor:
     """Preprocessed (3, S, S) images -> (B, 3, S, S)."""
     return torch.stack(items)
@@ -194,13 +213,8 @@ class ImageEncoder(Encoder):
         """(3, S, S) images -> (B, 3, S, S)."""
         return stack_images(items)
 
-    def weights_identity(self) -> str:
-        if self._weights_id is None:
-            if self.weights is None:
-                self._weights_id = "random:" + module_sha256(self.net)
-            else:
-                self._weights_id = "sha256:" + file_sha256(self.weights)
-        return self._weights_id
+    def weights_digest(self) -> str:
+        return "random:" + module_sha256(self.net) if self.weights is None else "sha256:" + file_sha256(self.weights)
 
     def cache_key(self) -> str:
         """Class, model, weights identity (file content hash), preprocessing and the tokens flag.

@@ -20,7 +20,7 @@ from torch import nn
 
 from mmfuse.assets import efficientnet_lite0_file, load_state_dict_file, looks_like_path
 from mmfuse.encoders.base import ENCODERS, EncoderOutput
-from mmfuse.encoders.image_common import ImageEncoder, ImagePreprocessor, flatten_feature_map
+from mmfuse.encoders.image_common import ImageEncoder, ImagePreprocessor, flatten_feature_map, load_headless
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +69,7 @@ def read_weights(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a local state dict into a headless timm model; classifier keys are dropped, anything else must fit."""
     head = model.pretrained_cfg.get("classifier") or "classifier"
-    heads = (head,) if isinstance(head, str) else tuple(head)
-    state = {k: v for k, v in read_weights(model, path).items() if not k.startswith(tuple(h + "." for h in heads))}
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        raise ValueError(f"weights file {path} does not fit {type(model).__name__}: {err}") from err
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"weights file {path} does not fit {type(model).__name__}: "
-            f"missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}"
-        )
+    load_headless(model, read_weights(model, path), path, (head,) if isinstance(head, str) else tuple(head))
     logger.info("loaded %s weights from %s", type(model).__name__, path)
 
 

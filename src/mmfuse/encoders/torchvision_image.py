@@ -13,7 +13,7 @@ from torch import nn
 
 from mmfuse.assets import load_state_dict_file, looks_like_path
 from mmfuse.encoders.base import ENCODERS, EncoderOutput
-from mmfuse.encoders.image_common import ImageEncoder, ImagePreprocessor, flatten_feature_map
+from mmfuse.encoders.image_common import ImageEncoder, ImagePreprocessor, flatten_feature_map, load_headless
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +63,7 @@ def _build_pretrained(model: str, weights: str) -> tuple[nn.Module, str]:
 
 def load_weights_file(net: nn.Module, path: str, head_prefix: str) -> None:
     """Load a local state dict into `net`; classifier keys (`head_prefix.*`) are dropped, anything else must fit."""
-    state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(head_prefix + ".")}
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        raise ValueError(f"weights file {path} does not fit {type(net).__name__}: {err}") from err
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"weights file {path} does not fit {type(net).__name__}: "
-            f"missing keys {result.missing_keys[:5]}{'...' if len(result.missing_keys) > 5 else ''}, "
-            f"unexpected keys {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
-        )
+    load_headless(net, load_state_dict_file(path), path, (head_prefix,))
     logger.info("loaded %s weights from %s", type(net).__name__, path)
 
 
