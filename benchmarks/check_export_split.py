@@ -41,6 +41,7 @@ def main() -> None:
     records = load_splits(predictor.config, build_schema(predictor.config, model.encoders))[args.split]
     records = [r for r in records if all(r.inputs.get(m) is not None for m in model.encoders)]
     runner = Runner(path, args.format)
+    max_logit: dict[str, float] = {}
     stats = {
         t: {"records": 0, "different_answers": 0, "max_abs_diff": 0.0, "max_scaled_diff": 0.0} for t in model.tasks
     }
@@ -61,9 +62,12 @@ def main() -> None:
             )
             s["max_abs_diff"] = max(s["max_abs_diff"], diff)
             s["max_scaled_diff"] = max(s["max_scaled_diff"], diff / max(1.0, float(mine.abs().max())))
-    print(
-        json.dumps({"file": str(path), "split": args.split, "export_s": round(exported_s, 1), "tasks": stats}, indent=1)
-    )
+            max_logit[name] = max(max_logit.get(name, 0.0), float(mine.abs().max()))
+    result = {"file": str(path), "split": args.split, "export_s": round(exported_s, 1), "tasks": stats}
+    result["max_abs_logit"] = max_logit
+    text = json.dumps(result, indent=1)
+    (args.out / f"check_{args.split}.json").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
