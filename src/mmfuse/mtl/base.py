@@ -83,7 +83,7 @@ class Weighting(nn.Module):
         stacked = self.stack(losses)
         total, weights = self.objective(stacked, shared_params)
         backward(add_extra(total, extra_loss))
-        return stacked.detach(), weights.detach()
+        return stacked.detach(), weights.detach() if weights.requires_grad else weights
 
     def objective(
         self, losses: torch.Tensor, shared_params: Sequence[nn.Parameter]
@@ -100,7 +100,7 @@ class Weighting(nn.Module):
         missing = [t for t in self.tasks if t not in losses]
         if missing:
             raise KeyError(f"{type(self).__name__}: no loss for task(s) {missing}; got {sorted(losses)}")
-        return torch.stack([losses[t].reshape(()) for t in self.tasks])
+        return torch.stack([v if v.dim() == 0 else v.reshape(()) for v in (losses[t] for t in self.tasks)])
 
     def as_dict(self, weights: torch.Tensor) -> dict[str, float]:
         return {t: float(w) for t, w in zip(self.tasks, weights.detach().cpu().tolist())}

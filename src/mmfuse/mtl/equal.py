@@ -16,4 +16,4 @@ class EqualWeighting(Weighting):
     """
 
     def weigh(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return losses.sum(), torch.ones_like(losses).detach()
+        return losses.sum(), torch.ones_like(losses)  # a new tensor: never requires grad

@@ -107,9 +107,16 @@ class Task:
         raise NotImplementedError
 
     def masked_loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean loss over labelled rows; a zero that keeps the graph when no row is labelled."""
-        if not bool(mask.any()):
+        """Mean loss over labelled rows; a zero that keeps the graph when no row is labelled.
+
+        One host read of the labelled count; a batch labelled throughout is not gathered (the same values, so the
+        same loss, without two row selections and their syncs on an accelerator).
+        """
+        n = int(mask.sum())
+        if n == 0:
             return logits.sum() * 0.0
+        if n == len(mask):
+            return self.loss(logits, target)
         return self.loss(logits[mask], target[mask])
 
     def metrics(self) -> torchmetrics.MetricCollection:
