@@ -115,11 +115,11 @@ def test_a_folder_that_is_not_a_shard_set_is_refused(
     _refused(capsys, _train_shards(packed["cfg"], tmp_path / "bad", tmp_path / "r"), "not a readable manifest")
 
 
-def test_frozen_feature_cache_over_shards_is_refused(
-    packed: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code = _train_shards(packed["cfg"], packed["shards"], tmp_path / "run", "--set", "train.cache=true")
-    _refused(capsys, code, "train.cache:", "data.source=shards", "train.cache=false")
+def test_frozen_feature_cache_over_shards_is_computed_in_the_set(packed: dict[str, Path], tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(packed["shards"], shards)
+    assert _train_shards(packed["cfg"], shards, tmp_path / "run", "--set", "train.cache=true") == 0
+    assert len(list((shards / "features").glob("*/index.json"))) == 2  # image and text, inside the shard set
 
 
 def test_pack_refuses_bad_records_and_a_used_folder(

@@ -258,6 +258,11 @@ def build_run_data(
     return RunData(cfg, encoders, splits, warnings)
 
 
+def build_data_model(data: RunData) -> MultiTaskModel:
+    """The model of fitted run data: its config's model over its (fitted) encoders, with its tasks."""
+    return build_model_from(data.cfg.model, build_tasks(data.cfg.tasks), data.encoders)
+
+
 @dataclass
 class LoaderOptions:
     """Plain batching and caching options for `mmfuse.train.data`."""
@@ -304,10 +309,25 @@ class OptimOptions:
     momentum: float = 0.9
 
 
+# The `train.*` keys that are also the Lightning Trainer's own arguments, passed through as they are.
+TRAINER_KEYS = (
+    "max_epochs",
+    "accelerator",
+    "devices",
+    "strategy",
+    "num_nodes",
+    "precision",
+    "deterministic",
+    "log_every_n_steps",
+)
+
+
 @dataclass
 class TrainOptions:
     """Plain options of a training run for `mmfuse.train.run`: the Lightning Trainer's, checkpoints, model
-    selection (`monitor`: None picks the first task's default metric), the optimiser's (`optim`)."""
+    selection (`monitor`: None picks the first task's default metric), the optimiser's (`optim`).
+
+    `trainer_arguments()`: the Lightning Trainer's own arguments among them (`TRAINER_KEYS`)."""
 
     optim: OptimOptions
     seed: int = 0
@@ -327,6 +347,9 @@ class TrainOptions:
     early_stopping_min_delta: float = 0.0
     time_limit: float | None = None  # seconds of this session's fit
 
+    def trainer_arguments(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in TRAINER_KEYS}
+
 
 def train_options(cfg: RunConfig) -> TrainOptions:
     t = cfg.train
@@ -345,14 +368,7 @@ def train_options(cfg: RunConfig) -> TrainOptions:
     return TrainOptions(
         optim=optim,
         seed=cfg.seed,
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        deterministic=t.deterministic,
-        log_every_n_steps=t.log_every_n_steps,
+        **{k: getattr(t, k) for k in TRAINER_KEYS},
         progress_bar=t.progress_bar,
         checkpoint_every_n_steps=t.checkpoint_every_n_steps,
         monitor=t.monitor,

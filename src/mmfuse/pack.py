@@ -101,7 +101,7 @@ def pack(
     bad: list[tuple[str, str]] = []
     data = build_run_data(cfg, None, bad if skip_bad else None)
     if features:
-        check_features(data.encoders, cfg.train.cache)  # before the records are written, not after
+        check_features(data.encoders, loader_options(cfg).cache)  # before the records are written, not after
     resolved = data.cfg.model_dump(mode="json")
     tasks = build_tasks(data.cfg.tasks)
     embed = file_modalities(data.encoders) if embed_files else []
@@ -150,7 +150,7 @@ def pack_features(cfg: RunConfig, out: str | Path) -> dict[str, int]:
     Returns:
         {modality: number of distinct inputs}.
     """
-    from mmfuse.builders import build_model_from
+    from mmfuse.builders import build_data_model
     from mmfuse.train.data import build_features, cached_modalities
 
     raw = cfg.model_dump(mode="json")
@@ -158,12 +158,13 @@ def pack_features(cfg: RunConfig, out: str | Path) -> dict[str, int]:
     raw["data"]["group_batches"] = False
     # Seeded as `mmfuse train` seeds before it builds the encoders (Lightning's `seed_everything`): an encoder with
     # random weights gets the run's weights, hence its cache_key, and the run finds these features.
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    options = loader_options(cfg)
+    random.seed(options.seed)
+    np.random.seed(options.seed)
+    torch.manual_seed(options.seed)
     data = shard_run_data(parse_config(raw))  # the manifest checked against the config, the shards verified
-    check_features(data.encoders, data.cfg.train.cache)
-    model = build_model_from(data.cfg.model, build_tasks(data.cfg.tasks), data.encoders)
+    check_features(data.encoders, options.cache)
+    model = build_data_model(data)
     feats = build_features(model, data.splits, cached_modalities(model, True))
     return {m: len(t) for m, t in feats.tables.items()}
 

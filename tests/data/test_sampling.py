@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from mmfuse.data.sampling import EpochRandomSampler, epoch_generator, epoch_seed
+from mmfuse.data.sampling import EpochDistributedSampler, EpochRandomSampler, epoch_generator, epoch_seed
 from mmfuse.train.data import IndexBatchSampler, LengthBucketSampler
 
 
@@ -59,3 +59,40 @@ def test_length_buckets_keep_their_seed() -> None:
         expected += [chunk[b : b + 4] for b in range(0, len(chunk), 4)]
     rng.shuffle(expected)
     assert list(sampler) == expected
+
+
+class _Rank(EpochDistributedSampler):
+    """The sampler as rank `r` of `w` sees it (no process group in a unit test)."""
+
+    def __init__(self, n: int, seed: int, r: int, w: int) -> None:
+        super().__init__(range(n), seed)
+        self._r, self._w = r, w
+
+    num_replicas = property(lambda self: self._w)  # type: ignore[assignment]
+    rank = property(lambda self: self._r)  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_ranks_batches_together_are_one_process_batches_of_the_world_size(seed: int) -> None:
+    n, b, w = 24, 3, 2
+    for epoch in (0, 1):
+        ranks = [_Rank(n, seed, r, w) for r in range(w)]
+        for s in ranks:
+            s.set_epoch(epoch)
+        single = EpochRandomSampler(range(n), seed)
+        single.set_epoch(epoch)
+        one = list(single)
+        per_rank = [list(s) for s in ranks]
+        assert sorted(i for p in per_rank for i in p) == list(range(n))  # each record once an epoch
+        for k in range(n // (w * b)):
+            together = sorted(i for p in per_rank for i in p[k * b : (k + 1) * b])
+            assert together == sorted(one[k * w * b : (k + 1) * w * b])
+
+
+def test_an_uneven_split_is_padded_like_torchs_distributed_sampler() -> None:
+    ranks = [_Rank(5, 3, r, 2) for r in range(2)]
+    got = [list(s) for s in ranks]
+    assert [len(g) for g in got] == [3, 3] and len(ranks[0]) == 3
+    assert set(got[0]) | set(got[1]) == set(range(5))
+    alone = EpochDistributedSampler(range(5), seed=3)  # no process group: a world of one, all records
+    assert alone.num_replicas == 1 and sorted(alone) == list(range(5)) and len(alone) == 5

@@ -1,11 +1,10 @@
 """Two nodes on one machine (`train.num_nodes=2`, one CPU process a node, gloo over the loopback address) train as one
 process with the same global batch does; a launcher whose process count disagrees with the config is refused.
 
-Why the metrics agree: every training record carries every label, the per-process batch is half the 1-process batch,
-and the run's seed is 0. Then each global batch holds the same records in both runs (Lightning's DistributedSampler
-draws `randperm(N)` seeded with `seed + epoch`, the 1-process `EpochRandomSampler` the same permutation seeded with
-`seed * 100_003 + epoch`, equal at seed 0; rank r takes positions r, r + 2, ... so two half batches are one
-1-process batch), and DDP's average of the two half-batch mean losses' gradients is the whole batch's mean-loss
+Why the metrics agree: every training record carries every label and the per-process batch is half the 1-process
+batch. Then each global batch holds the same records in both runs (`EpochDistributedSampler` deals out the
+1-process `EpochRandomSampler`'s permutation of (seed, epoch): rank r takes positions r, r + 2, ... so two half
+batches are one 1-process batch, at any seed), and DDP's average of the two half-batch mean losses' gradients is the whole batch's mean-loss
 gradient. What differs is float32 summation order (the gloo all-reduce, two partial sums): 1e-5 relative leaves two
 orders of magnitude over the ~1e-7 seen here, while one batch-size change moves the metrics by 0.1 to 1.
 
@@ -132,16 +131,11 @@ def test_two_nodes_by_torchrun_give_the_metrics_of_one_process(data: dict[str, A
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="ShardStream reads its world size at each epoch start only: the loader's length, and with it the cosine "
-    "schedule (trainer.estimated_stepping_batches), is computed for one process, so the lr ends at 0.005, not 0",
-)
 def test_two_nodes_from_shards_by_lightning_env_give_the_metrics_of_one_process(data: dict[str, Any]) -> None:
     """data.source=shards, the nodes started with NODE_RANK/MASTER_ADDR/MASTER_PORT: LitData gives each node 10 of
     the 20 training records, one batch of 10 a node, so each step sees all 20 as a 1-process batch of 32 does (the
     record order inside a batch differs: sums in another order, inside the tolerance). A per-node batch above 10
-    would run no step at all: under DDP LitData keeps whole batches only (`drop_last`)."""
+    would run no step at all (under DDP LitData keeps whole batches only): refused, test below."""
     root, cfg = data["root"], str(data["cfg"])
     big = ["--set", "data.batch_size=32", "--set", "train.cache=false"]
     with pytest.MonkeyPatch.context() as mp:
@@ -153,6 +147,21 @@ def test_two_nodes_from_shards_by_lightning_env_give_the_metrics_of_one_process(
     args += ["--set", "train.num_nodes=2"]
     _run_nodes(_lightning_env(args, _free_port()), root)
     _assert_same_metrics(root / "two-shards", root / "one32")
+
+
+@pytest.mark.slow
+def test_a_per_node_batch_beyond_each_nodes_share_of_shards_is_refused(data: dict[str, Any]) -> None:
+    """10 of the 20 training records a node, batch 16: no whole batch, so no step; one line, not a 0-step run."""
+    root, cfg = data["root"], str(data["cfg"])
+    if not (root / "shards").exists():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MMFUSE_CACHE_DIR", str(data["cache"]))
+            assert main(["pack", cfg, "--out", str(root / "shards")]) == 0
+    args = ["train", cfg, "--out", str(root / "two-big"), "--set", "data.source=shards"]
+    args += ["--set", f"data.path={root / 'shards'}", "--set", "train.cache=false", "--set", "data.batch_size=16"]
+    args += ["--set", "train.num_nodes=2"]
+    with pytest.raises(AssertionError, match="data.batch_size=16 is more than this process's share"):
+        _run_nodes(_lightning_env(args, _free_port()), root)
 
 
 # ---------------------------------------------------------------------------- refusals, without a process group

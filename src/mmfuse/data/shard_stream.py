@@ -18,7 +18,7 @@ import torch.distributed as dist
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.utilities.env import _DistributedEnv
 
-from mmfuse.data.shards import ShardSamples
+from mmfuse.data.shards import ShardError, ShardSamples
 
 
 class ShardStream(StreamingDataset):
@@ -32,11 +32,29 @@ class ShardStream(StreamingDataset):
         super().__init__(path, shuffle=shuffle, seed=seed, drop_last=False)
         self.samples = samples
 
-    def set_epoch(self, current_epoch: int) -> None:
+    def _read_world(self) -> None:
+        """The running process group's world (the loader is built before it starts); `set_drop_last` also drops
+        LitData's cached shuffler, which keeps the drop_last it was made with."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.distributed_env = _DistributedEnv.detect()
-            self.drop_last = True  # the same number of batches on every rank
+            self.set_drop_last(True)  # the same number of batches on every rank
+
+    def set_epoch(self, current_epoch: int) -> None:
+        self._read_world()
         super().set_epoch(current_epoch)
+
+    def get_len(self, num_workers: int, batch_size: int) -> int:
+        """This rank's items (Lightning reads it for the schedule's length, `estimated_stepping_batches`)."""
+        self._read_world()
+        n = super().get_len(num_workers, batch_size)
+        if n == 0 and self.drop_last:  # drop_last: several processes (`_read_world`)
+            world = self.distributed_env.world_size
+            raise ShardError(
+                f"data.batch_size={batch_size} is more than this process's share of the training records ({world} "
+                "processes): a streamed epoch under DDP keeps whole batches only, so no step would run; lower "
+                f"data.batch_size to at most the training records / {world}"
+            )
+        return n
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
         return self.samples(super().__getitem__(index))

@@ -23,7 +23,7 @@ from mmfuse.data.collate import Collator
 from mmfuse.data.dataset import MultiModalDataset, encode_labels, validate_records
 from mmfuse.data.grouping import BatchFetch, GroupedBatchSampler, input_groups
 from mmfuse.data.records import Record
-from mmfuse.data.sampling import EpochRandomSampler, epoch_seed
+from mmfuse.data.sampling import EpochDistributedSampler, EpochRandomSampler, epoch_seed
 from mmfuse.data.shard_features import RowMap, ShardFeatures
 from mmfuse.data.shards import ShardRows, ShardSamples, ShardSplit, open_stream, read_manifest
 from mmfuse.encoders.base import EncoderOutput
@@ -331,8 +331,10 @@ def make_loader(
     lengths = record_lengths(model, records, uncached) if train and options.bucket_by_length else None
     if lengths is not None and not distributed:
         return DataLoader(dataset, batch_sampler=LengthBucketSampler(lengths, batch_size, options.seed), **common)
-    sampler = EpochRandomSampler(dataset, options.seed) if train and not distributed else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and distributed, **common)
+    sampler = None
+    if train:  # the same permutation of (seed, epoch) on one process and dealt out to the ranks of several
+        sampler = (EpochDistributedSampler if distributed else EpochRandomSampler)(dataset, options.seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **common)
 
 
 def shard_loader(

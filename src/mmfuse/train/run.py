@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -22,6 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -162,16 +164,9 @@ def build_trainer(
     last = str(run_dir / "checkpoints" / "last.ckpt")
     try:
         trainer = L.Trainer(
-            max_epochs=t.max_epochs,
-            accelerator=t.accelerator,
-            devices=t.devices,
-            strategy=t.strategy,
-            num_nodes=t.num_nodes,
-            precision=t.precision,
-            deterministic=t.deterministic,
+            **t.trainer_arguments(),
             callbacks=callbacks,
             logger=[csv_logger, tb],
-            log_every_n_steps=t.log_every_n_steps,
             enable_progress_bar=t.progress_bar,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -186,10 +181,21 @@ def build_trainer(
             f"train (accelerator={t.accelerator!r}, devices={t.devices!r}, num_nodes={t.num_nodes}, "
             f"strategy={t.strategy!r}, precision={t.precision!r}): {one_line(err)}"
         ) from None
-    import os  # (imported here: the module's imports are shared with other work in progress)
+    check_launcher(t, trainer, env)
+    if resumed:
+        csv_logger.save()  # the CSV now holds exactly the epochs the checkpoint covers
+    if t.precision == "16-mixed" and trainer.precision != "16-mixed":
+        log.warning(
+            "train.precision=16-mixed runs as %s on %s (float16 autocast needs a GPU)",
+            trainer.precision,
+            trainer.strategy.root_device,
+        )
+    return trainer
 
-    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment, TorchElasticEnvironment
 
+def check_launcher(t: TrainOptions, trainer: L.Trainer, env: Any) -> None:
+    """ConfigError (one line) when a launcher started another number of processes than num_nodes x devices, or
+    a multi-node run has no launcher (node 0 would wait forever)."""
     processes = trainer.num_nodes * trainer.num_devices
     launcher, count = "torchrun's WORLD_SIZE", os.environ.get("WORLD_SIZE")
     if not TorchElasticEnvironment.detect():
@@ -207,15 +213,6 @@ def build_trainer(
             f"train.num_nodes={t.num_nodes}: {', '.join(unset)} not set; start every node with torchrun, srun "
             "(SLURM), or NODE_RANK, MASTER_ADDR and MASTER_PORT set (docs/scale.md, 'Across nodes')"
         )
-    if resumed:
-        csv_logger.save()  # the CSV now holds exactly the epochs the checkpoint covers
-    if t.precision == "16-mixed" and trainer.precision != "16-mixed":
-        log.warning(
-            "train.precision=16-mixed runs as %s on %s (float16 autocast needs a GPU)",
-            trainer.precision,
-            trainer.strategy.root_device,
-        )
-    return trainer
 
 
 def check_fusion_batch(model: MultiTaskModel, batch_size: int) -> None:
