@@ -34,6 +34,8 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from pathlib import Path
+from typing import Any
 
 from common import (
     BATCH,
@@ -56,6 +58,7 @@ from common import (
     now,
     pad_to_max,
     reference,
+    setup,
     side_row,
     to_device,
     tokens_per_batch,
@@ -282,3 +285,109 @@ def mmfuse_epoch(run: object, loader: object, s: Settings, r: int) -> tuple[floa
     out = lightning_epoch(run.module(), run.cfg, loader, s, f"frozen_round{r}")
     run.model.load_state_dict(saved)
     return out
+
+
+# ---------------------------------------------------------------- what the Lightning floor is made of
+def floor_parts(limit: int, rounds: int, workdir: Path) -> dict[str, Any]:
+    """Per-step CPU time of the bare loop, the Lightning floor and its variants, and mmfuse (min and median over
+    rotating rounds of one epoch each): which part of the floor is Lightning's loop, the Trainer's callbacks and
+    loggers, and the DataLoader. Also the cost of one `self.log` key in Lightning's result collection."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+
+    from mmfuse.config import parse_config
+    from mmfuse.data.sampling import epoch_generator
+    from mmfuse.train.data import make_loader
+    from mmfuse.train.run import Run
+
+    from bench_cached import BareStepModule, bare_epoch
+
+    device = setup("cpu")
+    cfg = parse_config(model_config(True, data={"limit": limit}, train={"max_epochs": 1, "cache_dir": str(workdir)}))
+    run_ = Run(cfg)
+    run_.splits = {"train": run_.splits["train"]}
+    features = run_.prepare()
+    loader = make_loader(run_.model, run_.splits["train"], "train", features, run_.loader_options)
+    apply_trainer_flags(run_.cfg, workdir)
+    rows, n, steps = loader.dataset, len(run_.splits["train"]), len(loader)
+    feats = {m: t.gather(features.rows["train"][m]).pooled.contiguous() for m, t in features.tables.items()}
+
+    class Direct:  # the loader's batches (CachedRows, the sampler's order) without a DataLoader
+        def __len__(self) -> int:
+            return steps
+
+        def __iter__(self):
+            order = torch.randperm(n, generator=epoch_generator(run_.loader_options.seed, 0))
+            return (rows[idx] for idx in order.split(BATCH))
+
+    _, EpochClock = lightning_callbacks()
+
+    def fit(module: Any, data: Any, name: str, plain: bool = False, extra: int = 0) -> float:
+        clock = EpochClock(device)
+        callbacks = [clock, *(L.Callback() for _ in range(extra))]
+        if plain:
+            trainer = L.Trainer(
+                max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0, deterministic=True,
+                default_root_dir=workdir / name,
+            )  # fmt: skip
+        else:
+            trainer = mmfuse_trainer(run_.cfg, workdir / name, callbacks)
+        saved = copy.deepcopy(run_.model.state_dict())
+        trainer.fit(module, data)
+        run_.model.load_state_dict(saved)
+        return clock.train_cpu[0]
+
+    def floor() -> Any:
+        return BareStepModule(copy.deepcopy(run_.model), run_.cfg, steps)
+
+    sides = {
+        "bare loop": lambda r: bare_epoch(run_, feats, rows.labels, rows.masks, r, steps)[1],
+        "floor (mmfuse's Trainer and loader)": lambda r: fit(floor(), loader, f"a{r}"),
+        "floor + 3 no-op callbacks": lambda r: fit(floor(), loader, f"b{r}", extra=3),
+        "floor, plain L.Trainer (no callbacks, no loggers)": lambda r: fit(floor(), loader, f"c{r}", plain=True),
+        "floor, batches without a DataLoader": lambda r: fit(floor(), Direct(), f"d{r}"),
+        "floor, plain L.Trainer and no DataLoader": lambda r: fit(floor(), Direct(), f"e{r}", plain=True),
+        "mmfuse (MMFuseModule)": lambda r: fit(run_.module(), loader, f"f{r}"),
+    }
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
+    names = list(sides)
+    for r in range(rounds):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            cpu[k].append(sides[k](r))
+    results = _ResultCollection(training=True)
+    value = torch.tensor(1.0)
+    results.log("training_step", "k", value, on_step=True, on_epoch=False, batch_size=BATCH)
+    t0 = time.process_time()
+    for _ in range(2000):
+        results.log("training_step", "k", value, on_step=True, on_epoch=False, batch_size=BATCH)
+    log_us = (time.process_time() - t0) / 2000 * 1e6
+    bare = min(cpu["bare loop"])
+    print(f"| side ({n} records, batch {BATCH}) | CPU us/step, min | median | bare loop / side (of the mins) |")
+    print("|---|---:|---:|---:|")
+    for k, v in cpu.items():
+        low, mid = min(v) / steps * 1e6, statistics.median(v) / steps * 1e6
+        print(f"| {k} | {low:,.0f} | {mid:,.0f} | {bare / min(v):.3f} |")
+    print(f"\none self.log key (Lightning's _ResultCollection.log): {log_us:.0f} us of CPU")
+    return {"records": n, "batch_size": BATCH, "steps": steps, "epoch_cpu_s": cpu, "self_log_key_us": log_us}
+
+
+def main() -> None:
+    import argparse
+    import json
+    import tempfile
+
+    p = argparse.ArgumentParser(description="frozen: what the Lightning floor is made of (see floor_parts)")
+    p.add_argument("--limit", type=int, default=4096, help="easy-VQA training records")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--out", help="JSON of every epoch's CPU seconds")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mmfuse-floor-") as tmp:
+        out = floor_parts(args.limit, args.rounds, Path(tmp))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
