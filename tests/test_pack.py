@@ -11,18 +11,13 @@ import pytest
 import yaml
 
 from mmfuse.cli import main
-from tiny import run_config, write_dataset
+from tiny import one_batch_config, write_config, write_dataset
 
 SHARDS = ["--set", "data.source=shards"]
 
 
 def _config(tmp: Path, records: Path, **changes: object) -> Path:
-    raw = run_config(records, max_epochs=2, cache=False)
-    raw["data"]["batch_size"] = 32  # > the 20 training records: one batch an epoch, whatever the order
-    raw["tasks"].update(changes)
-    path = tmp / f"c{len(list(tmp.glob('c*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_config(tmp, one_batch_config(records, changes, cache=False))
 
 
 @pytest.fixture(scope="module")

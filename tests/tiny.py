@@ -90,3 +90,21 @@ def run_config(records: Path, **train: Any) -> dict[str, Any]:
             **train,
         },
     }
+
+
+def one_batch_config(records: Path, tasks: dict[str, Any] | None = None, **train: Any) -> dict[str, Any]:
+    """`run_config` at batch 32, more than the 20 training records: one batch an epoch, whatever the order (so a
+    streamed and an in-memory run take the same steps)."""
+    raw = run_config(records, max_epochs=2, **train)
+    raw["data"]["batch_size"] = 32
+    raw["tasks"].update(tasks or {})
+    return raw
+
+
+def write_config(tmp: Path, raw: dict[str, Any]) -> Path:
+    """`raw` as the next free `tmp/cN.yaml`."""
+    import yaml
+
+    path = tmp / f"c{len(list(tmp.glob('c*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

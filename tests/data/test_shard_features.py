@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import mmfuse.data.shard_features as sf
 from mmfuse.cli import main
@@ -27,7 +26,7 @@ from mmfuse.data.shards import read_manifest, record_item, write_manifest, write
 from mmfuse.encoders.base import Encoder
 from mmfuse.encoders.hf_text import HFTextEncoder
 from mmfuse.encoders.torchvision_image import TorchvisionImageEncoder
-from tiny import run_config, write_dataset
+from tiny import one_batch_config, write_config, write_dataset
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 N_IMAGES = 40  # write_dataset(n=40): 40 distinct images, 2 distinct texts
@@ -49,12 +48,9 @@ class Counting:
 
 
 def _config(tmp: Path, records: Path, **data: object) -> Path:
-    raw = run_config(records, max_epochs=2, cache=True, cache_dir=str(tmp / "memory_cache"))
-    raw["data"]["batch_size"] = 32  # > the 20 training records: one batch an epoch, whatever the order
+    raw = one_batch_config(records, cache=True, cache_dir=str(tmp / "memory_cache"))
     raw["data"].update(data)
-    path = tmp / f"c{len(list(tmp.glob('c*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_config(tmp, raw)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,12 @@
 process with the same global batch does; a launcher whose process count disagrees with the config is refused.
 
 Why the metrics agree: every training record carries every label and the per-process batch is half the 1-process
-batch. Then each global batch holds the same records in both runs (`EpochDistributedSampler` deals out the
-1-process `EpochRandomSampler`'s permutation of (seed, epoch): rank r takes positions r, r + 2, ... so two half
-batches are one 1-process batch, at any seed), and DDP's average of the two half-batch mean losses' gradients is the whole batch's mean-loss
-gradient. What differs is float32 summation order (the gloo all-reduce, two partial sums): 1e-5 relative leaves two
-orders of magnitude over the ~1e-7 seen here, while one batch-size change moves the metrics by 0.1 to 1.
+batch. Then each global batch holds the same records in both runs (`EpochDistributedSampler` deals out the 1-process
+`EpochRandomSampler`'s permutation of (seed, epoch): rank r takes positions r, r + 2, ... so two half batches are
+one 1-process batch, at any seed), and DDP's average of the two half-batch mean losses' gradients is the whole
+batch's mean-loss gradient. What differs is float32 summation order (the gloo all-reduce, two partial sums): 1e-5
+relative leaves two orders of magnitude over the ~1e-7 seen here, while one batch-size change moves the metrics by
+0.1 to 1.
 
 Each node is its own process group (session), killed whole when the test times out.
 """
