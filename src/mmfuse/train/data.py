@@ -23,7 +23,7 @@ from mmfuse.data.collate import Collator
 from mmfuse.data.dataset import MultiModalDataset, encode_labels, validate_records
 from mmfuse.data.grouping import BatchFetch, GroupedBatchSampler, input_groups
 from mmfuse.data.records import Record
-from mmfuse.data.sampling import EpochDistributedSampler, EpochRandomSampler, epoch_seed
+from mmfuse.data.sampling import EpochDistributedSampler, EpochRandomSampler, epoch_generator, epoch_seed
 from mmfuse.data.shard_features import RowMap, ShardFeatures
 from mmfuse.data.shards import ShardRows, ShardSamples, ShardSplit, open_stream, read_manifest
 from mmfuse.encoders.base import EncoderOutput
@@ -204,8 +204,14 @@ class IndexBatchSampler(BatchSampler):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[torch.Tensor]:  # type: ignore[override]
-        for batch in super().__iter__():
-            yield torch.tensor(batch, dtype=torch.long)
+        # One permutation an epoch, cut into views: no Python list and no tensor built from one per batch. The same
+        # batches as EpochRandomSampler + BatchSampler (its documented permutation); a generator, so it draws after
+        # Lightning's set_epoch.
+        s, n = self.sampler, len(self.sampler.data_source)
+        if isinstance(s, EpochRandomSampler):
+            yield from torch.randperm(n, generator=epoch_generator(s.seed, s.epoch)).split(self.batch_size)
+        else:
+            yield from torch.arange(n).split(self.batch_size)
 
 
 def cached_loader(
