@@ -108,3 +108,30 @@ def write_config(tmp: Path, raw: dict[str, Any]) -> Path:
     path = tmp / f"c{len(list(tmp.glob('c*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def kill_when(proc: Any, ready: Any, what: str, timeout: float = 240, poll: float = 0.01) -> str:
+    """SIGKILL `proc`'s whole process group (started with `start_new_session=True`, stderr piped) as soon as
+    `ready()` is true; its stderr. Fails the test if the process ends first or `timeout` seconds pass."""
+    import signal
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended (code {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} within {timeout}s")
+            time.sleep(poll)
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    assert proc.returncode == -signal.SIGKILL
+    return err

@@ -31,7 +31,7 @@ from mmfuse.data.shards import ShardSamples
 from mmfuse.train.checkpoints import load_checkpoint
 from mmfuse.train.module import MMFuseModule
 from mmfuse.train.run import _warn_mid_epoch
-from tiny import run_config, write_dataset
+from tiny import kill_when, run_config, write_dataset
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 TRAIN = 20  # training records of write_dataset(n=40): 5 batches of 4 an epoch
@@ -120,19 +120,8 @@ def _kill(proc: subprocess.Popen[str]) -> None:
 
 def _kill_when_blocked(proc: subprocess.Popen[str], rec: Path, timeout: float = 240) -> str:
     """SIGKILL the run (its whole process group) once it blocks in the step it was told to stop at; its stderr."""
-    marker, deadline = Path(f"{rec}.blocked"), time.monotonic() + timeout
-    try:
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended (code {proc.returncode}) before blocking: {proc.stderr.read()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the run did not reach its blocking step within {timeout}s")
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        _kill(proc)
-    assert proc.returncode == -signal.SIGKILL
+    marker = Path(f"{rec}.blocked")
+    err = kill_when(proc, marker.exists, "its blocking step", timeout, poll=0.05)
     marker.unlink()
     return err
 

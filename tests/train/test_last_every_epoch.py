@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from scaleout import cli_env, kill_group, run_cli
+from scaleout import cli_env, run_cli
 
 from mmfuse.cli import main
 from mmfuse.train import checkpoints
 from mmfuse.train.run import load_checkpoint
-from tiny import run_config, write_dataset
+from tiny import kill_when, run_config, write_dataset
 
 EPOCHS = 5
 
@@ -51,23 +48,16 @@ def _kill_after_writes(args: list[str], cwd: Path, last: Path, writes: int, time
         text=True,
         start_new_session=True,
     )
-    seen, count, deadline = inode(), 0, time.monotonic() + timeout
-    try:
-        while count < writes:
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended (code {proc.returncode}) after {count} of {writes} writes of {last.name}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{last.name} written {count} of {writes} times within {timeout}s")
-            now = inode()
-            if now is not None and now != seen:
-                seen, count = now, count + 1
-            time.sleep(0.002)
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == -signal.SIGKILL
-    return err
+    seen, count = inode(), 0
+
+    def written() -> bool:
+        nonlocal seen, count
+        now = inode()
+        if now is not None and now != seen:
+            seen, count = now, count + 1
+        return count >= writes
+
+    return kill_when(proc, written, f"{writes} writes of {last.name}", timeout, poll=0.002)
 
 
 def _epochs_trained(stderr: str) -> list[int]:

@@ -6,20 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from scaleout import cli_env, kill_group, run_cli
+from scaleout import cli_env, run_cli
 
 from mmfuse.train.history import HistoryCSVLogger
 from mmfuse.train.run import load_checkpoint
-from tiny import run_config, write_dataset
+from tiny import kill_when, run_config, write_dataset
 
 EPOCHS = 3
 
@@ -49,20 +46,7 @@ def _kill_after_first_checkpoint(args: list[str], cwd: Path, run_dir: Path, time
         start_new_session=True,
     )
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + timeout
-    try:
-        while not last.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended (code {proc.returncode}) before its first checkpoint: {proc.stderr.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no checkpoint within {timeout}s")
-            time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        kill_group(proc)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(proc, last.exists, "first checkpoint", timeout, poll=0.005)
     return int(load_checkpoint(last)["epoch"])
 
 
