@@ -97,11 +97,12 @@ def pack(
         return {**read_manifest(out), "features": pack_features(cfg, out)}
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: exists and is not an empty folder; choose another --out")
-    skip_bad = loader_options(cfg).skip_bad
+    options = loader_options(cfg)
+    skip_bad = options.skip_bad
     bad: list[tuple[str, str]] = []
     data = build_run_data(cfg, None, bad if skip_bad else None)
     if features:
-        check_features(data.encoders, loader_options(cfg).cache)  # before the records are written, not after
+        check_features(data.encoders, options.cache)  # before the records are written, not after
     resolved = data.cfg.model_dump(mode="json")
     tasks = build_tasks(data.cfg.tasks)
     embed = file_modalities(data.encoders) if embed_files else []

@@ -31,9 +31,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from mmfuse.builders import (
     TrainOptions,
     build_balancer,
-    build_model_from,
+    build_data_model,
     build_run_data,
-    build_tasks,
     build_weighting,
     loader_options,
     run_summary,
@@ -197,10 +196,10 @@ def check_launcher(t: TrainOptions, trainer: L.Trainer, env: Any) -> None:
     """ConfigError (one line) when a launcher started another number of processes than num_nodes x devices, or
     a multi-node run has no launcher (node 0 would wait forever)."""
     processes = trainer.num_nodes * trainer.num_devices
-    launcher, count = "torchrun's WORLD_SIZE", os.environ.get("WORLD_SIZE")
-    if not TorchElasticEnvironment.detect():
-        count = None
-    if count is None and SLURMEnvironment.detect():
+    launcher, count = "", None
+    if TorchElasticEnvironment.detect():
+        launcher, count = "torchrun's WORLD_SIZE", os.environ.get("WORLD_SIZE")
+    elif SLURMEnvironment.detect():
         launcher, count = "SLURM's SLURM_NTASKS", os.environ.get("SLURM_NTASKS")
     if count and int(count) != processes:
         raise ConfigError(
@@ -254,8 +253,7 @@ class Run:
         self.loader_options, self.options = loader_options(self.cfg), train_options(self.cfg)
         self.timings["load_records"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        tasks = build_tasks(self.cfg.tasks)
-        self.model = model if model is not None else build_model_from(self.cfg.model, tasks, data.encoders)
+        self.model = model if model is not None else build_data_model(data)
         # Built here, before any feature is encoded, so that a balancer with nothing to act on is refused at once.
         self.balancer = build_balancer(self.cfg.train.balance, self.model)
         check_layer_decay(self.model, self.options.optim.layer_decay)
