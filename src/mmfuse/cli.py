@@ -156,7 +156,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "  mmfuse predict runs/easy_vqa --input records.jsonl --output preds.jsonl\n"
         "  mmfuse predict runs/my --input shards/my --split test --output preds.jsonl   # a split of a shard set\n"
         "  mmfuse predict runs/products --field price_band=high --field photo=shoe.jpg   # any input field\n"
-        "  mmfuse predict runs/easy_vqa --text 'is there a circle?' --allow-missing     # text only",
+        "  mmfuse predict runs/easy_vqa --text 'is there a circle?' --allow-missing     # text only\n"
+        "  mmfuse export runs/easy_vqa && mmfuse predict runs/easy_vqa --engine onnx --image shape.png --text '...'",
     )
     pr.add_argument("run", help="run directory")
     _add_record_inputs(pr)
@@ -181,6 +182,15 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--output", help="write predictions as JSONL here instead of printing them")
     pr.add_argument("--batch-size", type=_positive_int, default=64, help="records per forward pass (default 64)")
     pr.add_argument("--top", type=int, default=3, help="classes shown per task in the terminal (default 3)")
+    pr.add_argument(
+        "--engine",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="onnx: the run's ONNX export (mmfuse export RUN) with onnxruntime, without importing torch (fast to "
+        "start); torch: the PyTorch model; auto (default): onnx when the run holds a current export it can run, "
+        "else torch (-v says which ran and why)",
+    )
+    pr.add_argument("--onnx", metavar="DIR", help="the ONNX export folder the onnx engine runs (default: RUN/export)")
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
@@ -547,10 +557,7 @@ def _field_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import contextlib
-
     from mmfuse.config import check_run_dir
-    from mmfuse.io import atomic_path
 
     fields = _field_values(args)
     shorthands = _shorthands(args)
@@ -565,10 +572,54 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise _usage(
             "--root and --allow-outside-root apply to a records file; a shard set's paths were checked when packed"
         )
+    if args.onnx is not None and args.engine == "torch":
+        raise _usage("--onnx names the export the onnx engine runs; it does not go with --engine torch")
     check_run_dir(args.run)
+    predictor = _onnx_predictor(args, shards) if args.engine != "torch" else None
+    if predictor is not None:
+        try:
+            return _predict(args, predictor, fields, shorthands, shards)
+        except Exception as err:  # a record the graph cannot take (one lacking an input): auto goes on with torch
+            if args.engine == "onnx" or not _is(err, "mmfuse.export.runtime", "EngineError"):
+                raise
+            logging.getLogger("mmfuse").info("predicting with the torch engine: %s", err)
     from mmfuse.predict import Predictor  # torch, never Lightning
 
-    predictor = Predictor(args.run)
+    logging.getLogger("mmfuse").debug("engine: torch (%s)", Path(args.run) / "model.safetensors")
+    return _predict(args, Predictor(args.run), fields, shorthands, shards)
+
+
+def _onnx_predictor(args: argparse.Namespace, shards: bool) -> Any:
+    """The onnx engine's predictor (`--engine onnx`), or with `--engine auto` None where it cannot run (logged).
+    Imports neither torch nor transformers."""
+    from mmfuse.export.runtime import EngineError, OnnxPredictor
+
+    log = logging.getLogger("mmfuse")
+    try:
+        if shards:
+            raise EngineError(
+                f"{args.input} is a shard folder; the onnx engine reads records files and field values: predict it "
+                "with --engine torch"
+            )
+        predictor = OnnxPredictor(args.run, args.onnx)
+    except EngineError as err:
+        if args.engine == "onnx":
+            raise
+        log.debug("engine: torch, not onnx: %s", err)
+        return None
+    log.debug("engine: onnx (%s, onnxruntime)", predictor.model_file)
+    return predictor
+
+
+def _predict(
+    args: argparse.Namespace, predictor: Any, fields: dict[str, Any], shorthands: dict[str, Any], shards: bool
+) -> int:
+    """Read, check and predict the records `args` name with `predictor` (either engine); print or write them."""
+    import contextlib
+
+    from mmfuse.io import atomic_path
+
+    fields = dict(fields)
     _add_shorthands(fields, shorthands, predictor.input_fields)
     bad: list[tuple[str, str]] = []
     errors = bad if args.skip_bad else None
@@ -761,12 +812,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="export a finished run's model to ONNX or TorchScript, checked against PyTorch",
         description="Write the whole model (preprocessed tensors -> every task's logits) and export.json into --out, "
         "then run the file on a batch of the run's own records and compare it with the PyTorch forward.",
-        epilog="examples:\n  mmfuse export runs/easy_vqa --out exported/easy_vqa\n"
+        epilog="examples:\n  mmfuse export runs/easy_vqa   # into runs/easy_vqa/export, where mmfuse predict finds it\n"
+        "  mmfuse export runs/easy_vqa --out exported/easy_vqa\n"
         "  mmfuse export runs/easy_vqa --format torchscript --out exported/easy_vqa_ts",
     )
     x.add_argument("run", help="run directory (holds config.yaml and model.safetensors)")
     x.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
-    x.add_argument("--out", required=True, help="output directory (created): model.onnx or model.pt, export.json")
+    x.add_argument(
+        "--out",
+        help="output directory (created): model.onnx or model.pt, export.json and the tokenizers (default: RUN/export, "
+        "where `mmfuse predict RUN` finds it)",
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:

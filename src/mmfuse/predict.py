@@ -6,62 +6,70 @@ records at a time) or as field values (the command line); each modality's encode
 in training. A record is refused (one line, skippable) when it has
 none of the run's inputs, and when it lacks one while the model was never trained without it, unless
 `allow_missing` is set (then a warning is logged).
+
+Two engines share `RunInputs` (reading and checking records, torch-free): `Predictor` runs the run's PyTorch model,
+`mmfuse.export.runtime.OnnxPredictor` its ONNX export without importing torch. This module imports torch only
+when a `Predictor` is built, so the ONNX engine can use `RunInputs` in a process that never imports torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import DataLoader
-
-from mmfuse.builders import build_schema, trained_for_missing_inputs
-from mmfuse.data.collate import Collator
-from mmfuse.data.dataset import MultiModalDataset, validate_records
-from mmfuse.data.records import DataError, Record, read_records
-from mmfuse.encoders.base import DataRoot
-from mmfuse.runs import open_run
-from mmfuse.utils import move_to
+from mmfuse.raw_inputs import DataRoot
 
 if TYPE_CHECKING:
+    from mmfuse.data.records import Record
     from mmfuse.data.shards import ShardSplit
 
 log = logging.getLogger(__name__)
 
 
-class Predictor:
-    """Loads a run once; predicts for records that carry some or all of its inputs.
+def records_module() -> ModuleType:
+    """`mmfuse.data.records` (standard library only), without running `mmfuse/data/__init__.py` when the package is
+    not imported yet: that file imports the collator and with it torch, which the ONNX engine never imports.
 
-    Args:
-        run_dir: a finished run directory.
-        device: "cpu", "cuda", ...; default: CUDA when available.
+    The module is registered under its own name, so its `DataError` and `Record` are the ones every other layer
+    uses (a later `import mmfuse.data` finds it in `sys.modules`).
+    """
+    name = "mmfuse.data.records"
+    if name in sys.modules or "mmfuse.data" in sys.modules:
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "data" / "records.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
-    Example:
-        >>> p = Predictor("runs/easy_vqa")
-        >>> records = p.records_from_fields({"image": "shape.png", "text": "what color is the shape?"})
-        >>> p.predict(records)
-        [{"answer": {"label": "blue", "probabilities": {...}}, ...}]
+
+class RunInputs:
+    """Reading records against a run's inputs and refusing the bad ones (one line each): what both engines share.
+
+    Subclasses set `schema` (rows -> records: `row_keys(modality)`, `record(row, where, root, required)`),
+    `modalities`, `trained_for_missing` and `_other_fields`, and implement `_check_inputs`.
     """
 
-    def __init__(self, run_dir: str | Path, device: str | None = None) -> None:
-        run = open_run(run_dir)
-        self.model, self.config = run.model, run.config
-        self.schema = build_schema(self.config, self.model.encoders)
-        labels = set(self.schema.labels.values())  # each task's label field
-        self._other_fields = labels | {self.schema.split_field, self.schema.group_by} - {None}
-        self.schema.labels, self.schema.split_field, self.schema.group_by = {}, None, None
-        self.trained_for_missing = trained_for_missing_inputs(self.config)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
+    schema: Any
+    modalities: list[str]
+    trained_for_missing: bool
+    _other_fields: set[str]
 
     @property
     def input_fields(self) -> dict[str, list[str]]:
         """{modality: the record fields its encoder reads}."""
-        return {m: self.schema.row_keys(m) for m in self.model.encoders}
+        return {m: self.schema.row_keys(m) for m in self.modalities}
 
     def describe_inputs(self) -> str:
         return ", ".join(f"{m} (field {' or '.join(map(repr, keys))})" for m, keys in self.input_fields.items())
@@ -75,19 +83,17 @@ class Predictor:
         errors: list[tuple[str, str]] | None = None,
     ) -> list[Record]:
         """Records of a JSONL/JSON/CSV file; file paths in it are confined to `root` (default: its folder)."""
+        records = records_module()
         before = len(errors) if errors is not None else 0
-        records = read_records(
-            path,
-            self.schema,
-            root=root,
-            allow_outside_root=allow_outside_root,
-            required=False,
-            errors=errors,
+        header, rows = records.read_rows(path)
+        data_root = DataRoot(Path(root).expanduser() if root is not None else Path(path).parent, allow_outside_root)
+        found = records.records_from_rows(
+            rows, str(path), self.schema, data_root, required=False, header=header, errors=errors,
             row_check=self.misspelt_field,
-        )
-        if not records and (errors is None or len(errors) == before):
-            raise DataError(f"{path}: no records to predict (the file is empty or holds only blank lines)")
-        return records
+        )  # fmt: skip
+        if not found and (errors is None or len(errors) == before):
+            raise records.DataError(f"{path}: no records to predict (the file is empty or holds only blank lines)")
+        return found
 
     def misspelt_field(self, row: Mapping[str, Any]) -> str | None:
         """Why a row is refused: it lacks an input field and carries an unknown field a typo away from it.
@@ -114,11 +120,90 @@ class Predictor:
         known = {k for keys in self.input_fields.values() for k in keys}
         unused = [f for f in fields if f not in known]
         if unused:
-            raise DataError(
+            raise records_module().DataError(
                 f"{source}: this run does not read {', '.join(map(repr, unused))}; its inputs: {self.describe_inputs()}"
             )
         root = DataRoot(Path.cwd(), allow_outside=True)
         return [self.schema.record(dict(fields), source, root, required=False)]
+
+    # ------------------------------------------------------------------ checking
+    def check(
+        self, records: Sequence[Record], allow_missing: bool = False, skip_bad: bool = False
+    ) -> tuple[list[Record], list[tuple[str, str]]]:
+        """Refuse records with none of the run's inputs, or lacking one the model cannot do without.
+
+        Returns:
+            (good records, [(source, reason)] of the skipped ones when `skip_bad`).
+
+        Raises:
+            DataError: "SOURCE: reason" for the first bad record, unless `skip_bad`.
+        """
+        good, bad, lacking = [], [], 0
+        for record in records:
+            problem = self._problem(record, allow_missing)
+            if problem is None:
+                good.append(record)
+                lacking += any(v is None for v in record.inputs.values())
+            elif skip_bad:
+                bad.append((record.source, problem))
+            else:
+                raise records_module().DataError(f"{record.source}: {problem}")
+        if lacking and not self.trained_for_missing:
+            log.warning(
+                "%d record(s) lack an input, and the model was trained with every input present: "
+                "their predictions may be poor (train with train.balance: {name: modality_dropout} to fix that)",
+                lacking,
+            )
+        good, more = self._check_inputs(good, skip_bad)
+        return good, bad + more
+
+    def _check_inputs(self, records: list[Record], skip_bad: bool) -> tuple[list[Record], list[tuple[str, str]]]:
+        """Each present input passes its encoder's check (decodes, ...): (good, [(source, reason)] when skip_bad)."""
+        raise NotImplementedError
+
+    def _problem(self, record: Record, allow_missing: bool) -> str | None:
+        missing = [m for m in self.modalities if record.inputs.get(m) is None]
+        if len(missing) == len(self.modalities):
+            return f"none of the run's inputs is given; it reads {self.describe_inputs()}"
+        if missing and not (allow_missing or self.trained_for_missing):
+            names = ", ".join(f"{m} (field {' or '.join(map(repr, self.input_fields[m]))})" for m in missing)
+            return (
+                f"no {names}; the model was trained with every input present: give it, or pass --allow-missing "
+                "to predict without it"
+            )
+        return None
+
+
+class Predictor(RunInputs):
+    """Loads a run once; predicts for records that carry some or all of its inputs, with its PyTorch model.
+
+    Args:
+        run_dir: a finished run directory.
+        device: "cpu", "cuda", ...; default: CUDA when available.
+
+    Example:
+        >>> p = Predictor("runs/easy_vqa")
+        >>> records = p.records_from_fields({"image": "shape.png", "text": "what color is the shape?"})
+        >>> p.predict(records)
+        [{"answer": {"label": "blue", "probabilities": {...}}, ...}]
+    """
+
+    def __init__(self, run_dir: str | Path, device: str | None = None) -> None:
+        import torch
+
+        from mmfuse.builders import build_schema, trained_for_missing_inputs
+        from mmfuse.runs import open_run
+
+        run = open_run(run_dir)
+        self.model, self.config = run.model, run.config
+        self.modalities = list(self.model.encoders)
+        self.schema = build_schema(self.config, self.model.encoders)
+        labels = set(self.schema.labels.values())  # each task's label field
+        self._other_fields = labels | {self.schema.split_field, self.schema.group_by} - {None}
+        self.schema.labels, self.schema.split_field, self.schema.group_by = {}, None, None
+        self.trained_for_missing = trained_for_missing_inputs(self.config)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
 
     def shard_split(self, folder: str | os.PathLike[str], split: str = "test") -> ShardSplit:
         """One split of a shard set (`mmfuse pack`), checked before any record is read.
@@ -164,65 +249,37 @@ class Predictor:
             yield records
 
     # ------------------------------------------------------------------ checking
-    def check(
-        self, records: Sequence[Record], allow_missing: bool = False, skip_bad: bool = False
-    ) -> tuple[list[Record], list[tuple[str, str]]]:
-        """Refuse records with none of the run's inputs, or lacking one the model cannot do without.
+    def _check_inputs(self, records: list[Record], skip_bad: bool) -> tuple[list[Record], list[tuple[str, str]]]:
+        from mmfuse.data.dataset import validate_records
 
-        Returns:
-            (good records, [(source, reason)] of the skipped ones when `skip_bad`).
-
-        Raises:
-            DataError: "SOURCE: reason" for the first bad record, unless `skip_bad`.
-        """
-        good, bad, lacking = [], [], 0
-        for record in records:
-            problem = self._problem(record, allow_missing)
-            if problem is None:
-                good.append(record)
-                lacking += any(v is None for v in record.inputs.values())
-            elif skip_bad:
-                bad.append((record.source, problem))
-            else:
-                raise DataError(f"{record.source}: {problem}")
-        if lacking and not self.trained_for_missing:
-            log.warning(
-                "%d record(s) lack an input, and the model was trained with every input present: "
-                "their predictions may be poor (train with train.balance: {name: modality_dropout} to fix that)",
-                lacking,
-            )
-        good, more = validate_records(good, {}, dict(self.model.encoders), skip_bad, allow_missing=True)
-        return good, bad + more
-
-    def _problem(self, record: Record, allow_missing: bool) -> str | None:
-        missing = [m for m in self.model.encoders if record.inputs.get(m) is None]
-        if len(missing) == len(self.model.encoders):
-            return f"none of the run's inputs is given; it reads {self.describe_inputs()}"
-        if missing and not (allow_missing or self.trained_for_missing):
-            names = ", ".join(f"{m} (field {' or '.join(map(repr, self.input_fields[m]))})" for m in missing)
-            return (
-                f"no {names}; the model was trained with every input present: give it, or pass --allow-missing "
-                "to predict without it"
-            )
-        return None
+        return validate_records(records, {}, dict(self.model.encoders), skip_bad, allow_missing=True)
 
     # ------------------------------------------------------------------ predicting
     def batches(self, records: Sequence[Record], batch_size: int) -> Iterator[dict[str, Any]]:
+        from torch.utils.data import DataLoader
+
+        from mmfuse.data.collate import Collator
+        from mmfuse.data.dataset import MultiModalDataset
+
         encoders = dict(self.model.encoders)
         dataset = MultiModalDataset(records, {}, encoders, train=False)
         yield from DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(encoders, {}))
 
-    @torch.inference_mode()
     def predict(self, records: Sequence[Record], batch_size: int = 64) -> list[dict[str, Any]]:
         """Per record, {task: the task kind's description of its prediction}. Check records first (`check`)."""
+        import torch
+
+        from mmfuse.utils import move_to
+
         results: list[dict[str, Any]] = []
-        for batch in self.batches(records, batch_size):
-            inputs = move_to(batch["inputs"], self.device)
-            absent = {m: a.to(self.device) for m, a in batch.get("absent", {}).items()}
-            out = self.model(inputs, absent=absent or None)
-            per_task = {name: task.predict(out.logits[name]) for name, task in self.model.tasks.items()}
-            for i in range(len(batch["index"])):
-                results.append({n: self.model.tasks[n].describe(p, i) for n, p in per_task.items()})
+        with torch.inference_mode():
+            for batch in self.batches(records, batch_size):
+                inputs = move_to(batch["inputs"], self.device)
+                absent = {m: a.to(self.device) for m, a in batch.get("absent", {}).items()}
+                out = self.model(inputs, absent=absent or None)
+                per_task = {name: task.predict(out.logits[name]) for name, task in self.model.tasks.items()}
+                for i in range(len(batch["index"])):
+                    results.append({n: self.model.tasks[n].describe(p, i) for n, p in per_task.items()})
         return results
 
     def format(self, result: Mapping[str, Any], top: int = 3) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any
 from mmfuse.config import ConfigError
 
 FORMATS = ("onnx", "torchscript")
+DEFAULT_DIR = "export"  # `mmfuse export RUN` writes into RUN/export, where `mmfuse predict RUN` looks for it
 TOLERANCE = 1e-4  # max |logit difference| the check accepts, per unit of max(1, max |logit|) of each task
 NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "torchscript": ()}
 
@@ -31,9 +32,9 @@ class ExportError(ConfigError):
     """A run that cannot be exported, or an export that fails its check, as one line."""
 
 
-def check_request(run_dir: str | Path, out_dir: str | Path, format: str) -> tuple[Path, Path]:
+def check_request(run_dir: str | Path, out_dir: str | Path | None, format: str) -> tuple[Path, Path]:
     """Refuse an unknown format, a missing package, a path that is not a finished run and an `out_dir` that is a
-    file, before anything heavy is imported. Returns (run_dir, out_dir) as paths."""
+    file, before anything heavy is imported. Returns (run_dir, out_dir) as paths (`out_dir` None: RUN/export)."""
     from mmfuse.config import check_run_dir
 
     if format not in FORMATS:
@@ -44,18 +45,21 @@ def check_request(run_dir: str | Path, out_dir: str | Path, format: str) -> tupl
             f"exporting to {format} needs {', '.join(missing)} (not installed): pip install 'mmfuse[export]'"
         )
     run = check_run_dir(run_dir)
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else run / DEFAULT_DIR
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: --out must be a directory, and this is a file")
     return run, out
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "onnx", check_size: int = 16) -> Path:
+def export_run(
+    run_dir: str | Path, out_dir: str | Path | None = None, format: str = "onnx", check_size: int = 16
+) -> Path:
     """Export the model of the run in `run_dir` into `out_dir` (created), with `export.json` beside it.
 
     Args:
         run_dir: a finished run directory (config.yaml + model.safetensors), as `mmfuse train` writes it.
-        out_dir: where `model.onnx` or `model.pt` and `export.json` go.
+        out_dir: where `model.onnx` or `model.pt`, `export.json` and each text input's `<modality>.tokenizer.json`
+            go; default RUN/export (where `mmfuse predict RUN` finds it).
         format: "onnx" or "torchscript".
         check_size: the records the exported file is checked on (at most; another size than the traced 2).
 
@@ -68,6 +72,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "onnx", c
             removed).
     """
     from mmfuse.export.build import ExportJob
+    from mmfuse.export.describe import write_tokenizers
 
     run, out = check_request(run_dir, out_dir, format)
     job = ExportJob(run, format, check_size)
@@ -79,7 +84,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "onnx", c
         if not existed:
             out.rmdir()
         raise ExportError(f"{run}: the exported model disagrees with PyTorch, not kept: {check['summary']}")
-    _write_json(out / "export.json", job.describe(path, check))
+    _write_json(out / "export.json", job.describe(path, check, write_tokenizers(job.model, out)))
     return path
 
 

@@ -15,7 +15,7 @@ import torch
 
 from mmfuse.export import TOLERANCE, ExportError
 from mmfuse.export.backends import FILES, OPSET, Runner, capture, write_onnx, write_torchscript
-from mmfuse.export.describe import outputs, preprocessing
+from mmfuse.export.describe import outputs, preprocessing, reading
 from mmfuse.export.spec import EncoderOnly, FlatModel, InputSpec, flat_inputs, input_specs
 from mmfuse.text import flattened
 
@@ -104,12 +104,14 @@ class ExportJob:
             "summary": summary,
         }
 
-    def describe(self, path: Path, check: dict[str, Any]) -> dict[str, Any]:
-        """The contents of export.json."""
+    def describe(self, path: Path, check: dict[str, Any], tokenizers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The contents of export.json (`tokenizers`: what `write_tokenizers` wrote beside the file)."""
         import mmfuse
         from mmfuse.io import sha256_file
 
         used = [s for s in self.specs if s.name in self.input_names]
+        weights = self.run_dir / "model.safetensors"
+        stat = weights.stat()
         return {
             "format": self.fmt,
             "file": path.name,
@@ -119,10 +121,17 @@ class ExportJob:
             "torch_version": torch.__version__,
             "run": str(self.run_dir.resolve()),
             "config_sha256": sha256_file(self.run_dir / "config.yaml"),
+            "weights": {
+                "file": weights.name,
+                "sha256": sha256_file(weights),
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+            },
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": f"{platform.machine()} {platform.system()}",
             "inputs": [s.as_json() for s in used],
-            "preprocessing": {m: preprocessing(e) for m, e in self.model.encoders.items()},
+            "preprocessing": {m: preprocessing(e) | tokenizers.get(m, {}) for m, e in self.model.encoders.items()},
+            "reading": reading(self.config, self.model),
             "missing_inputs": "not supported: every input must be given (the graph has no absent masks)",
             "outputs": outputs(self.model),
             "check": check,

@@ -1,15 +1,24 @@
 """The `export.json` that travels with an exported model: what to feed it and what it answers.
 
 Preprocessing is described from the built encoders (their processor, tokenizer or fitted statistics), so the file
-says exactly what `mmfuse predict` does to a record before the network sees it.
+says exactly what `mmfuse predict` does to a record before the network sees it. `reading` says which record fields
+each input comes from and how they are read, and `weights` names the run's weights file: with them the torch-free
+ONNX engine of `mmfuse predict` (`mmfuse.export.runtime`) reads records as the encoders do, and knows when the
+export is older than the run's weights.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from mmfuse.encoders.base import Encoder
 from mmfuse.model import MultiTaskModel
+
+# How a known encoder family reads a record's field(s); an encoder of another family gets none, and the ONNX engine
+# refuses to read its input (naming the modality and the encoder).
+READS = {"ImageEncoder": "image_file", "HFTextEncoder": "text", "TabularEncoder": "table", "EmbeddingEncoder": "vector"}
 
 
 def preprocessing(encoder: Encoder) -> dict[str, Any]:
@@ -45,8 +54,64 @@ def preprocessing(encoder: Encoder) -> dict[str, Any]:
             f"categorical: {MISSING} missing, {UNKNOWN} unknown, 2 + index in categories[column]",
         }
     if isinstance(encoder, EmbeddingEncoder):
-        return base | {"dim": encoder.dim, "steps": "the vector as float32"}
+        return base | {
+            "dim": encoder.dim,
+            "columns": encoder.columns,
+            "prefix": encoder.prefix,
+            "steps": "the vector as float32",
+        }
     return base | {"steps": f"see {type(encoder).__name__}.preprocess and .collate"}
+
+
+def reading(config: Any, model: MultiTaskModel) -> dict[str, Any]:
+    """How records become inputs: per modality the configured `field`, the row keys its encoder reads and how it
+    reads them (`reads`: image_file, text, table, vector, or None for an encoder the ONNX engine cannot read);
+    the other fields a record may carry (labels, split, group); whether training hid whole modalities."""
+    from mmfuse.builders import build_schema, trained_for_missing_inputs
+
+    schema = build_schema(config, model.encoders)
+    families = {m: [c.__name__ for c in type(e).__mro__] for m, e in model.encoders.items()}
+    return {
+        "inputs": {
+            m: {
+                "field": schema.field_of(m),
+                "row_keys": schema.row_keys(m),
+                "reads": next((READS[name] for name in families[m] if name in READS), None),
+            }
+            for m in model.encoders
+        },
+        "other_fields": sorted({*schema.labels.values(), schema.split_field, schema.group_by} - {None}),
+        "trained_for_missing": trained_for_missing_inputs(config),
+    }
+
+
+def write_tokenizers(model: MultiTaskModel, out: Path) -> dict[str, dict[str, Any]]:
+    """Write each text encoder's fast tokenizer, as its encoder calls it, to `out/<modality>.tokenizer.json`;
+    {modality: its file and the padding and truncation the encoder asks for}. A slow tokenizer gets none."""
+    written = {}
+    for m, encoder in model.encoders.items():
+        tokenizer = getattr(encoder, "tokenizer", None)
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if backend is None or tokenizer.pad_token_id is None:
+            continue
+        from tokenizers import Tokenizer
+
+        plain = Tokenizer.from_str(backend.to_str())  # a copy: the encoder's own tokenizer keeps its state
+        plain.no_padding()
+        plain.no_truncation()
+        name = f"{m}.tokenizer.json"
+        plain.save(os.fspath(out / name))
+        written[m] = {
+            "tokenizer_file": name,
+            "padding": {
+                "pad_id": int(tokenizer.pad_token_id),
+                "pad_type_id": int(tokenizer.pad_token_type_id),
+                "pad_token": str(tokenizer.pad_token),
+                "direction": str(tokenizer.padding_side),
+            },
+            "truncation": {"strategy": "longest_first", "direction": str(tokenizer.truncation_side)},
+        }
+    return written
 
 
 def outputs(model: MultiTaskModel) -> list[dict[str, Any]]:

@@ -1,0 +1,286 @@
+"""Feeding an exported model without torch: one `Feed` per input, built from `export.json`, that reads a record's
+field(s), checks and loads the input and collates a batch into the graph's named numpy arrays, as the run's encoder
+does (its `read`, `check`, `load`, `preprocess` and `collate`; `mmfuse.raw_inputs` holds their shared rules).
+
+Shapes: B batch, S image side, T tokens (padded to the longest text in the batch), N numeric and C categorical
+columns, E vector size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmfuse.raw_inputs import (
+    FIRST,
+    MISSING,
+    UNKNOWN,
+    Z_MAX,
+    DataRoot,
+    InputError,
+    as_vector,
+    category_key,
+    check_image,
+    clamp_z,
+    field_value,
+    is_float,
+    load_npy,
+    parse_number,
+    text_problem,
+    to_rgb_image,
+)
+from mmfuse.text import is_blank
+
+Arrays = dict[str, np.ndarray]  # {graph input name: (B, ...) array}
+PIL_FILTERS = {"nearest": 0, "nearest-exact": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+class Feed:
+    """One input of the exported graph: a modality's record field(s) -> its collated arrays.
+
+    Args:
+        modality: the modality's name (graph inputs are `modality` or `modality.key`).
+        pre: its `preprocessing` entry in export.json.
+        row_keys: the record fields it reads (`reading.inputs.<modality>.row_keys`).
+    """
+
+    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str]) -> None:
+        self.modality, self.pre, self.row_keys = modality, pre, list(row_keys)
+
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> Hashable | None:
+        """The reference in a parsed row, or None when the row lacks the input. Raises InputError (one line)."""
+        raise NotImplementedError
+
+    def check(self, ref: Hashable) -> str | None:
+        """None when the reference loads, else why not."""
+        return None
+
+    def load(self, ref: Hashable) -> Any:
+        """The preprocessed item of one reference."""
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Arrays:
+        """Items -> {graph input name: (B, ...) array}."""
+        raise NotImplementedError
+
+
+class ImageFeed(Feed):
+    """An image file: RGB, the shorter side resized to S, centre-cropped to S x S, [0, 1], (x - mean) / std."""
+
+    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str]) -> None:
+        super().__init__(modality, pre, row_keys)
+        self.size = int(pre["image_size"])
+        self.filter = PIL_FILTERS[pre["interpolation"]]
+        self.mean = np.asarray(pre["mean"], np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(pre["std"], np.float32).reshape(3, 1, 1)
+
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | None:
+        value = field_value(row, field)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise InputError(f"field {field!r} must be an image path, got {type(value).__name__} {value!r:.40}")
+        return root.resolve(value, "image")
+
+    def check(self, ref: Hashable) -> str | None:
+        return check_image(str(ref))
+
+    def load(self, ref: Hashable) -> np.ndarray:
+        """(3, S, S) float32, as torchvision's Resize(S) + CenterCrop(S) on the PIL image, ToDtype, Normalize."""
+        image, s = to_rgb_image(str(ref)), self.size
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = s, int(s * long / short)
+        size = (new_short, new_long) if w <= h else (new_long, new_short)  # (width, height)
+        if size != (w, h):
+            image = image.resize(size, resample=self.filter)
+        w, h = image.size
+        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+        pixels = np.asarray(image.crop((left, top, left + s, top + s)), dtype=np.uint8)  # (S, S, 3)
+        x = pixels.transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255)  # (3, S, S)
+        return (x - self.mean) / self.std
+
+    def collate(self, items: list[np.ndarray]) -> Arrays:
+        return {self.modality: np.stack(items)}  # (B, 3, S, S)
+
+
+class TextFeed(Feed):
+    """A text: stripped, then the run's fast tokenizer (`<modality>.tokenizer.json` beside the model) with the
+    encoder's truncation and padding to the longest text of the batch."""
+
+    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str], folder: Path) -> None:
+        from tokenizers import Tokenizer
+
+        super().__init__(modality, pre, row_keys)
+        self.tokenizer = Tokenizer.from_file(str(folder / pre["tokenizer_file"]))
+        truncation, padding = pre["truncation"], pre["padding"]
+        self.tokenizer.enable_truncation(
+            int(pre["max_length"]), stride=0, strategy=truncation["strategy"], direction=truncation["direction"]
+        )
+        self.tokenizer.enable_padding(
+            direction=padding["direction"], pad_id=padding["pad_id"], pad_type_id=padding["pad_type_id"],
+            pad_token=padding["pad_token"],
+        )  # fmt: skip
+
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | None:
+        value = field_value(row, field)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise InputError(f"text field {field!r} must be a string, got {type(value).__name__} {value!r:.40}")
+        problem = text_problem(value)
+        if problem:
+            raise InputError(problem)
+        return value.strip()
+
+    def check(self, ref: Hashable) -> str | None:
+        if not isinstance(ref, str):
+            return f"text must be a string, got {type(ref).__name__}"
+        if not ref.strip():
+            return "text is empty or missing"
+        return text_problem(ref)
+
+    def load(self, ref: Hashable) -> str:
+        return str(ref).strip()
+
+    def collate(self, items: list[str]) -> Arrays:
+        encodings = self.tokenizer.encode_batch(items)
+        m = self.modality
+        return {
+            f"{m}.input_ids": np.array([e.ids for e in encodings], dtype=np.int64),  # (B, T)
+            f"{m}.token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+            f"{m}.attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        }
+
+
+class TableFeed(Feed):
+    """A table row: numeric cells standardised with the training statistics (clamped to +-Z_MAX, 0 where missing),
+    categorical cells as indices (0 missing, 1 unknown, 2.. the training vocabulary)."""
+
+    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str]) -> None:
+        super().__init__(modality, pre, row_keys)
+        self.numeric, self.categorical = list(pre["numeric"]), list(pre["categorical"])
+        self.stats = pre.get("stats") or {}
+        vocab = pre.get("categories") or {}
+        self.lookup = {c: {v: FIRST + i for i, v in enumerate(vocab.get(c, []))} for c in vocab}
+
+    @property
+    def columns(self) -> list[str]:
+        return self.numeric + self.categorical
+
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> tuple[float | str | None, ...] | None:
+        nested = row.get(field)
+        source = nested if isinstance(nested, Mapping) else row
+        if isinstance(nested, Mapping) and nested and not any(c in nested for c in self.columns):
+            raise InputError(f"field {field!r} holds an object without any of the columns {', '.join(self.columns)}")
+        try:
+            cells = tuple(parse_number(source.get(c), c) for c in self.numeric) + tuple(
+                category_key(source.get(c), c) for c in self.categorical
+            )
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        self._check_range(cells)
+        return None if all(c is None for c in cells) else cells
+
+    def _check_range(self, cells: tuple[float | str | None, ...]) -> None:
+        for col, value in zip(self.numeric, cells, strict=False):
+            stat = self.stats.get(col)
+            if stat is None or value is None:
+                continue
+            z = (float(value) - stat["mean"]) / stat["std"]
+            if abs(z) > Z_MAX:
+                raise InputError(
+                    f"column {col!r}: {value:g} is {abs(z):.3g} standard deviations from the training mean "
+                    f"({stat['mean']:.6g}, std {stat['std']:.6g}); the model answers within {Z_MAX:g}"
+                )
+
+    def load(self, ref: Hashable) -> tuple[list[float], list[bool], list[int]]:
+        cells = dict(zip(self.columns, ref, strict=True))  # type: ignore[arg-type]
+        values = [parse_number(cells.get(c), c) for c in self.numeric]
+        z = [0.0 if v is None or c not in self.stats else clamp_z((v - self.stats[c]["mean"]) / self.stats[c]["std"])
+             for c, v in zip(self.numeric, values, strict=True)]  # fmt: skip
+        codes = []
+        for col in self.categorical:
+            key = category_key(cells.get(col), col)
+            codes.append(MISSING if key is None else self.lookup.get(col, {}).get(key, UNKNOWN))
+        return z, [v is not None for v in values], codes
+
+    def collate(self, items: list[tuple[list[float], list[bool], list[int]]]) -> Arrays:
+        m, b = self.modality, len(items)
+        return {
+            f"{m}.numeric": np.array([i[0] for i in items], dtype=np.float32).reshape(b, len(self.numeric)),
+            f"{m}.numeric_present": np.array([i[1] for i in items], dtype=bool).reshape(b, len(self.numeric)),
+            f"{m}.categorical": np.array([i[2] for i in items], dtype=np.int64).reshape(b, len(self.categorical)),
+        }
+
+
+class VectorFeed(Feed):
+    """A precomputed vector of `dim` numbers: a list in the record, a `.npy` file, or a group of CSV columns."""
+
+    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str]) -> None:
+        super().__init__(modality, pre, row_keys)
+        self.dim, self.columns, self.prefix = int(pre["dim"]), pre.get("columns"), pre.get("prefix")
+
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | tuple[float, ...] | None:
+        if self.columns is not None or self.prefix is not None:
+            return self._read_columns(row)
+        value = row.get(field)
+        if is_blank(value):
+            return None
+        if isinstance(value, str):
+            path = root.resolve(value, "embedding")
+            if not path.lower().endswith(".npy"):
+                raise InputError(f"field {field!r}: {value.strip()[:80]!r} is not a .npy file (give a list of numbers)")
+            return path
+        if not isinstance(value, list):
+            raise InputError(f"field {field!r}: expected {self.dim} numbers or a .npy path, got {type(value).__name__}")
+        return self._values(value, f"field {field!r}")
+
+    def _values(self, raw: Any, what: str) -> tuple[float, ...]:
+        try:
+            as_vector(raw, self.dim)
+            return tuple(float(x) for x in raw)
+        except ValueError as err:
+            raise InputError(f"{what}: {err}") from None
+
+    def _read_columns(self, row: Mapping[str, Any]) -> tuple[float, ...] | None:
+        if self.columns is not None:
+            names = list(self.columns)
+        else:
+            p = self.prefix
+            names = [
+                k for _, k in sorted((int(k[len(p) :]), k) for k in row if k.startswith(p) and k[len(p) :].isdigit())
+            ]
+        what = f"columns {names[0]}..{names[-1]}" if names else f"columns {self.prefix}<n>"
+        cells = [row.get(n) for n in names]
+        empty = [n for n, c in zip(names, cells, strict=True) if is_blank(c)]
+        if len(empty) == len(names):
+            return None
+        if empty:
+            raise InputError(f"{what}: cell {empty[0]!r} is empty (a vector is all present or all empty)")
+        for name, cell in zip(names, cells, strict=True):
+            if isinstance(cell, bool) or not is_float(cell):
+                raise InputError(f"{what}: cell {name!r} = {cell!r:.40} is not a number")
+        return self._values([float(c) for c in cells], what)
+
+    def check(self, ref: Hashable) -> str | None:
+        if not isinstance(ref, str):
+            return None
+        try:
+            as_vector(load_npy(ref), self.dim)
+        except ValueError as err:
+            return f"{ref}: {err}"
+        return None
+
+    def load(self, ref: Hashable) -> np.ndarray:
+        raw = load_npy(ref) if isinstance(ref, str) else np.asarray(ref, dtype=np.float32)
+        return as_vector(raw, self.dim)
+
+    def collate(self, items: list[np.ndarray]) -> Arrays:
+        return {self.modality: np.stack(items)}  # (B, E)
+
+
+FEEDS = {"image_file": ImageFeed, "text": TextFeed, "table": TableFeed, "vector": VectorFeed}
