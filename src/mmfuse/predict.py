@@ -58,9 +58,11 @@ class RunInputs:
     """Reading records against a run's inputs and refusing the bad ones (one line each): what both engines share.
 
     Subclasses set `schema` (rows -> records: `row_keys(modality)`, `record(row, where, root, required)`),
-    `modalities`, `trained_for_missing` and `_other_fields`, and implement `_check_inputs`.
+    `modalities`, `trained_for_missing` and `_other_fields`, and implement `_check_inputs`; `root_type` is the
+    `DataRoot` class whose `InputError` their schema turns into a record's one-line error.
     """
 
+    root_type: type = DataRoot
     schema: Any
     modalities: list[str]
     trained_for_missing: bool
@@ -86,7 +88,9 @@ class RunInputs:
         records = records_module()
         before = len(errors) if errors is not None else 0
         header, rows = records.read_rows(path)
-        data_root = DataRoot(Path(root).expanduser() if root is not None else Path(path).parent, allow_outside_root)
+        data_root = self.root_type(
+            Path(root).expanduser() if root is not None else Path(path).parent, allow_outside_root
+        )
         found = records.records_from_rows(
             rows, str(path), self.schema, data_root, required=False, header=header, errors=errors,
             row_check=self.misspelt_field,
@@ -123,7 +127,7 @@ class RunInputs:
             raise records_module().DataError(
                 f"{source}: this run does not read {', '.join(map(repr, unused))}; its inputs: {self.describe_inputs()}"
             )
-        root = DataRoot(Path.cwd(), allow_outside=True)
+        root = self.root_type(Path.cwd(), allow_outside=True)
         return [self.schema.record(dict(fields), source, root, required=False)]
 
     # ------------------------------------------------------------------ checking
@@ -192,8 +196,10 @@ class Predictor(RunInputs):
         import torch
 
         from mmfuse.builders import build_schema, trained_for_missing_inputs
+        from mmfuse.encoders.base import DataRoot as EncoderDataRoot
         from mmfuse.runs import open_run
 
+        self.root_type = EncoderDataRoot  # the encoders' `read` raise their own InputError, which their Schema catches
         run = open_run(run_dir)
         self.model, self.config = run.model, run.config
         self.modalities = list(self.model.encoders)
