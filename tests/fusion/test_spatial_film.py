@@ -36,7 +36,7 @@ def batch_norm(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + 1e-5)
 
 
-def reference(features, w, num_blocks: int, width: int) -> torch.Tensor:
+def reference(features, w, num_blocks: int, width: int, pool: str = "max") -> torch.Tensor:
     image, q = features["image"], features["text"].pooled
     mask = torch.ones(3, 4, dtype=torch.bool) if image.mask is None else image.mask
     tokens = image.tokens * mask.unsqueeze(-1)
@@ -51,8 +51,13 @@ def reference(features, w, num_blocks: int, width: int) -> torch.Tensor:
         beta = film[:, (2 * k + 1) * width : (2 * k + 2) * width, None, None]
         p = torch.relu(conv(torch.cat([x, xy], 1), w, f"blocks.{k}.input_proj"))
         x = p + torch.relu(gamma * batch_norm(conv(p, w, f"blocks.{k}.conv")) + beta)
-    x = torch.relu(conv(torch.cat([x, xy], 1), w, "classifier")).flatten(2)  # (B, K, 4)
+    logits = conv(torch.cat([x, xy], 1), w, "classifier").flatten(2)  # (B, K, 4)
+    x = torch.relu(logits)
     pooled = torch.stack([x[b][:, mask[b]].max(dim=1).values for b in range(3)])
+    if pool == "max_xy":  # each channel's softmax over the real cells, then the mean of their (x, y)
+        cells = torch.tensor([[-1.0, -1], [1, -1], [-1, 1], [1, 1]])  # token 2 i + j: (x = column j, y = row i)
+        where = [torch.softmax(logits[b][:, mask[b]], dim=1) @ cells[mask[b]] for b in range(3)]  # each (K, 2)
+        pooled = torch.cat([pooled, torch.stack(where).flatten(1)], dim=1)
     return pooled @ w["fc.weight"].T + w["fc.bias"]
 
 
@@ -62,12 +67,39 @@ def masked_image(features: dict[str, EncoderOutput]) -> dict[str, EncoderOutput]
     return dict(features, image=EncoderOutput(image.pooled, image.tokens, mask))
 
 
+@pytest.mark.parametrize("pool", ["max", "max_xy"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_golden_value(masked, dims, out_dim, features, fixed_init) -> None:
-    fusion = SpatialFiLMFusion(dims, out_dim, **SMALL)
+def test_golden_value(masked, pool, dims, out_dim, features, fixed_init) -> None:
+    fusion = SpatialFiLMFusion(dims, out_dim, pool=pool, **SMALL)
     w = fixed_init(fusion)
     feats = masked_image(features) if masked else features
-    torch.testing.assert_close(fusion(feats).fused, reference(feats, w, 2, 4))
+    torch.testing.assert_close(fusion(feats).fused, reference(feats, w, 2, 4, pool))
+
+
+def test_max_xy_reads_where_a_channel_fires(dims, out_dim, features) -> None:
+    """A channel that fires on one cell only gives that cell's coordinates; moving the cell moves them."""
+    fusion = SpatialFiLMFusion(dims, out_dim, pool="max_xy", **SMALL)
+    seen = {}
+    fusion.fc.register_forward_pre_hook(lambda _m, args: seen.update(pooled=args[0]))
+    for xy in [(-1.0, -1.0), (1.0, 1.0), (1.0, -1.0)]:  # three corners of the 2 x 2 grid: cells 0, 3 and 1
+        with torch.no_grad():  # channel 0 = 50 (x x_c + y y_c): largest, by far, at the corner (x_c, y_c)
+            fusion.classifier.weight.zero_()
+            fusion.classifier.bias.zero_()
+            fusion.classifier.weight[0, -2] = 50.0 * xy[0]  # the x channel
+            fusion.classifier.weight[0, -1] = 50.0 * xy[1]  # the y channel
+        fusion(features)
+        where = seen["pooled"][:, 5:].view(3, 5, 2)[:, 0]  # (B, 2): channel 0's (x, y)
+        torch.testing.assert_close(where, torch.tensor([xy] * 3), atol=1e-6, rtol=0)
+
+
+def test_max_xy_of_a_sample_without_image_is_zero_and_finite(dims, out_dim, features) -> None:
+    fusion = SpatialFiLMFusion(dims, out_dim, pool="max_xy", **SMALL)
+    image = features["image"]
+    absent = EncoderOutput(image.pooled, image.tokens, torch.tensor([[True] * 4, [False] * 4, [True] * 4]))
+    out = fusion(dict(features, image=absent)).fused
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in fusion.parameters() if p.grad is not None)
 
 
 def test_gamma_and_beta_come_from_the_question(dims, out_dim, features) -> None:
@@ -117,6 +149,7 @@ def test_missing_tokens_name_the_modality(dims, out_dim, features) -> None:
         ({"image": 12, "text": 10, "audio": 6}, {}, "exactly two modalities"),
         ({"image": 12, "text": 10}, {"spatial": "audio"}, "set spatial to one of"),
         ({"image": 12, "text": 10}, {"num_blocks": 0}, "must be >= 1"),
+        ({"image": 12, "text": 10}, {"pool": "mean"}, "spatial_film pool must be one of max, max_xy; got 'mean'"),
     ],
 )
 def test_bad_options_raise(dims, kwargs, match, out_dim) -> None:

@@ -13,6 +13,8 @@ from mmfuse.encoders.base import EncoderOutput
 from mmfuse.fusion.base import FUSIONS, FusionOutput
 from mmfuse.fusion.grid import GridFusion
 
+POOLS = ("max", "max_xy")
+
 
 class FiLMedBlock(nn.Module):
     """`p = relu(conv1x1([x; xy]))`, `out = p + relu(gamma * bn(conv3x3(p)) + beta)` (the official FiLMedResBlock:
@@ -42,8 +44,11 @@ class SpatialFiLMFusion(GridFusion):
     vector, or a GRU over its tokens as in the paper, `fusion/question.py`) by one linear layer
     (`film`: `[dgamma_1, beta_1, ..., dgamma_N, beta_N] = W q + b`, gamma around 1 as in the official code). The
     classifier stem: coordinates, a 1x1 conv to `classifier_channels`, ReLU, global max pooling over real cells, and a
-    linear layer to D_out. Padded or absent cells are zero in the map and left out of the max (a sample without any
-    real cell pools to 0). BatchNorm uses batch statistics in training: there, samples of a batch are not independent.
+    linear layer to D_out. With `pool: max_xy` each of the K channels also gives where it fires: the mean of the
+    cells' coordinates weighted by the softmax over real cells of its pre-ReLU activation (a spatial soft-argmax,
+    Levine et al. 2016), so the linear layer reads `[max_k; x_k; y_k]` (3K) and can compare two objects' positions
+    directly. Padded or absent cells are zero in the map and left out of the max (a sample without any real cell
+    pools to 0). BatchNorm uses batch statistics in training: there, samples of a batch are not independent.
     Exactly two modalities.
 
     Args:
@@ -52,6 +57,7 @@ class SpatialFiLMFusion(GridFusion):
         width: W, the channels of the blocks (the paper: 128).
         num_blocks: N (the paper: 4).
         classifier_channels: K (the paper: 512).
+        pool: "max" (the paper) or "max_xy" (max pooling and each channel's soft-argmax position).
         spatial, grid, question, question_dim: the grid modality, its (h, w), how q is read ("pooled", or "gru": a
             GRU over its tokens, which keeps word order; the paper's question encoder is a GRU): see `GridFusion`.
     """
@@ -63,6 +69,7 @@ class SpatialFiLMFusion(GridFusion):
         width: int = 128,
         num_blocks: int = 4,
         classifier_channels: int = 512,
+        pool: str = "max",
         spatial: str | None = "auto",
         grid: tuple[int, int] | None = None,
         question: str = "pooled",
@@ -71,6 +78,9 @@ class SpatialFiLMFusion(GridFusion):
         super().__init__(input_dims, output_dim, "spatial_film", spatial, grid, question, question_dim)
         if min(width, num_blocks, classifier_channels) < 1:
             raise ValueError("spatial_film width, num_blocks and classifier_channels must be >= 1")
+        if pool not in POOLS:
+            raise ValueError(f"spatial_film pool must be one of {', '.join(POOLS)}; got {pool!r}")
+        self.pool = pool
         self.width, self.num_blocks = width, num_blocks
         # The stem's 1x1 conv over [map; xy], split into the tokens' part (the modality's own) and the coordinates'.
         self.stem = nn.Conv2d(self.input_dims[self.spatial], width, kernel_size=1)
@@ -79,7 +89,7 @@ class SpatialFiLMFusion(GridFusion):
         self.film = nn.Linear(self.reader.output_dim, 2 * width * num_blocks)
         self.blocks = nn.ModuleList(FiLMedBlock(width) for _ in range(num_blocks))
         self.classifier = nn.Conv2d(width + 2, classifier_channels, kernel_size=1)
-        self.fc = nn.Linear(classifier_channels, output_dim)
+        self.fc = nn.Linear(classifier_channels * (3 if pool == "max_xy" else 1), output_dim)
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
         """The stem's conv over the tokens for the spatial modality, the reader and FiLM generator for the question."""
@@ -97,9 +107,14 @@ class SpatialFiLMFusion(GridFusion):
         x = torch.relu(self.stem_norm(self.stem(fmap) + self.stem_xy(coords)))  # (B, W, h, w)
         for k, block in enumerate(self.blocks):
             x = block(x, coords, 1 + film[:, k, 0], film[:, k, 1])
-        x = torch.relu(self.classifier(torch.cat([x, coords], dim=1))).flatten(2)  # (B, K, T)
-        pooled = x.masked_fill(~mask.unsqueeze(1), float("-inf")).amax(dim=2)  # (B, K)
-        pooled = torch.where(mask.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))
+        logits = self.classifier(torch.cat([x, coords], dim=1)).flatten(2)  # (B, K, T), before the ReLU
+        x = torch.relu(logits)
+        real = mask.unsqueeze(1)  # (B, 1, T)
+        pooled = x.masked_fill(~real, float("-inf")).amax(dim=2)  # (B, K)
+        if self.pool == "max_xy":
+            where = torch.softmax(logits.masked_fill(~real, torch.finfo(logits.dtype).min), dim=2) @ xy  # (B, K, 2)
+            pooled = torch.cat([pooled, where.flatten(1)], dim=1)  # (B, 3K)
+        pooled = torch.where(mask.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))  # absent sample: 0
         extras = {"gamma": 1 + film[:, :, 0].flatten(1), "beta": film[:, :, 1].flatten(1)}  # each (B, N * W)
         return FusionOutput(fused=self.fc(pooled), extras=extras)
 
