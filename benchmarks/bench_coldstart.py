@@ -1,4 +1,6 @@
-"""Cold start of `mmfuse predict` on one record, as a ratio to `python -c "import torch"` (any PyTorch tool's floor).
+"""Cold start of `mmfuse predict` on one record, as a ratio to `python -c "import torch"` (any PyTorch tool's floor),
+with each engine: `--engine torch` (the PyTorch model) and `--engine onnx` (the run's ONNX export with onnxruntime,
+without importing torch), and the default (`auto`: onnx when the run holds a current export).
 
 Each command runs as a fresh process, alternately, for `--rounds` rounds (the order rotates each round), so a burst
 of load on this shared machine hits both alike; the figures are medians, and the ratio is given both as the ratio
@@ -8,14 +10,16 @@ against another source tree (e.g. the code before a change, `git archive COMMIT 
 A third command imports only the libraries the built-in run cannot predict without (torch, torchvision, timm,
 transformers' BERT and its tokenizer): what is left above it is mmfuse's own cost (`--no-libraries` skips it).
 
-One more, untimed predict runs under `python -X importtime`: it lists which heavy packages the process imported
-and splits its import time by top-level package (each module's own time, so the packages add up).
+One more, untimed predict per engine runs under `python -X importtime`: it lists which heavy packages the process
+imported and splits its import time by top-level package (each module's own time, so the packages add up).
 
-    PYTHONPATH=src python benchmarks/bench_coldstart.py --run /tmp/coldstart/run --rounds 5
+    PYTHONPATH=src python benchmarks/bench_coldstart.py --run /tmp/coldstart/run --rounds 7 \
+        --out benchmarks/coldstart_results.json
     PYTHONPATH=src python benchmarks/bench_coldstart.py --run /tmp/coldstart/run --baseline-src /tmp/old/src
 
 Without a finished run at `--run`, the built-in run is trained there first, small (`mmfuse train --set
-train.max_epochs=1 --set data.limit=2000`: the same network; a cold start does not depend on its accuracy).
+train.max_epochs=1 --set data.limit=2000`: the same network; a cold start does not depend on its accuracy); without
+a current export in RUN/export, `mmfuse export RUN` writes it.
 The record: an easy-VQA test image (from the `easy_vqa` package) and a question, or `--image`/`--text`.
 """
 
@@ -65,11 +69,18 @@ def _default_image() -> str:
 
 
 def _ensure_run(run: Path) -> None:
-    if (run / "model.safetensors").is_file():
-        return
-    print(f"no finished run at {run}: training the built-in run there (1 epoch, 2000 records)", file=sys.stderr)
-    cmd = ["-m", "mmfuse.cli", "train", "--set", "train.max_epochs=1", "--set", "data.limit=2000", "--out", str(run)]
-    subprocess.run([sys.executable, *cmd], env=_env(SRC), check=True)
+    if not (run / "model.safetensors").is_file():
+        print(f"no finished run at {run}: training the built-in run there (1 epoch, 2000 records)", file=sys.stderr)
+        cmd = "-m mmfuse.cli train --set train.max_epochs=1 --set data.limit=2000 --out".split() + [str(run)]
+        subprocess.run([sys.executable, *cmd], env=_env(SRC), check=True)
+    sys.path.insert(0, str(SRC))
+    from mmfuse.export.runtime import EngineError, read_export
+
+    try:
+        read_export(run)
+    except EngineError as err:
+        print(f"{err}: exporting it (mmfuse export {run})", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "mmfuse.cli", "export", str(run)], env=_env(SRC), check=True)
 
 
 def _import_breakdown(predict: list[str]) -> tuple[float, dict[str, float], list[str]]:
@@ -105,7 +116,10 @@ def main() -> None:
     _ensure_run(args.run)
     predict = ["-m", "mmfuse.cli", "predict", str(args.run), "--image", args.image or _default_image()]
     predict += ["--text", args.text]
-    cases = [('python -c "import torch"', ["-c", "import torch"], SRC), ("mmfuse predict (one record)", predict, SRC)]
+    engines = {e: [*predict, "--engine", e] for e in ("torch", "onnx")}
+    cases = [('python -c "import torch"', ["-c", "import torch"], SRC)]
+    cases += [(f"mmfuse predict --engine {e} (one record)", a, SRC) for e, a in engines.items()]
+    cases.append(("mmfuse predict (one record, default engine: auto)", predict, SRC))
     if not args.no_libraries:
         cases.append(("the run's libraries, imported only", ["-c", LIBRARIES], SRC))
     if args.baseline_src:
@@ -119,12 +133,14 @@ def main() -> None:
             took, code = _time(a, src)
             times[label].append(took)
             codes[label].add(code)
-    wall, own, heavy = _import_breakdown(predict)
+    breakdown = {e: _import_breakdown(a) for e, a in engines.items()}
     load = os.getloadavg()
-    _report(args, cases, times, codes, load_start, load, wall, own, heavy)
+    _report(args, cases, times, codes, load_start, load, breakdown)
     if args.out:
         record = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "load": [load_start, load]}
-        record |= {"times": times, "importtime": {"wall": wall, "own": own, "heavy": heavy}, "argv": sys.argv}
+        record |= {"times": times, "codes": {k: sorted(v) for k, v in codes.items()}, "argv": sys.argv}
+        record["importtime"] = {e: {"wall": w, "own": o, "heavy": h} for e, (w, o, h) in breakdown.items()}
+        record["summary"] = _summary(times)
         args.out.write_text(json.dumps(record, indent=1))
 
 
@@ -132,32 +148,41 @@ def _machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
-def _report(args, cases, times, codes, load_start, load, wall, own, heavy) -> None:  # noqa: ANN001
-    floor = times[cases[0][0]]
+def _summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per command: median wall s, and x `import torch` (ratio of the medians, and median of each round's ratio)."""
+    floor = next(iter(times.values()))
+    return {
+        label: {
+            "median_s": statistics.median(values),
+            "x_import_torch": statistics.median(values) / statistics.median(floor),
+            "x_import_torch_per_round": statistics.median(v / f for v, f in zip(values, floor)),
+        }
+        for label, values in times.items()
+    }
+
+
+def _report(args, cases, times, codes, load_start, load, breakdown) -> None:  # noqa: ANN001
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, {_machine()}, {args.rounds} rounds, load average ", end="")
     print(f"{load_start[0]:.1f}/{load_start[1]:.1f} at the start, {load[0]:.1f}/{load[1]:.1f} at the end\n")
     print("| command | exit code | wall s (median) | range | x import torch (of medians) | x (median per round) |")
     print("|---|---|---|---|---|---|")
-    for label, values in times.items():
-        code = ",".join(map(str, sorted(codes[label])))
-        ratio = statistics.median(values) / statistics.median(floor)
-        per_round = statistics.median(v / f for v, f in zip(values, floor))
+    for label, row in _summary(times).items():
+        code, values = ",".join(map(str, sorted(codes[label]))), times[label]
         print(
-            f"| `{label}` | {code} | {statistics.median(values):.2f} | {min(values):.2f}-{max(values):.2f} | "
-            f"{ratio:.2f} | {per_round:.2f} |"
+            f"| `{label}` | {code} | {row['median_s']:.2f} | {min(values):.2f}-{max(values):.2f} | "
+            f"{row['x_import_torch']:.2f} | {row['x_import_torch_per_round']:.2f} |"
         )
-    total = sum(own.values())
-    print(f"\nOne more predict under `-X importtime` (inflated by it): {wall:.2f} s wall, {total:.2f} s of imports")
-    print(
-        f"(the rest, {wall - total:.2f} s, is work outside import statements: the libraries' own, such as transformers"
-    )
-    print("scanning its model folders for its lazy names, and mmfuse's: reading the run, building, predicting).")
-    print("Heavy packages it imported: " + (", ".join(heavy) or "none"))
-    print("\n| top-level package | own import s |\n|---|---|")
-    top = sorted(own.items(), key=lambda kv: -kv[1])
-    for name, seconds in top[:10]:
-        print(f"| {name} | {seconds:.2f} |")
-    print(f"| (the other {len(top) - 10}) | {sum(s for _, s in top[10:]):.2f} |")
+    for engine, (wall, own, heavy) in breakdown.items():
+        total = sum(own.values())
+        print(f"\n`--engine {engine}` once more under `-X importtime` (inflated by it): {wall:.2f} s wall, ", end="")
+        print(f"{total:.2f} s of imports (the rest, {wall - total:.2f} s, is work outside import statements: the")
+        print("libraries' own, such as transformers scanning its model folders, and mmfuse's: reading the run or its")
+        print("export, building, predicting). Heavy packages it imported: " + (", ".join(heavy) or "none"))
+        print("\n| top-level package | own import s |\n|---|---|")
+        top = sorted(own.items(), key=lambda kv: -kv[1])
+        for name, seconds in top[:10]:
+            print(f"| {name} | {seconds:.2f} |")
+        print(f"| (the other {len(top) - 10}) | {sum(s for _, s in top[10:]):.2f} |")
 
 
 if __name__ == "__main__":
