@@ -175,9 +175,10 @@ def _report(args, cases, times, codes, load_start, load, breakdown) -> None:  # 
     for engine, (wall, own, heavy) in breakdown.items():
         total = sum(own.values())
         print(f"\n`--engine {engine}` once more under `-X importtime` (inflated by it): {wall:.2f} s wall, ", end="")
-        print(f"{total:.2f} s of imports (the rest, {wall - total:.2f} s, is work outside import statements: the")
-        print("libraries' own, such as transformers scanning its model folders, and mmfuse's: reading the run or its")
-        print("export, building, predicting). Heavy packages it imported: " + (", ".join(heavy) or "none"))
+        print(f"{total:.2f} s of imports (the rest, {wall - total:.2f} s, is work outside import statements: reading")
+        print("the run or its export, building the model or the onnxruntime session, predicting, and the libraries'")
+        print("own, such as transformers scanning its model folders). Heavy packages it imported: ", end="")
+        print(", ".join(heavy) or "none")
         print("\n| top-level package | own import s |\n|---|---|")
         top = sorted(own.items(), key=lambda kv: -kv[1])
         for name, seconds in top[:10]:
