@@ -125,6 +125,30 @@ def test_auto_is_the_default_and_runs_a_current_export_without_torch(run: Path) 
     ]  # the same answer per task (the probabilities shown agree to their 3 decimals but for rounding ties)
 
 
+def test_images_of_any_shape_and_mode_are_preprocessed_as_the_torch_engine_does(run: Path, tmp_path: Path) -> None:
+    """Tall, wide and small images (the resize and the centre crop), and the modes the decoder converts."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    pixels = {  # Pillow's modes: RGB, RGBA, L, I;16, RGB
+        "tall.png": rng.integers(0, 256, (37, 23, 3), dtype=np.uint8),
+        "wide.png": rng.integers(0, 256, (19, 50, 4), dtype=np.uint8),
+        "grey.png": rng.integers(0, 256, (64, 33), dtype=np.uint8),
+        "deep.png": rng.integers(0, 4096, (40, 41), dtype=np.uint16),
+        "tiny.jpg": rng.integers(0, 256, (7, 9, 3), dtype=np.uint8),
+    }
+    for name, array in pixels.items():
+        Image.fromarray(array).save(tmp_path / name)
+    rows = [{"image": name, "text": text} for name in pixels for text in ("a square", "is this a square?")]
+    (tmp_path / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["predict", str(run), "--input", str(tmp_path / "images.jsonl"), "--output"]
+    assert cli(*argv, str(tmp_path / "t"), "--engine", "torch")[0] == 0
+    got = fresh([*argv, str(tmp_path / "o"), "--engine", "onnx"], cwd=tmp_path)
+    assert got["rc"] == 0 and got["heavy"] == []
+    assert_same_answers(predictions(tmp_path / "t"), predictions(tmp_path / "o"))
+
+
 def test_bad_records_are_refused_as_the_torch_engine_refuses_them(run: Path, tmp_path: Path) -> None:
     rows = [
         {"image": "images/0.png", "text": "a square"},
