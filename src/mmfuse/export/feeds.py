@@ -45,10 +45,11 @@ class Feed:
         modality: the modality's name (graph inputs are `modality` or `modality.key`).
         pre: its `preprocessing` entry in export.json.
         row_keys: the record fields it reads (`reading.inputs.<modality>.row_keys`).
+        folder: the export folder (files written beside the model, such as a tokenizer).
     """
 
-    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str]) -> None:
-        self.modality, self.pre, self.row_keys = modality, pre, list(row_keys)
+    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str], folder: Path) -> None:
+        self.modality, self.pre, self.row_keys, self.folder = modality, pre, list(row_keys), folder
 
     def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> Hashable | None:
         """The reference in a parsed row, or None when the row lacks the input. Raises InputError (one line)."""
@@ -70,8 +71,8 @@ class Feed:
 class ImageFeed(Feed):
     """An image file: RGB, the shorter side resized to S, centre-cropped to S x S, [0, 1], (x - mean) / std."""
 
-    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str]) -> None:
-        super().__init__(modality, pre, row_keys)
+    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str], folder: Path) -> None:
+        super().__init__(modality, pre, row_keys, folder)
         self.size = int(pre["image_size"])
         self.filter = PIL_FILTERS[pre["interpolation"]]
         self.mean = np.asarray(pre["mean"], np.float32).reshape(3, 1, 1)
@@ -114,7 +115,7 @@ class TextFeed(Feed):
     def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str], folder: Path) -> None:
         from tokenizers import Tokenizer
 
-        super().__init__(modality, pre, row_keys)
+        super().__init__(modality, pre, row_keys, folder)
         self.tokenizer = Tokenizer.from_file(str(folder / pre["tokenizer_file"]))
         truncation, padding = pre["truncation"], pre["padding"]
         self.tokenizer.enable_truncation(
@@ -160,8 +161,8 @@ class TableFeed(Feed):
     """A table row: numeric cells standardised with the training statistics (clamped to +-Z_MAX, 0 where missing),
     categorical cells as indices (0 missing, 1 unknown, 2.. the training vocabulary)."""
 
-    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str]) -> None:
-        super().__init__(modality, pre, row_keys)
+    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str], folder: Path) -> None:
+        super().__init__(modality, pre, row_keys, folder)
         self.numeric, self.categorical = list(pre["numeric"]), list(pre["categorical"])
         self.stats = pre.get("stats") or {}
         vocab = pre.get("categories") or {}
@@ -220,8 +221,8 @@ class TableFeed(Feed):
 class VectorFeed(Feed):
     """A precomputed vector of `dim` numbers: a list in the record, a `.npy` file, or a group of CSV columns."""
 
-    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str]) -> None:
-        super().__init__(modality, pre, row_keys)
+    def __init__(self, modality: str, pre: Mapping[str, Any], row_keys: list[str], folder: Path) -> None:
+        super().__init__(modality, pre, row_keys, folder)
         self.dim, self.columns, self.prefix = int(pre["dim"]), pre.get("columns"), pre.get("prefix")
 
     def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | tuple[float, ...] | None:

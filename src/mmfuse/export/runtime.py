@@ -29,6 +29,7 @@ from mmfuse.export.answers import KINDS, Answers
 from mmfuse.export.feeds import FEEDS, Feed
 from mmfuse.io import sha256_file
 from mmfuse.predict import RunInputs, records_module
+from mmfuse.raw_inputs import InputError
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,7 @@ def build_feeds(path: Path, info: Mapping[str, Any]) -> dict[str, Feed]:
             "or predict with --engine torch"
         )
     for m, how in info["reading"]["inputs"].items():
-        pre, cls = info["preprocessing"][m], FEEDS[how["reads"]]
-        feeds[m] = cls(m, pre, how["row_keys"], path.parent) if how["reads"] == "text" else cls(m, pre, how["row_keys"])
+        feeds[m] = FEEDS[how["reads"]](m, info["preprocessing"][m], how["row_keys"], path.parent)
     return feeds
 
 
@@ -140,8 +140,8 @@ class FeedSchema:
         return self.feeds[modality].row_keys
 
     def record(self, row: Mapping[str, Any], where: str, root: Any, required: bool) -> Any:
-        from mmfuse.raw_inputs import InputError
-
+        """One parsed row -> Record; DataError "WHERE: modality: ..." for a bad value (`required` is not used: a
+        prediction's record may lack inputs)."""
         records = records_module()
         inputs = {}
         for m, feed in self.feeds.items():
