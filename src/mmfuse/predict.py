@@ -14,44 +14,27 @@ when a `Predictor` is built, so the ONNX engine can use `RunInputs` in a process
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import os
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from mmfuse.data.records import DataError, Record, read_rows, records_from_rows
 from mmfuse.raw_inputs import DataRoot
 
 if TYPE_CHECKING:
-    from mmfuse.data.records import Record
     from mmfuse.data.shards import ShardSplit
 
 log = logging.getLogger(__name__)
 
 
 def records_module() -> ModuleType:
-    """`mmfuse.data.records` (standard library only), without running `mmfuse/data/__init__.py` when the package is
-    not imported yet: that file imports the collator and with it torch, which the ONNX engine never imports.
-
-    The module is registered under its own name, so its `DataError` and `Record` are the ones every other layer
-    uses (a later `import mmfuse.data` finds it in `sys.modules`).
-    """
-    name = "mmfuse.data.records"
-    if name in sys.modules or "mmfuse.data" in sys.modules:
-        return importlib.import_module(name)
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "data" / "records.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    """`mmfuse.data.records`, for callers written before `mmfuse.data` imported its names lazily: import it instead
+    (`from mmfuse.data import records`: neither imports torch)."""
+    return importlib.import_module("mmfuse.data.records")
 
 
 class RunInputs:
@@ -85,18 +68,17 @@ class RunInputs:
         errors: list[tuple[str, str]] | None = None,
     ) -> list[Record]:
         """Records of a JSONL/JSON/CSV file; file paths in it are confined to `root` (default: its folder)."""
-        records = records_module()
         before = len(errors) if errors is not None else 0
-        header, rows = records.read_rows(path)
+        header, rows = read_rows(path)
         data_root = self.root_type(
             Path(root).expanduser() if root is not None else Path(path).parent, allow_outside_root
         )
-        found = records.records_from_rows(
+        found = records_from_rows(
             rows, str(path), self.schema, data_root, required=False, header=header, errors=errors,
             row_check=self.misspelt_field,
         )  # fmt: skip
         if not found and (errors is None or len(errors) == before):
-            raise records.DataError(f"{path}: no records to predict (the file is empty or holds only blank lines)")
+            raise DataError(f"{path}: no records to predict (the file is empty or holds only blank lines)")
         return found
 
     def misspelt_field(self, row: Mapping[str, Any]) -> str | None:
@@ -124,7 +106,7 @@ class RunInputs:
         known = {k for keys in self.input_fields.values() for k in keys}
         unused = [f for f in fields if f not in known]
         if unused:
-            raise records_module().DataError(
+            raise DataError(
                 f"{source}: this run does not read {', '.join(map(repr, unused))}; its inputs: {self.describe_inputs()}"
             )
         root = self.root_type(Path.cwd(), allow_outside=True)
@@ -151,7 +133,7 @@ class RunInputs:
             elif skip_bad:
                 bad.append((record.source, problem))
             else:
-                raise records_module().DataError(f"{record.source}: {problem}")
+                raise DataError(f"{record.source}: {problem}")
         if lacking and not self.trained_for_missing:
             log.warning(
                 "%d record(s) lack an input, and the model was trained with every input present: "

@@ -1,31 +1,36 @@
 """Data: records (JSONL/CSV/easy-VQA) read through each modality's encoder, up-front validation, the dataset
-and the batch collator. Nothing here branches on a modality's or a task kind's name."""
+and the batch collator. Nothing here branches on a modality's or a task kind's name.
 
-from mmfuse.data.collate import Collator
-from mmfuse.data.dataset import MultiModalDataset, check_inputs, encode_labels, validate_records
-from mmfuse.data.records import (
-    DataError,
-    Record,
-    Schema,
-    default_group_by,
-    load_record_splits,
-    read_records,
-    shared_inputs,
-    split_records,
-)
+The names below are imported on first use, so `mmfuse.data.records` (standard library only) can be imported
+without torch, which the collator and the dataset import (the ONNX predict engine never imports torch); the same
+pattern as `mmfuse/__init__.py`.
+"""
 
-__all__ = [
-    "Collator",
-    "DataError",
-    "MultiModalDataset",
-    "Record",
-    "Schema",
-    "check_inputs",
-    "default_group_by",
-    "encode_labels",
-    "load_record_splits",
-    "read_records",
-    "shared_inputs",
-    "split_records",
-    "validate_records",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Collator": "mmfuse.data.collate",
+    "MultiModalDataset": "mmfuse.data.dataset",
+    "check_inputs": "mmfuse.data.dataset",
+    "encode_labels": "mmfuse.data.dataset",
+    "validate_records": "mmfuse.data.dataset",
+    "DataError": "mmfuse.data.records",
+    "Record": "mmfuse.data.records",
+    "Schema": "mmfuse.data.records",
+    "default_group_by": "mmfuse.data.records",
+    "load_record_splits": "mmfuse.data.records",
+    "read_records": "mmfuse.data.records",
+    "shared_inputs": "mmfuse.data.records",
+    "split_records": "mmfuse.data.records",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mmfuse.data' has no attribute {name!r}")
