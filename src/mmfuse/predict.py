@@ -41,11 +41,9 @@ class RunInputs:
     """Reading records against a run's inputs and refusing the bad ones (one line each): what both engines share.
 
     Subclasses set `schema` (rows -> records: `row_keys(modality)`, `record(row, where, root, required)`),
-    `modalities`, `trained_for_missing` and `_other_fields`, and implement `_check_inputs`; `root_type` is the
-    `DataRoot` class whose `InputError` their schema turns into a record's one-line error.
+    `modalities`, `trained_for_missing` and `_other_fields`, and implement `_check_inputs`.
     """
 
-    root_type: type = DataRoot
     schema: Any
     modalities: list[str]
     trained_for_missing: bool
@@ -70,9 +68,7 @@ class RunInputs:
         """Records of a JSONL/JSON/CSV file; file paths in it are confined to `root` (default: its folder)."""
         before = len(errors) if errors is not None else 0
         header, rows = read_rows(path)
-        data_root = self.root_type(
-            Path(root).expanduser() if root is not None else Path(path).parent, allow_outside_root
-        )
+        data_root = DataRoot(Path(root).expanduser() if root is not None else Path(path).parent, allow_outside_root)
         found = records_from_rows(
             rows, str(path), self.schema, data_root, required=False, header=header, errors=errors,
             row_check=self.misspelt_field,
@@ -109,7 +105,7 @@ class RunInputs:
             raise DataError(
                 f"{source}: this run does not read {', '.join(map(repr, unused))}; its inputs: {self.describe_inputs()}"
             )
-        root = self.root_type(Path.cwd(), allow_outside=True)
+        root = DataRoot(Path.cwd(), allow_outside=True)
         return [self.schema.record(dict(fields), source, root, required=False)]
 
     # ------------------------------------------------------------------ checking
@@ -178,10 +174,8 @@ class Predictor(RunInputs):
         import torch
 
         from mmfuse.builders import build_schema, trained_for_missing_inputs
-        from mmfuse.encoders.base import DataRoot as EncoderDataRoot
         from mmfuse.runs import open_run
 
-        self.root_type = EncoderDataRoot  # the encoders' `read` raise their own InputError, which their Schema catches
         run = open_run(run_dir)
         self.model, self.config = run.model, run.config
         self.modalities = list(self.model.encoders)

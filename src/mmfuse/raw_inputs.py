@@ -2,24 +2,27 @@
 vectors and texts, each refused in one line.
 
 These are the data-side rules of the encoders (`encoders/base.py`, `image_common.py`, `tabular.py`, `embedding.py`,
-`hf_text.py`), written with the standard library, numpy and PIL only, so that the ONNX predict engine
-(`mmfuse.export.runtime`) reads records exactly as the encoders do without importing torch. They are the same code
-as the encoders' (moved, not rewritten); the encoders are meant to import them from here (one copy).
+`hf_text.py`), written with the standard library, numpy and PIL only (PIL imported when an image is read), so that
+the ONNX predict engine (`mmfuse.export.feeds`) reads records exactly as the encoders do without importing torch.
+This file is their one copy: the encoders import them from here.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmfuse.files import NotRegularFileError, open_regular
 from mmfuse.text import is_blank, one_line
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MAX_NAME_BYTES = 255  # a longer file or folder name cannot exist on common file systems
 MAX_PATH_BYTES = 4096
@@ -78,7 +81,7 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def field_value(row: Any, field: str) -> Any:
+def field_value(row: Mapping[str, Any], field: str) -> Any:
     """The value of `field` in a parsed row; None when the key is absent, null, or an empty/blank string."""
     value = row.get(field)
     return None if is_blank(value) else value
@@ -107,7 +110,7 @@ def _unit_scale(values: np.ndarray, mode: str) -> np.ndarray:
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
-def to_rgb_image(raw: Any) -> Any:
+def to_rgb_image(raw: Any) -> Image.Image:
     """A PIL image, an image file path or an (H, W[, C]) uint8 array, as an upright 8-bit RGB PIL image.
 
     EXIF orientation is applied. Every mode PNG, TIFF and JPEG files carry converts: 1, L, LA, P, PA, RGB,

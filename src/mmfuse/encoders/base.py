@@ -22,16 +22,15 @@ learns options from the training split (standardisation statistics, vocabularies
 the run's resolved config, so the config alone rebuilds the same encoder.
 
 The data-side methods run in DataLoader worker processes and in threads: they must not use or change the
-network's weights, and they must only read files under the data root (`DataRoot.resolve`).
+network's weights, and they must only read files under the data root (`DataRoot.resolve`). `DataRoot`, `InputError`
+and `field_value` live in `mmfuse.raw_inputs` (torch-free, shared with the ONNX engine) and are imported here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,71 +38,10 @@ from torch import nn
 
 from mmfuse.assets import module_sha256
 from mmfuse.io import sha256_file, sha256_text
+from mmfuse.raw_inputs import DataRoot, InputError, field_value
 from mmfuse.registry import Registry
-from mmfuse.text import is_blank
 
 ENCODERS: Registry[type[Encoder]] = Registry("encoder")
-
-MAX_NAME_BYTES = 255  # a longer file or folder name cannot exist on common file systems
-MAX_PATH_BYTES = 4096
-
-
-class InputError(ValueError):
-    """A bad input reference, as one line without the file and row (the data layer adds "FILE:ROW: ")."""
-
-
-@dataclass(frozen=True)
-class DataRoot:
-    """The folder that file references in records are resolved against and confined to.
-
-    Args:
-        path: the data folder (relative references are joined to it).
-        allow_outside: also accept absolute paths, `~` and `..` that leave the folder (`data.allow_outside_root`).
-    """
-
-    path: Path
-    allow_outside: bool = False
-
-    def resolve(self, value: str, what: str = "file") -> str:
-        """A record's file reference -> an absolute, normalised path inside the data folder.
-
-        Raises:
-            InputError: for an absolute path, `~` or `..` that leaves the folder (unless `allow_outside`),
-                a name over 255 bytes, a NUL byte.
-        """
-        text = value.strip()
-        if "\x00" in text:
-            raise InputError(f"{what} path {text[:60]!r} contains a NUL byte")
-        encoded = os.fsencode(text) if _encodable(text) else None
-        if encoded is None:
-            raise InputError(f"{what} path {text[:60]!r} is not valid UTF-8 (a lone surrogate)")
-        if len(encoded) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")):
-            raise InputError(f"{what} path {text[:60]!r}... is too long (a name over {MAX_NAME_BYTES} bytes)")
-        root = os.path.abspath(self.path)
-        if self.allow_outside:
-            return os.path.normpath(os.path.join(root, os.path.expanduser(text)))
-        # Lexical confinement (as werkzeug's safe_join): links that the user placed in the folder are followed.
-        full = os.path.normpath(os.path.join(root, text))
-        if text.startswith("~") or os.path.commonpath([root, full]) != root:
-            raise InputError(
-                f"{what} path {text[:80]!r} is outside the data folder {root} "
-                "(set data.allow_outside_root: true to allow it)"
-            )
-        return full
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def field_value(row: Mapping[str, Any], field: str) -> Any:
-    """The value of `field` in a parsed row; None when the key is absent, null, or an empty/blank string."""
-    value = row.get(field)
-    return None if is_blank(value) else value
 
 
 def hash_value(value: Any) -> str:

@@ -4,45 +4,24 @@ Shapes: B batch, E input vector size (`dim`), D output size (`project`, or E wit
 
 A record's vector is a list of numbers (JSONL), a `.npy` file under the data root, or a group of CSV
 columns (`columns: [e0, e1, ...]` or `prefix: e`). It goes through an optional projection
-(Linear, then LayerNorm if asked) or through unchanged.
+(Linear, then LayerNorm if asked) or through unchanged. Reading a vector (`as_vector`, `load_npy`) is in
+`mmfuse.raw_inputs`, shared with the ONNX engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError, hash_file, hash_value
-from mmfuse.files import NotRegularFileError, open_regular
-from mmfuse.text import is_blank, one_line
+from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput, hash_file, hash_value
+from mmfuse.raw_inputs import DataRoot, InputError, as_vector, is_float, load_npy
+from mmfuse.text import is_blank
 
 VectorRef = str | tuple[float, ...]  # an absolute .npy path, or the vector's values
-
-
-def as_vector(raw: Any, dim: int) -> np.ndarray:
-    """A sequence of numbers or an array -> a float32 (dim,) array.
-
-    Raises:
-        ValueError: one line saying what is wrong (not numbers, wrong length, a non-finite value).
-    """
-    if isinstance(raw, str | bytes) or not isinstance(raw, Sequence | np.ndarray | torch.Tensor):
-        raise ValueError(f"expected a vector of {dim} numbers, got {type(raw).__name__}")
-    if isinstance(raw, Sequence) and any(isinstance(x, bool) or not isinstance(x, int | float) for x in raw):
-        raise ValueError(f"expected a vector of {dim} numbers, got a list holding non-numbers")
-    array = np.asarray(raw.detach().cpu().numpy() if isinstance(raw, torch.Tensor) else raw)
-    if array.dtype.kind not in "iuf":
-        raise ValueError(f"expected a vector of {dim} numbers, got an array of dtype {array.dtype}")
-    if array.ndim != 1 or array.shape[0] != dim:
-        raise ValueError(f"expected a vector of {dim} numbers, got shape {tuple(array.shape)}")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        bad = int(np.flatnonzero(~np.isfinite(array))[0])
-        raise ValueError(f"vector element {bad} is {array[bad]} (not finite)")
-    return array
 
 
 @ENCODERS.register("embedding")
@@ -144,7 +123,7 @@ class EmbeddingEncoder(Encoder):
             raise InputError(f"{what}: cell {empty[0]!r} is empty (a vector is all present or all empty)")
         numbers = []
         for name, cell in zip(names, cells, strict=True):
-            if isinstance(cell, bool) or not _is_float(cell):
+            if isinstance(cell, bool) or not is_float(cell):
                 raise InputError(f"{what}: cell {name!r} = {cell!r:.40} is not a number")
             numbers.append(float(cell))
         return self._values(numbers, what)
@@ -154,27 +133,14 @@ class EmbeddingEncoder(Encoder):
         if not isinstance(ref, str):
             return None
         try:
-            as_vector(self._load_npy(ref), self.dim)
+            as_vector(load_npy(ref), self.dim)
         except ValueError as err:
             return f"{ref}: {err}"
         return None
 
-    @staticmethod
-    def _load_npy(path: str) -> np.ndarray:
-        """Read a `.npy` file strictly: the npy format only (no zip archives), never unpickling objects."""
-        try:
-            with open_regular(path) as f:  # a FIFO or a device is refused, never waited on
-                return np.lib.format.read_array(f, allow_pickle=False)
-        except FileNotFoundError:
-            raise ValueError("file not found") from None
-        except NotRegularFileError as err:
-            raise ValueError(str(err).replace(f"file {path} is", "the file is")) from None
-        except (OSError, EOFError, ValueError) as err:
-            raise ValueError(f"not a readable .npy array ({one_line(err, 100)})") from None
-
     def load(self, ref: Hashable) -> np.ndarray:
         """Reference -> the vector as an array."""
-        return self._load_npy(ref) if isinstance(ref, str) else np.asarray(ref, dtype=np.float32)
+        return load_npy(ref) if isinstance(ref, str) else np.asarray(ref, dtype=np.float32)
 
     def content_hash(self, ref: Hashable) -> str:
         """A `.npy` file's bytes, or the values."""
@@ -204,11 +170,3 @@ class EmbeddingEncoder(Encoder):
             f"{type(self).__name__}:dim={self.dim}:out={self.output_dim}:proj={type(self.proj).__name__}:"
             f"norm={type(self.norm).__name__}:weights={self.weights_identity()}"
         )
-
-
-def _is_float(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from mmfuse.assets import dir_sha256, minilm_dir, module_sha256, unsafe_pickle_message
-from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError, field_value
+from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
 from mmfuse.files import NotRegularFileError, check_folder
 from mmfuse.fusion.attention import masked_mean
+from mmfuse.raw_inputs import DataRoot, InputError, field_value, text_problem
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +76,6 @@ def _build_tokenizer(directory: Path) -> Any:
     if not tokenizer.is_fast:
         logger.warning("no fast tokenizer in %s; using the slow one", directory)
     return tokenizer
-
-
-def text_problem(text: str) -> str | None:
-    """None when `text` is valid Unicode text, else why not (a lone surrogate: no tokenizer takes it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return f"text has an invalid character {text[err.start]!r} (a lone surrogate) at position {err.start}"
-    return None
 
 
 @ENCODERS.register("hf_text")

@@ -1,4 +1,5 @@
-"""Image preprocessing and token helpers shared by the image encoders.
+"""Image preprocessing and token helpers shared by the image encoders (decoding and checking an image file,
+`to_rgb_image` and `check_image`, are in `mmfuse.raw_inputs`, shared with the ONNX engine).
 
 Shapes: B batch, C channels, H/W image or feature-map size, T = h*w spatial tokens.
 """
@@ -6,82 +7,21 @@ Shapes: B batch, C channels, H/W image or feature-map size, T = h*w spatial toke
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
 from mmfuse.assets import file_sha256, module_sha256
-from mmfuse.encoders.base import DataRoot, Encoder, InputError, field_value, hash_file
-from mmfuse.files import NotRegularFileError, open_regular
+from mmfuse.encoders.base import Encoder, hash_file
+from mmfuse.raw_inputs import DataRoot, InputError, check_image, field_value, to_rgb_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Milder than the ImageNet default (0.08, 1): small datasets and small objects survive the crop.
 AUGMENT_SCALE = (0.5, 1.0)
-
-
-_HIGH_DEPTH = ("I", "F")  # 32-bit integer and float images (16-bit modes "I;16*" open as these or convert to "I")
-
-
-def _unit_scale(values: np.ndarray, mode: str) -> np.ndarray:
-    """High-depth pixel values -> [0, 1]: by the mode's range when it is known, else by the data's own range.
-
-    "I;16*" is 16-bit. For "I" and "F" the range is read off the values: within [0, 1] (float) is taken as
-    is, within [0, 255] as 8-bit, within [0, 65535] as 16-bit; anything else (negative, larger) is stretched
-    from its minimum to its maximum. NaN and infinities become 0.
-    """
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    if mode.startswith("I;16"):
-        return values / 65535.0
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if low >= 0 and high <= 1 and mode == "F":
-        return values
-    for top in (255.0, 65535.0):
-        if low >= 0 and high <= top:
-            return values / top
-    return (values - low) / (high - low) if high > low else np.zeros_like(values)
-
-
-def to_rgb_image(raw: Any) -> Image.Image:
-    """A PIL image, an image file path or an (H, W[, C]) uint8 array, as an upright 8-bit RGB PIL image.
-
-    EXIF orientation is applied. Every mode PNG, TIFF and JPEG files carry converts: 1, L, LA, P, PA, RGB,
-    RGBA, CMYK, YCbCr as Pillow converts them (alpha dropped), and 16-bit, 32-bit integer and float images
-    (I;16, I, F) scaled to 8 bits by their range (`_unit_scale`), not clipped.
-    """
-    if isinstance(raw, (str, Path)):
-        with open_regular(raw, "image") as f, Image.open(f) as img:  # a FIFO or a device is refused, not read
-            return to_rgb_image(img)
-    if isinstance(raw, np.ndarray):
-        raw = Image.fromarray(raw)
-    if not isinstance(raw, Image.Image):
-        raise TypeError(f"expected a PIL image, an image path or a uint8 array, got {type(raw).__name__}")
-    image = ImageOps.exif_transpose(raw) or raw
-    if image.mode.startswith("I;16") or image.mode in _HIGH_DEPTH:
-        unit = _unit_scale(np.asarray(image), image.mode)
-        image = Image.fromarray(np.round(unit * 255.0).clip(0, 255).astype(np.uint8), "L")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def check_image(path: str) -> str | None:
-    """None if `path` is an image file that decodes fully (and converts to RGB), else the reason it is not."""
-    p = Path(path)
-    try:
-        with open_regular(p, "image") as f, Image.open(f) as im:
-            im.load()
-            to_rgb_image(im)
-    except FileNotFoundError:
-        return f"image {p.name!r} not found (looked in {p.parent})"
-    except NotRegularFileError as err:
-        return f"image {p.name!r} is {str(err).rpartition(' is ')[2]} (looked in {p.parent})"
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        return f"image {p.name!r} cannot be decoded ({type(err).__name__}: {str(err)[:120]}) at {p}"
-    return None
 
 
 class ImagePreprocessor:

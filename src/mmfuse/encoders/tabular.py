@@ -14,7 +14,9 @@ pre-norm transformer layers mix the columns; the [CLS] output is the pooled vect
 
 The statistics and vocabularies are options of the encoder (`stats: {col: {mean, std}}`,
 `categories: {col: [values]}`): `fit` learns them from the training split and the builder writes them
-into the run's resolved config, so the config alone rebuilds exactly this encoder.
+into the run's resolved config, so the config alone rebuilds exactly this encoder. The cell rules (`parse_number`,
+`category_key`, `Z_MAX`, the indices `MISSING`, `UNKNOWN`, `FIRST`) are in `mmfuse.raw_inputs`, shared with the ONNX
+engine.
 """
 
 from __future__ import annotations
@@ -27,58 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmfuse.encoders.base import ENCODERS, DataRoot, Encoder, EncoderOutput, InputError
-from mmfuse.text import is_blank
-
-MISSING, UNKNOWN, FIRST = 0, 1, 2  # categorical indices: missing cell, unseen value, first vocabulary entry
-
-
-def is_missing(value: Any) -> bool:
-    """None, an empty or blank string, and float NaN are missing cells."""
-    return is_blank(value) or (isinstance(value, float) and math.isnan(value))
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # larger cells would overflow the encoder's float32 inputs
-# |z| of a numeric cell, in training standard deviations: beyond it a record is refused (a fitted encoder's `read`),
-# and `preprocess` clamps to it. A training split of n rows never holds |z| > sqrt(n - 1), so 1e3 refuses nothing
-# a training set of under a million rows could contain, while z * W stays far from float16/float32 overflow.
-Z_MAX = 1e3
-
-
-def parse_number(value: Any, column: str) -> float | None:
-    """One numeric cell -> a finite float, or None when missing.
-
-    Raises:
-        ValueError: (one line naming the column) for text that is not a number, a bool, or an infinite value.
-    """
-    if is_missing(value):
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"column {column!r}: expected a number, got {type(value).__name__} {value!r:.40}")
-    if isinstance(value, int) and abs(value) > FLOAT32_MAX:  # before str()/float() of a huge int
-        raise ValueError(f"column {column!r}: an integer of {value.bit_length()} bits is too large for float32")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"column {column!r}: {value!r:.40} is not a number") from None
-    if math.isnan(number):
-        return None
-    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
-        raise ValueError(f"column {column!r}: {value!r:.40} is not a finite number in float32's range")
-    return number
-
-
-def category_key(value: Any, column: str) -> str | None:
-    """One categorical cell -> its vocabulary key, or None when missing; 3, 3.0 and "3" are the same key."""
-    if is_missing(value):
-        return None
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if not isinstance(value, str | int | float):
-        raise ValueError(f"column {column!r}: expected a category (text or number), got {type(value).__name__}")
-    return str(value).strip()
+from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
+from mmfuse.raw_inputs import FIRST, MISSING, UNKNOWN, Z_MAX, DataRoot, InputError, category_key, clamp_z, parse_number
 
 
 def fit_table(
@@ -293,7 +245,7 @@ class TabularEncoder(Encoder):
         """
         stats = self.stats or {}
         values = [parse_number(raw.get(c), c) for c in self.numeric_columns]
-        z = [0.0 if v is None or c not in stats else _clamp((v - stats[c]["mean"]) / stats[c]["std"])
+        z = [0.0 if v is None or c not in stats else clamp_z((v - stats[c]["mean"]) / stats[c]["std"])
              for c, v in zip(self.numeric_columns, values, strict=True)]  # fmt: skip
         lookup = self._lookup()
         codes = []
@@ -345,10 +297,6 @@ class TabularEncoder(Encoder):
             f"{type(self).__name__}:options={self.options()}:columns={self.numeric_columns}+{self.categorical_columns}"
             f":dim={self.output_dim}:layers={self.layers_n}:weights={self.weights_identity()}"
         )
-
-
-def _clamp(z: float) -> float:
-    return max(-Z_MAX, min(Z_MAX, z))
 
 
 def _for_columns(values: Mapping[str, Any] | None, columns: list[str], key: str, kind: str) -> dict[str, Any] | None:
