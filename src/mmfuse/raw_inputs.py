@@ -151,6 +151,16 @@ def check_image(path: str) -> str | None:
     return None
 
 
+def read_image_path(row: Mapping[str, Any], field: str, root: DataRoot) -> str | None:
+    """The image file's absolute path, confined to the data folder; None when the field is null or empty."""
+    value = field_value(row, field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"field {field!r} must be an image path, got {type(value).__name__} {value!r:.40}")
+    return root.resolve(value, "image")
+
+
 # ---------------------------------------------------------------------- texts
 def text_problem(text: str) -> str | None:
     """None when `text` is valid Unicode text, else why not (a lone surrogate: no tokenizer takes it)."""
@@ -159,6 +169,28 @@ def text_problem(text: str) -> str | None:
     except UnicodeEncodeError as err:
         return f"text has an invalid character {text[err.start]!r} (a lone surrogate) at position {err.start}"
     return None
+
+
+def read_text(row: Mapping[str, Any], field: str) -> str | None:
+    """The stripped text; None when the field is null or blank."""
+    value = field_value(row, field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"text field {field!r} must be a string, got {type(value).__name__} {value!r:.40}")
+    problem = text_problem(value)
+    if problem:
+        raise InputError(problem)
+    return value.strip()
+
+
+def check_text(ref: Any) -> str | None:
+    """None when `ref` is a non-empty, valid text, else why not."""
+    if not isinstance(ref, str):
+        return f"text must be a string, got {type(ref).__name__}"
+    if not ref.strip():
+        return "text is empty or missing"
+    return text_problem(ref)
 
 
 # ---------------------------------------------------------------------- table cells
@@ -216,6 +248,73 @@ def clamp_z(z: float) -> float:
     return max(-Z_MAX, min(Z_MAX, z))
 
 
+Stats = Mapping[str, Mapping[str, float]]  # {numeric column: {"mean", "std"}} of the training split
+Cells = tuple[float | str | None, ...]  # a row's cells: numeric columns (floats), then categorical ones (keys)
+
+
+def read_cells(
+    row: Mapping[str, Any], field: str, numeric: Sequence[str], categorical: Sequence[str], stats: Stats
+) -> Cells | None:
+    """The row's cells (numbers parsed, categories as keys, None where missing), or None when every cell is
+    missing. The cells come from `row[field]` when that is an object, else from the row.
+
+    Raises:
+        InputError: a bad cell, an object without any of the columns, or (with `stats`) a numeric cell more than
+            `Z_MAX` training standard deviations from the mean.
+    """
+    nested = row.get(field)
+    source = nested if isinstance(nested, Mapping) else row
+    if isinstance(nested, Mapping) and nested and not any(c in nested for c in (*numeric, *categorical)):
+        columns = ", ".join((*numeric, *categorical))
+        raise InputError(f"field {field!r} holds an object without any of the columns {columns}")
+    try:
+        cells = tuple(parse_number(source.get(c), c) for c in numeric) + tuple(
+            category_key(source.get(c), c) for c in categorical
+        )
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    _check_range(cells, numeric, stats)
+    return None if all(c is None for c in cells) else cells
+
+
+def _check_range(cells: Cells, numeric: Sequence[str], stats: Stats) -> None:
+    for col, value in zip(numeric, cells, strict=False):
+        stat = stats.get(col)
+        if stat is None or value is None:
+            continue
+        z = (float(value) - stat["mean"]) / stat["std"]
+        if abs(z) > Z_MAX:
+            raise InputError(
+                f"column {col!r}: {value:g} is {abs(z):.3g} standard deviations from the training mean "
+                f"({stat['mean']:.6g}, std {stat['std']:.6g}); the model answers within {Z_MAX:g}"
+            )
+
+
+def vocab_lookup(vocab: Mapping[str, Sequence[str]]) -> dict[str, dict[str, int]]:
+    """{column: its training vocabulary} -> {column: {key: index}}, the first entry at `FIRST`."""
+    return {c: {v: FIRST + i for i, v in enumerate(vocab.get(c, []))} for c in vocab}
+
+
+def table_codes(
+    row: Mapping[str, Any],
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    stats: Stats,
+    lookup: Mapping[str, Mapping[str, int]],
+) -> tuple[list[float], list[bool], list[int]]:
+    """One row `{column: cell}` -> (z, present, codes): numeric (N,) standardised values in float64, clamped to
+    +-`Z_MAX` (0 where missing or without statistics), (N,) whether each numeric cell is present, categorical (C,)
+    indices (`MISSING`, `UNKNOWN`, `FIRST`.. the vocabulary, `lookup` from `vocab_lookup`)."""
+    values = [parse_number(row.get(c), c) for c in numeric]
+    z = [0.0 if v is None or c not in stats else clamp_z((v - stats[c]["mean"]) / stats[c]["std"])
+         for c, v in zip(numeric, values, strict=True)]  # fmt: skip
+    codes = []
+    for col in categorical:
+        key = category_key(row.get(col), col)
+        codes.append(MISSING if key is None else lookup.get(col, {}).get(key, UNKNOWN))
+    return z, [v is not None for v in values], codes
+
+
 # ---------------------------------------------------------------------- vectors
 def as_vector(raw: Any, dim: int) -> np.ndarray:
     """A sequence of numbers or an array (a torch tensor too) -> a float32 (dim,) array.
@@ -264,3 +363,77 @@ def is_float(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+VectorRef = str | tuple[float, ...]  # an absolute .npy path, or the vector's values
+
+
+def read_vector(
+    row: Mapping[str, Any],
+    field: str,
+    root: DataRoot,
+    dim: int,
+    columns: Sequence[str] | None = None,
+    prefix: str | None = None,
+) -> VectorRef | None:
+    """A list of numbers -> its values; a string -> the `.npy` path under the data root; a column group (`columns`,
+    or every column named `prefix` + a number, by that number) -> its cells as numbers. None when the vector is
+    missing (null, empty, or every cell of the group empty).
+
+    Raises:
+        InputError: one line naming the field or the columns.
+    """
+    if columns is not None or prefix is not None:
+        return _read_vector_columns(row, dim, columns, prefix or "")
+    value = row.get(field)
+    if is_blank(value):
+        return None
+    if isinstance(value, str):
+        path = root.resolve(value, "embedding")
+        if not path.lower().endswith(".npy"):
+            raise InputError(f"field {field!r}: {value.strip()[:80]!r} is not a .npy file (give a list of numbers)")
+        return path
+    if not isinstance(value, list):
+        raise InputError(f"field {field!r}: expected {dim} numbers or a .npy path, got {type(value).__name__}")
+    return _vector_values(value, dim, f"field {field!r}")
+
+
+def _vector_values(raw: Any, dim: int, what: str) -> tuple[float, ...]:
+    try:
+        as_vector(raw, dim)  # validates; the reference keeps the numbers as given (float64)
+        return tuple(float(x) for x in raw)
+    except ValueError as err:
+        raise InputError(f"{what}: {err}") from None
+
+
+def _read_vector_columns(
+    row: Mapping[str, Any], dim: int, columns: Sequence[str] | None, prefix: str
+) -> tuple[float, ...] | None:
+    if columns is not None:
+        names = list(columns)
+    else:
+        numbered = [(int(k[len(prefix) :]), k) for k in row if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+        names = [k for _, k in sorted(numbered)]
+    what = f"columns {names[0]}..{names[-1]}" if names else f"columns {prefix}<n>"
+    cells = [row.get(n) for n in names]
+    empty = [n for n, c in zip(names, cells, strict=True) if is_blank(c)]
+    if len(empty) == len(names):
+        return None
+    if empty:
+        raise InputError(f"{what}: cell {empty[0]!r} is empty (a vector is all present or all empty)")
+    for name, cell in zip(names, cells, strict=True):
+        if isinstance(cell, bool) or not is_float(cell):
+            raise InputError(f"{what}: cell {name!r} = {cell!r:.40} is not a number")
+    return _vector_values([float(c) for c in cells], dim, what)
+
+
+def check_vector(ref: Any, dim: int) -> str | None:
+    """A `.npy` path: None when the file holds a numeric (dim,) array of finite values, loadable without pickle,
+    else "PATH: why not". The values of a list were checked by `read_vector`: None."""
+    if not isinstance(ref, str):
+        return None
+    try:
+        as_vector(load_npy(ref), dim)
+    except ValueError as err:
+        return f"{ref}: {err}"
+    return None

@@ -18,10 +18,7 @@ import torch
 from torch import nn
 
 from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput, hash_file, hash_value
-from mmfuse.raw_inputs import DataRoot, InputError, as_vector, is_float, load_npy
-from mmfuse.text import is_blank
-
-VectorRef = str | tuple[float, ...]  # an absolute .npy path, or the vector's values
+from mmfuse.raw_inputs import DataRoot, VectorRef, as_vector, check_vector, load_npy, read_vector
 
 
 @ENCODERS.register("embedding")
@@ -81,62 +78,11 @@ class EmbeddingEncoder(Encoder):
     def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> VectorRef | None:
         """A list of numbers -> its values; a string -> the `.npy` path under the data root; a column group ->
         its cells as numbers. None when the vector is missing (null, empty, or every cell of the group empty)."""
-        if self.columns is not None or self.prefix is not None:
-            return self._read_columns(row)
-        value = row.get(field)
-        if is_blank(value):
-            return None
-        if isinstance(value, str):
-            path = root.resolve(value, "embedding")
-            if not path.lower().endswith(self.file_suffixes):
-                raise InputError(f"field {field!r}: {value.strip()[:80]!r} is not a .npy file (give a list of numbers)")
-            return path
-        if not isinstance(value, list):
-            raise InputError(f"field {field!r}: expected {self.dim} numbers or a .npy path, got {type(value).__name__}")
-        return self._values(value, f"field {field!r}")
-
-    def _values(self, raw: Any, what: str) -> tuple[float, ...]:
-        try:
-            as_vector(raw, self.dim)  # validates; the reference keeps the numbers as given (float64)
-            return tuple(float(x) for x in raw)
-        except ValueError as err:
-            raise InputError(f"{what}: {err}") from None
-
-    def _group(self, row: Mapping[str, Any]) -> list[str]:
-        if self.columns is not None:
-            return list(self.columns)
-        numbered = [
-            (int(k[len(self.prefix) :]), k)
-            for k in row
-            if k.startswith(self.prefix) and k[len(self.prefix) :].isdigit()
-        ]
-        return [k for _, k in sorted(numbered)]
-
-    def _read_columns(self, row: Mapping[str, Any]) -> tuple[float, ...] | None:
-        names = self._group(row)
-        what = f"columns {names[0]}..{names[-1]}" if names else f"columns {self.prefix}<n>"
-        cells = [row.get(n) for n in names]
-        empty = [n for n, c in zip(names, cells, strict=True) if is_blank(c)]
-        if len(empty) == len(names):
-            return None
-        if empty:
-            raise InputError(f"{what}: cell {empty[0]!r} is empty (a vector is all present or all empty)")
-        numbers = []
-        for name, cell in zip(names, cells, strict=True):
-            if isinstance(cell, bool) or not is_float(cell):
-                raise InputError(f"{what}: cell {name!r} = {cell!r:.40} is not a number")
-            numbers.append(float(cell))
-        return self._values(numbers, what)
+        return read_vector(row, field, root, self.dim, self.columns, self.prefix)
 
     def check(self, ref: Hashable) -> str | None:
         """A `.npy` path: the file must hold a numeric (dim,) array of finite values, loadable without pickle."""
-        if not isinstance(ref, str):
-            return None
-        try:
-            as_vector(load_npy(ref), self.dim)
-        except ValueError as err:
-            return f"{ref}: {err}"
-        return None
+        return check_vector(ref, self.dim)
 
     def load(self, ref: Hashable) -> np.ndarray:
         """Reference -> the vector as an array."""

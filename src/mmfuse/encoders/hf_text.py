@@ -20,7 +20,7 @@ from mmfuse.assets import dir_sha256, minilm_dir, module_sha256, unsafe_pickle_m
 from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
 from mmfuse.files import NotRegularFileError, check_folder
 from mmfuse.fusion.attention import masked_mean
-from mmfuse.raw_inputs import DataRoot, InputError, field_value, text_problem
+from mmfuse.raw_inputs import DataRoot, check_text, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -153,22 +153,10 @@ class HFTextEncoder(Encoder):
 
     def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | None:
         """The stripped text; None when the field is null or blank."""
-        value = field_value(row, field)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise InputError(f"text field {field!r} must be a string, got {type(value).__name__} {value!r:.40}")
-        problem = text_problem(value)
-        if problem:
-            raise InputError(problem)
-        return value.strip()
+        return read_text(row, field)
 
     def check(self, ref: Hashable) -> str | None:
-        if not isinstance(ref, str):
-            return f"text must be a string, got {type(ref).__name__}"
-        if not ref.strip():
-            return "text is empty or missing"
-        return text_problem(ref)
+        return check_text(ref)
 
     def length(self, ref: Hashable) -> int:
         return len(ref)  # characters: a cheap stand-in for tokens when batching by length

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from mmfuse.assets import file_sha256, module_sha256
 from mmfuse.encoders.base import Encoder, hash_file
-from mmfuse.raw_inputs import DataRoot, InputError, check_image, field_value, to_rgb_image
+from mmfuse.raw_inputs import DataRoot, check_image, read_image_path, to_rgb_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,12 +122,7 @@ class ImageEncoder(Encoder):
 
     def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | None:
         """The image file's absolute path, confined to the data folder; None when the field is null or empty."""
-        value = field_value(row, field)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise InputError(f"field {field!r} must be an image path, got {type(value).__name__} {value!r:.40}")
-        return root.resolve(value, "image")
+        return read_image_path(row, field, root)
 
     def check(self, ref: Hashable) -> str | None:
         """None if the file decodes fully, else why not (missing, a folder, truncated, not an image)."""

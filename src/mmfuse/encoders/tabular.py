@@ -30,7 +30,12 @@ import torch
 from torch import nn
 
 from mmfuse.encoders.base import ENCODERS, Encoder, EncoderOutput
-from mmfuse.raw_inputs import FIRST, MISSING, UNKNOWN, Z_MAX, DataRoot, InputError, category_key, clamp_z, parse_number
+from mmfuse.raw_inputs import FIRST, Cells, DataRoot, category_key, parse_number, read_cells, table_codes, vocab_lookup
+
+# Also named here (export/describe.py and tests import them from this module): the categorical indices and the bound.
+from mmfuse.raw_inputs import MISSING as MISSING
+from mmfuse.raw_inputs import UNKNOWN as UNKNOWN
+from mmfuse.raw_inputs import Z_MAX as Z_MAX
 
 
 def fit_table(
@@ -172,34 +177,11 @@ class TabularEncoder(Encoder):
         """The columns, or `field` when it holds them as one JSON object (`{"table": {"age": 31, ...}}`)."""
         return [field, *self.columns]
 
-    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> tuple[float | str | None, ...] | None:
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> Cells | None:
         """The row's cells in `columns` order (numbers parsed, categories as keys, None where missing), or None
-        when every cell is missing. The cells come from `row[field]` when that is an object, else from the row."""
-        nested = row.get(field)
-        source = nested if isinstance(nested, Mapping) else row
-        if isinstance(nested, Mapping) and nested and not any(c in nested for c in self.columns):
-            raise InputError(f"field {field!r} holds an object without any of the columns {', '.join(self.columns)}")
-        try:
-            cells = tuple(parse_number(source.get(c), c) for c in self.numeric_columns) + tuple(
-                category_key(source.get(c), c) for c in self.categorical_columns
-            )
-        except ValueError as err:
-            raise InputError(str(err)) from None
-        self._check_range(cells)
-        return None if all(c is None for c in cells) else cells
-
-    def _check_range(self, cells: Sequence[float | str | None]) -> None:
-        """A fitted encoder refuses a numeric cell more than `Z_MAX` training standard deviations from the mean."""
-        for col, value in zip(self.numeric_columns, cells, strict=False):
-            stat = (self.stats or {}).get(col)
-            if stat is None or value is None:
-                continue
-            z = (float(value) - stat["mean"]) / stat["std"]
-            if abs(z) > Z_MAX:
-                raise InputError(
-                    f"column {col!r}: {value:g} is {abs(z):.3g} standard deviations from the training mean "
-                    f"({stat['mean']:.6g}, std {stat['std']:.6g}); the model answers within {Z_MAX:g}"
-                )
+        when every cell is missing. The cells come from `row[field]` when that is an object, else from the row.
+        A fitted encoder refuses a numeric cell more than `Z_MAX` training standard deviations from the mean."""
+        return read_cells(row, field, self.numeric_columns, self.categorical_columns, self.stats or {})
 
     def load(self, ref: Hashable) -> dict[str, Any]:
         """Cells -> `{column: cell}`, what `preprocess` takes."""
@@ -243,25 +225,18 @@ class TabularEncoder(Encoder):
         Standardisation happens here, in float64, so large values (timestamps, prices) keep their precision; `z` is
         clamped to +-`Z_MAX`.
         """
-        stats = self.stats or {}
-        values = [parse_number(raw.get(c), c) for c in self.numeric_columns]
-        z = [0.0 if v is None or c not in stats else clamp_z((v - stats[c]["mean"]) / stats[c]["std"])
-             for c, v in zip(self.numeric_columns, values, strict=True)]  # fmt: skip
-        lookup = self._lookup()
-        codes = []
-        for col in self.categorical_columns:
-            key = category_key(raw.get(col), col)
-            codes.append(MISSING if key is None else lookup.get(col, {}).get(key, UNKNOWN))
+        z, present, codes = table_codes(
+            raw, self.numeric_columns, self.categorical_columns, self.stats or {}, self._lookup()
+        )
         return {
             "numeric": torch.tensor(z, dtype=torch.float32),
-            "numeric_present": torch.tensor([v is not None for v in values], dtype=torch.bool),
+            "numeric_present": torch.tensor(present, dtype=torch.bool),
             "categorical": torch.tensor(codes, dtype=torch.long),
         }
 
     def _lookup(self) -> dict[str, dict[str, int]]:
         if self._lookup_memo is None:
-            vocab = self.vocab or {}
-            self._lookup_memo = {c: {v: FIRST + i for i, v in enumerate(vocab.get(c, []))} for c in vocab}
+            self._lookup_memo = vocab_lookup(self.vocab or {})
         return self._lookup_memo
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
