@@ -14,12 +14,10 @@ when a `Predictor` is built, so the ONNX engine can use `RunInputs` in a process
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from mmfuse.data.records import DataError, Record, read_rows, records_from_rows
@@ -29,12 +27,6 @@ if TYPE_CHECKING:
     from mmfuse.data.shards import ShardSplit
 
 log = logging.getLogger(__name__)
-
-
-def records_module() -> ModuleType:
-    """`mmfuse.data.records`, for callers written before `mmfuse.data` imported its names lazily: import it instead
-    (`from mmfuse.data import records`: neither imports torch)."""
-    return importlib.import_module("mmfuse.data.records")
 
 
 class RunInputs:

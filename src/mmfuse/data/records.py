@@ -86,7 +86,7 @@ class Schema:
 
     def record(self, row: Mapping[str, Any], where: str, root: Any, required: bool) -> Record:
         """One parsed row -> Record; DataError "WHERE: ..." for a missing required field or a bad value."""
-        from mmfuse.encoders.base import InputError
+        from mmfuse.raw_inputs import InputError
 
         inputs: dict[str, Any] = {}
         for modality, encoder in self.encoders.items():
@@ -314,7 +314,7 @@ def read_records(
         DataError: "FILE:ROW: ..." for a missing file, an unknown extension, bad JSON, a record that is
             not an object or lacks a required field; "FILE: ..." for a field no record has.
     """
-    from mmfuse.encoders.base import DataRoot
+    from mmfuse.raw_inputs import DataRoot
 
     path = Path(path)
     header, rows = read_rows(path)

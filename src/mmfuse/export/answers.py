@@ -98,10 +98,10 @@ def _check_finite(name: str, z: np.ndarray) -> None:
     finite = np.isfinite(z).reshape(len(z), -1).all(axis=1)  # (B,)
     if finite.all():
         return
-    from mmfuse.predict import records_module
+    from mmfuse.data.records import DataError
 
     rows = np.flatnonzero(~finite).tolist()
-    err = records_module().DataError(
+    err = DataError(
         f"the model's output for task {name!r} is not finite (NaN or infinite) for {len(rows)} of "
         f"{len(z)} record(s), most often an input far outside the training data; no answer is given"
     )

@@ -15,24 +15,22 @@ from typing import Any
 import numpy as np
 
 from mmfuse.raw_inputs import (
-    FIRST,
-    MISSING,
-    UNKNOWN,
-    Z_MAX,
+    Cells,
     DataRoot,
-    InputError,
+    VectorRef,
     as_vector,
-    category_key,
     check_image,
-    clamp_z,
-    field_value,
-    is_float,
+    check_text,
+    check_vector,
     load_npy,
-    parse_number,
-    text_problem,
+    read_cells,
+    read_image_path,
+    read_text,
+    read_vector,
+    table_codes,
     to_rgb_image,
+    vocab_lookup,
 )
-from mmfuse.text import is_blank
 
 Arrays = dict[str, np.ndarray]  # {graph input name: (B, ...) array}
 PIL_FILTERS = {"nearest": 0, "nearest-exact": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -79,12 +77,7 @@ class ImageFeed(Feed):
         self.std = np.asarray(pre["std"], np.float32).reshape(3, 1, 1)
 
     def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | None:
-        value = field_value(row, field)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise InputError(f"field {field!r} must be an image path, got {type(value).__name__} {value!r:.40}")
-        return root.resolve(value, "image")
+        return read_image_path(row, field, root)
 
     def check(self, ref: Hashable) -> str | None:
         return check_image(str(ref))
@@ -127,22 +120,10 @@ class TextFeed(Feed):
         )  # fmt: skip
 
     def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | None:
-        value = field_value(row, field)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise InputError(f"text field {field!r} must be a string, got {type(value).__name__} {value!r:.40}")
-        problem = text_problem(value)
-        if problem:
-            raise InputError(problem)
-        return value.strip()
+        return read_text(row, field)
 
     def check(self, ref: Hashable) -> str | None:
-        if not isinstance(ref, str):
-            return f"text must be a string, got {type(ref).__name__}"
-        if not ref.strip():
-            return "text is empty or missing"
-        return text_problem(ref)
+        return check_text(ref)
 
     def load(self, ref: Hashable) -> str:
         return str(ref).strip()
@@ -165,49 +146,18 @@ class TableFeed(Feed):
         super().__init__(modality, pre, row_keys, folder)
         self.numeric, self.categorical = list(pre["numeric"]), list(pre["categorical"])
         self.stats = pre.get("stats") or {}
-        vocab = pre.get("categories") or {}
-        self.lookup = {c: {v: FIRST + i for i, v in enumerate(vocab.get(c, []))} for c in vocab}
+        self.lookup = vocab_lookup(pre.get("categories") or {})
 
     @property
     def columns(self) -> list[str]:
         return self.numeric + self.categorical
 
-    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> tuple[float | str | None, ...] | None:
-        nested = row.get(field)
-        source = nested if isinstance(nested, Mapping) else row
-        if isinstance(nested, Mapping) and nested and not any(c in nested for c in self.columns):
-            raise InputError(f"field {field!r} holds an object without any of the columns {', '.join(self.columns)}")
-        try:
-            cells = tuple(parse_number(source.get(c), c) for c in self.numeric) + tuple(
-                category_key(source.get(c), c) for c in self.categorical
-            )
-        except ValueError as err:
-            raise InputError(str(err)) from None
-        self._check_range(cells)
-        return None if all(c is None for c in cells) else cells
-
-    def _check_range(self, cells: tuple[float | str | None, ...]) -> None:
-        for col, value in zip(self.numeric, cells, strict=False):
-            stat = self.stats.get(col)
-            if stat is None or value is None:
-                continue
-            z = (float(value) - stat["mean"]) / stat["std"]
-            if abs(z) > Z_MAX:
-                raise InputError(
-                    f"column {col!r}: {value:g} is {abs(z):.3g} standard deviations from the training mean "
-                    f"({stat['mean']:.6g}, std {stat['std']:.6g}); the model answers within {Z_MAX:g}"
-                )
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> Cells | None:
+        return read_cells(row, field, self.numeric, self.categorical, self.stats)
 
     def load(self, ref: Hashable) -> tuple[list[float], list[bool], list[int]]:
         cells = dict(zip(self.columns, ref, strict=True))  # type: ignore[arg-type]
-        values = [parse_number(cells.get(c), c) for c in self.numeric]
-        z = [0.0 if v is None or c not in self.stats else clamp_z((v - self.stats[c]["mean"]) / self.stats[c]["std"])
-             for c, v in zip(self.numeric, values, strict=True)]  # fmt: skip
-        codes = []
-        for col in self.categorical:
-            key = category_key(cells.get(col), col)
-            codes.append(MISSING if key is None else self.lookup.get(col, {}).get(key, UNKNOWN))
-        return z, [v is not None for v in values], codes
+        return table_codes(cells, self.numeric, self.categorical, self.stats, self.lookup)
 
     def collate(self, items: list[tuple[list[float], list[bool], list[int]]]) -> Arrays:
         m, b = self.modality, len(items)
@@ -225,56 +175,11 @@ class VectorFeed(Feed):
         super().__init__(modality, pre, row_keys, folder)
         self.dim, self.columns, self.prefix = int(pre["dim"]), pre.get("columns"), pre.get("prefix")
 
-    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> str | tuple[float, ...] | None:
-        if self.columns is not None or self.prefix is not None:
-            return self._read_columns(row)
-        value = row.get(field)
-        if is_blank(value):
-            return None
-        if isinstance(value, str):
-            path = root.resolve(value, "embedding")
-            if not path.lower().endswith(".npy"):
-                raise InputError(f"field {field!r}: {value.strip()[:80]!r} is not a .npy file (give a list of numbers)")
-            return path
-        if not isinstance(value, list):
-            raise InputError(f"field {field!r}: expected {self.dim} numbers or a .npy path, got {type(value).__name__}")
-        return self._values(value, f"field {field!r}")
-
-    def _values(self, raw: Any, what: str) -> tuple[float, ...]:
-        try:
-            as_vector(raw, self.dim)
-            return tuple(float(x) for x in raw)
-        except ValueError as err:
-            raise InputError(f"{what}: {err}") from None
-
-    def _read_columns(self, row: Mapping[str, Any]) -> tuple[float, ...] | None:
-        if self.columns is not None:
-            names = list(self.columns)
-        else:
-            p = self.prefix
-            names = [
-                k for _, k in sorted((int(k[len(p) :]), k) for k in row if k.startswith(p) and k[len(p) :].isdigit())
-            ]
-        what = f"columns {names[0]}..{names[-1]}" if names else f"columns {self.prefix}<n>"
-        cells = [row.get(n) for n in names]
-        empty = [n for n, c in zip(names, cells, strict=True) if is_blank(c)]
-        if len(empty) == len(names):
-            return None
-        if empty:
-            raise InputError(f"{what}: cell {empty[0]!r} is empty (a vector is all present or all empty)")
-        for name, cell in zip(names, cells, strict=True):
-            if isinstance(cell, bool) or not is_float(cell):
-                raise InputError(f"{what}: cell {name!r} = {cell!r:.40} is not a number")
-        return self._values([float(c) for c in cells], what)
+    def read(self, row: Mapping[str, Any], field: str, root: DataRoot) -> VectorRef | None:
+        return read_vector(row, field, root, self.dim, self.columns, self.prefix)
 
     def check(self, ref: Hashable) -> str | None:
-        if not isinstance(ref, str):
-            return None
-        try:
-            as_vector(load_npy(ref), self.dim)
-        except ValueError as err:
-            return f"{ref}: {err}"
-        return None
+        return check_vector(ref, self.dim)
 
     def load(self, ref: Hashable) -> np.ndarray:
         raw = load_npy(ref) if isinstance(ref, str) else np.asarray(ref, dtype=np.float32)

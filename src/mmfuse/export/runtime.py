@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from mmfuse.config import check_run_dir
+from mmfuse.data.records import DataError, Record
 from mmfuse.export import DEFAULT_DIR, ExportError
 from mmfuse.export.answers import KINDS, Answers
 from mmfuse.export.feeds import FEEDS, Feed
 from mmfuse.io import sha256_file
-from mmfuse.predict import RunInputs, records_module
+from mmfuse.predict import RunInputs
 from mmfuse.raw_inputs import InputError
 
 log = logging.getLogger(__name__)
@@ -142,14 +143,13 @@ class FeedSchema:
     def record(self, row: Mapping[str, Any], where: str, root: Any, required: bool) -> Any:
         """One parsed row -> Record; DataError "WHERE: modality: ..." for a bad value (`required` is not used: a
         prediction's record may lack inputs)."""
-        records = records_module()
         inputs = {}
         for m, feed in self.feeds.items():
             try:
                 inputs[m] = feed.read(row, self.fields[m], root)
             except InputError as err:
-                raise records.DataError(f"{where}: {m}: {err}") from None
-        return records.Record(inputs, {}, where)
+                raise DataError(f"{where}: {m}: {err}") from None
+        return Record(inputs, {}, where)
 
 
 class OnnxPredictor(RunInputs):
@@ -207,7 +207,7 @@ class OnnxPredictor(RunInputs):
             elif skip_bad:
                 bad.append((record.source, problem))
             else:
-                raise records_module().DataError(f"{record.source}: {problem}")
+                raise DataError(f"{record.source}: {problem}")
         if bad:
             log.warning("skipped %d of %d records (first: %s: %s)", len(bad), len(records), *bad[0])
         return good, bad
