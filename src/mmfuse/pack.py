@@ -54,12 +54,12 @@ def file_modalities(encoders: Mapping[str, Encoder]) -> list[str]:
 
 
 def _items(records: list[Record], embed: list[str]) -> Iterator[dict[str, Any]]:
-    for i, r in enumerate(records):
+    for r in records:
         files = {}
         for m in embed:
             ref = r.inputs.get(m)
             files[m] = Path(ref).read_bytes() if isinstance(ref, str) else b""
-        yield record_item(i, r, files)
+        yield record_item(r, files)
 
 
 def _learned(resolved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Shards (mmfuse.data.shards, shard_stream): every record once per epoch over ranks x workers, seeded epoch order,
-the manifest check of every file."""
+each sample at its record's position, the records and samples of the in-memory path, the manifest check of every
+file, an older shard format refused."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
+from litdata import StreamingDataset
 from litdata.utilities.env import _DistributedEnv
 
-from mmfuse.data.records import Record
+from mmfuse.data.dataset import MultiModalDataset
+from mmfuse.data.records import DataError, Record
 from mmfuse.data.shard_stream import ShardStream, stream_loader
 from mmfuse.data.shards import (
+    NUM_KEY,
     ShardError,
+    ShardRows,
     ShardSamples,
     ShardSplit,
     item_record,
@@ -23,6 +30,9 @@ from mmfuse.data.shards import (
     write_manifest,
     write_split,
 )
+from mmfuse.encoders.embedding import EmbeddingEncoder
+from mmfuse.encoders.tabular import TabularEncoder
+from mmfuse.tasks import build_task
 
 N = 53  # not a multiple of ranks x workers x batch
 
@@ -37,7 +47,7 @@ def shard_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     records = [
         Record({"table": (float(i), "a" if i % 2 else None)}, {"y": i % 3}, f"r.jsonl:{i + 1}") for i in range(N)
     ]
-    split = write_split(root, "train", (record_item(i, r, {}) for i, r in enumerate(records)), chunk_bytes="600B")
+    split = write_split(root, "train", (record_item(r, {}) for r in records), chunk_bytes="600B")
     write_manifest(root, {"splits": {"train": split}})
     assert len([f for f in split["files"] if "chunk" in f]) > 4  # several chunks to partition
     return root
@@ -64,10 +74,95 @@ def test_two_ranks_times_two_workers_read_every_record_once_per_epoch(shard_set:
 
 
 def test_an_item_holds_the_record_and_its_file() -> None:
-    record = Record({"image": "/data/a.png", "table": (1.0, None)}, {"y": "cat"}, "r.jsonl:3", "train", "g1")
-    item = record_item(7, record, {"image": b"\x89PNG"})
+    """A float vector travels in the typed `num` column, exactly; other references stay JSON (as tuples again)."""
+    vector = (0.1, -2.5e-300, 1 / 3, 7.0)
+    record = Record(
+        {"image": "/data/a.png", "table": (1.0, None, "k", 3), "emb": vector, "nested": ((1.5, "a"), 2.0)},
+        {"y": "cat", "size": 0.25, "tags": ["a", "b"]},
+        "r.jsonl:3",
+        "train",
+        "g1",
+    )
+    item = record_item(record, {"image": b"\x89PNG"})
+    assert item[NUM_KEY].dtype == np.float64 and item[NUM_KEY].tolist() == list(vector)
+    assert "0.1" not in item["record"]  # not in the JSON as well
     back, files = item_record(item, "train")
-    assert back == record and files == {"image": b"\x89PNG"} and item["index"] == 7
+    assert back == record and files == {"image": b"\x89PNG"}
+    assert all(type(x) is float for x in back.inputs["emb"])
+
+
+def _records(n: int) -> list[Record]:
+    """Records with a table row, an embedding (missing in some), and labels of four task kinds (some missing)."""
+    rng = np.random.default_rng(0)
+    return [
+        Record(
+            {
+                "table": (float(rng.normal()), None if i % 5 == 0 else f"k{i % 3}"),
+                "emb": None if i % 4 == 3 else tuple(float(x) for x in rng.normal(size=3)),
+            },
+            {
+                "kind": None if i % 6 == 0 else ["a", "b", "c"][i % 3],
+                "size": float(i) / 7,
+                "tags": ["x"] if i % 2 else ["x", "y"],
+                "flag": i % 2,
+            },
+            f"r.jsonl:{i + 1}",
+        )
+        for i in range(n)
+    ]
+
+
+def _encoders_tasks() -> tuple[dict[str, Any], dict[str, Any]]:
+    table = TabularEncoder(["v"], ["c"], stats={"v": {"mean": 0.1, "std": 2.0}}, categories={"c": ["k0", "k1"]}, dim=8)
+    tasks = {
+        "kind": build_task("kind", "multiclass", classes=["a", "b", "c"]),
+        "size": build_task("size", "regression"),
+        "tags": build_task("tags", "multilabel", classes=["x", "y"]),
+        "flag": build_task("flag", "binary"),
+    }
+    return {"table": table, "emb": EmbeddingEncoder(3)}, tasks
+
+
+def test_samples_from_shards_equal_the_in_memory_path(tmp_path: Path) -> None:
+    """A batch made from shard items (`ShardSamples.batch`) and by position (`ShardRows`) gives the samples of
+    `MultiModalDataset` over the same records: references, preprocessed inputs and encoded labels."""
+    records = _records(30)
+    split = write_split(tmp_path, "train", (record_item(r, {}) for r in records))
+    encoders, tasks = _encoders_tasks()
+    theirs = MultiModalDataset(records, tasks, encoders, train=True).__getitems__(list(range(30)))
+    ds = StreamingDataset(str(tmp_path / "train"), shuffle=False)
+    samples = ShardSamples(encoders, tasks, "train", train=True)
+    rows = ShardRows(ShardSplit(str(tmp_path), "train", split["records"]), samples)
+    for ours in (samples.batch([(i, ds[i]) for i in range(30)]), rows.__getitems__(list(range(30)))):
+        assert len(ours) == 30
+        for a, b in zip(ours, theirs, strict=True):
+            assert a["index"] == b["index"] and a["refs"] == b["refs"] and a["labels"] == b["labels"]
+            assert (a["inputs"]["emb"] is None) == (b["inputs"]["emb"] is None)
+            if b["inputs"]["emb"] is not None:
+                assert torch.equal(a["inputs"]["emb"], b["inputs"]["emb"])
+            for k, v in b["inputs"]["table"].items():
+                assert torch.equal(a["inputs"]["table"][k], v), k
+    assert rows[7]["labels"] == theirs[7]["labels"]
+
+
+def test_a_label_its_task_rejects_names_the_record(tmp_path: Path) -> None:
+    records = _records(4)
+    records[2].labels["kind"] = "d"  # not a class of the task
+    write_split(tmp_path, "train", (record_item(r, {}) for r in records))
+    encoders, tasks = _encoders_tasks()
+    ds = StreamingDataset(str(tmp_path / "train"), shuffle=False)
+    with pytest.raises(DataError, match=r"^r\.jsonl:3: task 'kind': "):
+        ShardSamples(encoders, tasks, "train", train=False).batch([(i, ds[i]) for i in range(4)])
+
+
+def test_each_streamed_sample_is_its_records(shard_set: Path) -> None:
+    """The position a streamed sample carries is its record's (the records of `shard_set` hold their position)."""
+    table = TabularEncoder(["v"], ["c"], stats={"v": {"mean": 0.0, "std": 1.0}}, categories={"c": ["a"]}, dim=8)
+    samples = ShardSamples({"table": table}, {}, "train", train=True)
+    stream = ShardStream(str(shard_set / "train"), samples, shuffle=True, seed=1)
+    seen = [(s["index"], s["refs"]["table"]) for batch in stream_loader(stream, 5, list, 0) for s in batch]
+    assert sorted(i for i, _ in seen) == list(range(N))
+    assert all(ref == (float(i), "a" if i % 2 else None) for i, ref in seen)
 
 
 def test_every_file_is_checked_against_the_manifest(shard_set: Path, tmp_path: Path) -> None:
@@ -91,6 +186,15 @@ def test_every_file_is_checked_against_the_manifest(shard_set: Path, tmp_path: P
         (copy / chunk).unlink()
         with pytest.raises(ShardError, match=f"{copy / chunk}: shard missing"):
             verify_shards(copy, manifest)
+
+
+def test_a_shard_set_of_an_older_format_is_refused_with_one_line(shard_set: Path, tmp_path: Path) -> None:
+    manifest = json.loads((shard_set / "mmfuse_manifest.json").read_text())
+    (tmp_path / "mmfuse_manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(ShardError) as err:
+        read_manifest(tmp_path)
+    line = str(err.value)
+    assert "\n" not in line and "packed in shard format 1, this mmfuse reads format 2; pack the data again" in line
 
 
 def test_a_folder_that_is_not_a_shard_set_is_named(tmp_path: Path) -> None:

@@ -18,11 +18,12 @@ import torch.distributed as dist
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.utilities.env import _DistributedEnv
 
-from mmfuse.data.shards import ShardError, ShardSamples
+from mmfuse.data.shards import BatchSamples, ShardError, ShardSamples
 
 
 class ShardStream(StreamingDataset):
-    """LitData's `StreamingDataset` over one split whose items come out as samples (`ShardSamples`).
+    """LitData's `StreamingDataset` over one split; its items become samples a batch at a time (`ShardSamples.batch`,
+    in the loader's collate_fn).
 
     The world (ranks) is read again at each epoch start: the loader is built before Lightning starts the process
     group, and LitData reads it once, when built.
@@ -56,8 +57,10 @@ class ShardStream(StreamingDataset):
             )
         return n
 
-    def __getitem__(self, index: Any) -> dict[str, Any]:
-        return self.samples(super().__getitem__(index))
+    def __getitem__(self, index: Any) -> tuple[int, dict[str, Any]]:
+        """(the record's position in the split, its shard item): the loader's collate_fn makes the batch's samples
+        together (`stream_loader`)."""
+        return int(getattr(index, "index", index)), super().__getitem__(index)
 
 
 class ShardLoader(StreamingDataLoader):
@@ -88,11 +91,11 @@ class ShardLoader(StreamingDataLoader):
 
 
 def stream_loader(dataset: ShardStream, batch_size: int, collate_fn: Any, num_workers: int) -> ShardLoader:
-    """The training split's loader (`ShardLoader`)."""
+    """The training split's loader (`ShardLoader`): `collate_fn` receives the batch's samples."""
     return ShardLoader(
         dataset,
         batch_size=batch_size,
-        collate_fn=collate_fn,
+        collate_fn=BatchSamples(dataset.samples, collate_fn),
         num_workers=num_workers,
         persistent_workers=False,
     )

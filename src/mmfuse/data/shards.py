@@ -8,12 +8,16 @@ DIR/<split>/index.json       LitData's index of the split's chunks
 DIR/<split>/chunk-*.bin      LitData chunks: one item per record
 ```
 
-An item is `{"index": position in the split, "record": JSON of the record, "file:<modality>": the input file's
-bytes (b"" when not embedded)}`. The chunk format is LitData's (`BinaryWriter`, `StreamingDataset`); this module
-adds the manifest and its check (size and sha256 of every file, before anything is read), and turns items into the
-samples `Collator` batches. Training streams a split (`ShardStream`: LitData partitions its chunks over ranks and
-loader workers and shuffles them by seed and epoch); evaluation reads it in order by position (`ShardRows`), so the
-DDP evaluation sharding (`train.sharding`) counts every record once.
+An item (format 2) is `{"record": JSON of the record, "num": float64 (n,) array, "file:<modality>": the input
+file's bytes (b"" when not embedded)}`: a reference that is a tuple of floats (an embedding) is stored in the typed
+`num` column (its place in the JSON holds `{"f": length}`; references are hashable, so never a JSON object), the rest
+stays JSON. Format 1 kept every number in the JSON, decoded per item; a set packed in it is refused with one line. The
+chunk format is LitData's (`BinaryWriter`, `StreamingDataset`); this module adds the manifest and its check (size and
+sha256 of every file, before anything is read), and turns items into the samples `Collator` batches, a batch of items
+at a time (`ShardSamples.batch`: one JSON parse a batch, each label value encoded once a batch). Training streams a
+split (`ShardStream`: LitData partitions its chunks over ranks and loader workers and shuffles them by seed and epoch);
+evaluation reads it in order by position (`ShardRows`), so the DDP evaluation sharding (`train.sharding`) counts every
+record once.
 """
 
 from __future__ import annotations
@@ -27,16 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
-from mmfuse.data.dataset import encode_labels
 from mmfuse.data.records import DataError, Record
 from mmfuse.encoders.base import Encoder
-from mmfuse.tasks import Task
+from mmfuse.tasks import LabelError, Task
 
 MANIFEST = "mmfuse_manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: float vectors in the typed `num` column; 1: the whole record as JSON, decoded per item
 FILE_KEY = "file:"
+NUM_KEY = "num"
+VECTOR = "f"  # {"f": n} in a record's JSON inputs: the reference is the next n floats of the item's `num` column
 
 
 class ShardError(DataError):
@@ -46,25 +52,62 @@ class ShardError(DataError):
 # ---------------------------------------------------------------------- records <-> items
 def _hashable(value: Any) -> Any:
     """JSON lists back into tuples (references must be hashable)."""
-    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+    if type(value) is not list:
+        return value
+    cells = tuple(value)
+    return cells if list not in map(type, cells) else tuple(_hashable(v) for v in cells)
 
 
-def record_item(index: int, record: Record, files: Mapping[str, bytes]) -> dict[str, Any]:
+def _is_vector(ref: Any) -> bool:
+    return type(ref) is tuple and len(ref) > 0 and all(type(x) is float for x in ref)
+
+
+def record_item(record: Record, files: Mapping[str, bytes]) -> dict[str, Any]:
     """One record as a shard item; `files` holds {modality: bytes} for the embedded modalities (b"" when missing)."""
+    inputs, nums = {}, []
+    for m, ref in record.inputs.items():
+        if _is_vector(ref):  # float64 holds a Python float exactly
+            inputs[m] = {VECTOR: len(ref)}
+            nums.extend(ref)
+        else:
+            inputs[m] = ref
     text = json.dumps(
-        {"inputs": record.inputs, "labels": record.labels, "source": record.source, "group": record.group},
+        {"inputs": inputs, "labels": record.labels, "source": record.source, "group": record.group},
         separators=(",", ":"),
     )
-    return {"index": index, "record": text, **{FILE_KEY + m: files[m] for m in sorted(files)}}
+    return {
+        "record": text,
+        NUM_KEY: np.asarray(nums, dtype=np.float64),
+        **{FILE_KEY + m: files[m] for m in sorted(files)},
+    }
+
+
+def decode_records(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Shard items -> their records as {"inputs": {modality: reference}, "labels", "source", "group"}: one JSON parse
+    for all of them, the vectors taken from each item's `num` column."""
+    raws = json.loads("[" + ",".join([item["record"] for item in items]) + "]")
+    for raw, item in zip(raws, items, strict=True):
+        inputs, nums, at = raw["inputs"], None, 0
+        for m, ref in inputs.items():
+            if type(ref) is list:
+                inputs[m] = _hashable(ref)
+            elif type(ref) is dict:
+                if nums is None:
+                    nums = item[NUM_KEY].tolist()
+                n = ref[VECTOR]
+                inputs[m], at = tuple(nums[at : at + n]), at + n
+    return raws
+
+
+def item_files(item: Mapping[str, Any]) -> dict[str, bytes]:
+    """{modality: embedded file bytes} of an item's non-empty files."""
+    return {k[len(FILE_KEY) :]: bytes(v) for k, v in item.items() if k.startswith(FILE_KEY) and len(v)}
 
 
 def item_record(item: Mapping[str, Any], split: str) -> tuple[Record, dict[str, bytes]]:
     """A shard item -> (the Record, {modality: embedded file bytes} for non-empty ones)."""
-    raw = json.loads(item["record"])
-    inputs = {m: _hashable(v) for m, v in raw["inputs"].items()}
-    record = Record(inputs, raw["labels"], raw["source"], split, raw.get("group"))
-    files = {k[len(FILE_KEY) :]: bytes(v) for k, v in item.items() if k.startswith(FILE_KEY) and len(v)}
-    return record, files
+    raw = decode_records([item])[0]
+    return Record(raw["inputs"], raw["labels"], raw["source"], split, raw.get("group")), item_files(item)
 
 
 def local_copy(data: bytes, name: str, folder: Path) -> str:
@@ -149,11 +192,15 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ShardError(f"{path}: not a readable manifest ({str(err).splitlines()[0][:120]})") from None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != FORMAT
-        or not isinstance(manifest.get("splits"), dict)
-    ):
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise ShardError(f"{path}: not an mmfuse shard manifest of format {FORMAT}")
+    old = manifest.get("format")
+    if isinstance(old, int) and not isinstance(old, bool) and 1 <= old < FORMAT:
+        raise ShardError(
+            f"{path}: packed in shard format {old}, this mmfuse reads format {FORMAT}; pack the data again: "
+            "mmfuse pack CONFIG --out NEW_DIR"
+        )
+    if old != FORMAT:
         raise ShardError(f"{path}: not an mmfuse shard manifest of format {FORMAT}")
     return manifest
 
@@ -206,23 +253,63 @@ class ShardSamples:
     def __init__(self, encoders: Mapping[str, Encoder], tasks: Mapping[str, Task], split: str, train: bool) -> None:
         self.encoders, self.tasks, self.split, self.train = dict(encoders), dict(tasks), split, train
 
-    def __call__(self, item: Mapping[str, Any]) -> dict[str, Any]:
-        record, files = item_record(item, self.split)
-        inputs: dict[str, Any] = {}
-        refs: dict[str, Hashable] = {}
-        for m, enc in self.encoders.items():
-            ref = refs[m] = record.inputs.get(m)
-            if ref is None:
-                inputs[m] = None
+    def __call__(self, index: int, item: Mapping[str, Any]) -> dict[str, Any]:
+        return self.batch([(index, item)])[0]
+
+    def batch(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """[(position in the split, item)] -> samples: one JSON parse for the batch, each distinct label value
+        encoded once (the records were validated when packed; the shards' checksums were checked)."""
+        raws = decode_records([item for _, item in items])
+        memo: dict[tuple[str, type, Any], Any] = {}
+        samples = []
+        for (index, item), raw in zip(items, raws, strict=True):
+            inputs: dict[str, Any] = {}
+            refs: dict[str, Hashable] = {}
+            for m, enc in self.encoders.items():
+                ref = refs[m] = raw["inputs"].get(m)
+                if ref is None:
+                    inputs[m] = None
+                    continue
+                data = item.get(FILE_KEY + m)
+                where = local_copy(bytes(data), str(ref), files_folder()) if data is not None and len(data) else ref
+                inputs[m] = enc.preprocess(enc.load(where), train=self.train)
+            labels = self._labels(raw, memo)
+            samples.append({"index": int(index), "inputs": inputs, "refs": refs, "labels": labels})
+        return samples
+
+    def _labels(self, raw: Mapping[str, Any], memo: dict[tuple[str, type, Any], Any]) -> dict[str, Any]:
+        """{task: encoded label or None}; DataError "SOURCE: task 'x': ..." for a label a task rejects (as
+        `encode_labels`). `memo` holds the encoded hashable values of the batch."""
+        out = {}
+        for name, task in self.tasks.items():
+            value = raw["labels"].get(name)
+            key = (name, type(value), value)
+            try:
+                out[name] = memo[key]
                 continue
-            where = local_copy(files[m], str(ref), files_folder()) if m in files else ref
-            inputs[m] = enc.preprocess(enc.load(where), train=self.train)
-        return {
-            "index": int(item["index"]),
-            "inputs": inputs,
-            "refs": refs,
-            "labels": encode_labels(record, self.tasks),
-        }
+            except KeyError:
+                pass
+            except TypeError:  # a list (multilabel): encoded every time
+                key = None  # type: ignore[assignment]
+            try:
+                encoded = None if value is None else task.encode(value)
+            except (LabelError, TypeError, ValueError, OverflowError) as err:
+                raise DataError(f"{raw['source']}: task {name!r}: {err}") from None
+            if key is not None:
+                memo[key] = encoded
+            out[name] = encoded
+        return out
+
+
+class BatchSamples:
+    """The streamed loader's collate_fn: a batch of `(position, item)` pairs made into samples together
+    (`ShardSamples.batch`), then collated by `collate`; plain attributes only, so it pickles into loader workers."""
+
+    def __init__(self, samples: ShardSamples, collate: Any) -> None:
+        self.samples, self.collate = samples, collate
+
+    def __call__(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> Any:
+        return self.collate(self.samples.batch(items))
 
 
 def open_stream(split: ShardSplit, samples: ShardSamples, shuffle: bool, seed: int) -> Any:
@@ -233,7 +320,8 @@ def open_stream(split: ShardSplit, samples: ShardSamples, shuffle: bool, seed: i
 
 
 class ShardRows(Dataset):
-    """A split read by position (`dataset[i]`, in any order): evaluation and DDP evaluation sharding."""
+    """A split read by position (`dataset[i]`, in any order): evaluation and DDP evaluation sharding. The loader's
+    batched fetch (`__getitems__`) makes a batch of samples together."""
 
     def __init__(self, split: ShardSplit, samples: ShardSamples) -> None:
         self.split, self.samples, self.stream = split, samples, None
@@ -241,9 +329,15 @@ class ShardRows(Dataset):
     def __len__(self) -> int:
         return self.split.n
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def _item(self, i: int) -> Mapping[str, Any]:
         if self.stream is None:  # opened lazily: in each loader worker after the fork
             from litdata import StreamingDataset
 
             self.stream = StreamingDataset(self.split.path, shuffle=False)
-        return self.samples(self.stream[int(i)])
+        return self.stream[i]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.samples(int(i), self._item(int(i)))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return self.samples.batch([(int(i), self._item(int(i))) for i in indices])
