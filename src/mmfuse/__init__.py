@@ -5,8 +5,7 @@ Heavy submodules are imported on first use, so `import mmfuse` stays fast.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmfuse.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -28,7 +27,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mmfuse' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

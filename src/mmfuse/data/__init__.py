@@ -8,8 +8,7 @@ pattern as `mmfuse/__init__.py`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmfuse.lazy import lazy_getattr
 
 _LAZY = {
     "Collator": "mmfuse.data.collate",
@@ -30,7 +29,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mmfuse.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

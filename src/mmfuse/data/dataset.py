@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from mmfuse.data.records import DataError, Record
+from mmfuse.data.records import DataError, Record, keep_good
 from mmfuse.encoders.base import Encoder
 from mmfuse.tasks import LabelError, Task
 
@@ -97,15 +97,7 @@ def validate_records(
         m: check_inputs(enc, [r.inputs[m] for r in records if r.inputs.get(m) is not None], workers)
         for m, enc in encoders.items()
     }
-    good, bad = [], []
-    for record in records:
-        problem = _record_problem(record, tasks, checked, allow_missing)
-        if problem is None:
-            good.append(record)
-        elif skip_bad:
-            bad.append((record.source, problem))
-        else:
-            raise DataError(f"{record.source}: {problem}")
+    good, bad = keep_good(records, lambda r: _record_problem(r, tasks, checked, allow_missing), skip_bad)
     for name in tasks:
         if records and all(r.labels.get(name) is None for r in records):
             logger.warning("task %r has no label in any of the %d records", name, len(records))

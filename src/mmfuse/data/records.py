@@ -59,6 +59,23 @@ class Record:
     group: Hashable | None = None
 
 
+def keep_good(
+    records: Sequence[Record], problem_of: Callable[[Record], str | None], skip_bad: bool
+) -> tuple[list[Record], list[tuple[str, str]]]:
+    """(records without a problem, [(source, problem), ...] of the others); DataError "SOURCE: problem" for the first
+    record with a problem unless `skip_bad`."""
+    good, bad = [], []
+    for record in records:
+        problem = problem_of(record)
+        if problem is None:
+            good.append(record)
+        elif skip_bad:
+            bad.append((record.source, problem))
+        else:
+            raise DataError(f"{record.source}: {problem}")
+    return good, bad
+
+
 @dataclass
 class Schema:
     """How rows become records: each modality's encoder and field, each task's label field.

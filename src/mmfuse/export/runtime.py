@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mmfuse.config import check_run_dir
-from mmfuse.data.records import DataError, Record
+from mmfuse.data.records import DataError, Record, keep_good
 from mmfuse.export import DEFAULT_DIR, ExportError
 from mmfuse.export.answers import KINDS, Answers
 from mmfuse.export.feeds import FEEDS, Feed
@@ -192,22 +192,17 @@ class OnnxPredictor(RunInputs):
 
     def _check_inputs(self, records: list[Any], skip_bad: bool) -> tuple[list[Any], list[tuple[str, str]]]:
         checked: dict[str, dict[Hashable, str | None]] = {m: {} for m in self.feeds}
-        good, bad = [], []
-        for record in records:
-            problem = None
+
+        def problem_of(record: Record) -> str | None:
             for m, feed in self.feeds.items():
                 ref = record.inputs[m]
                 if ref not in checked[m]:
                     checked[m][ref] = _check(feed, ref)
                 if (problem := checked[m][ref]) is not None:
-                    problem = problem if problem.startswith(m) else f"{m}: {problem}"
-                    break
-            if problem is None:
-                good.append(record)
-            elif skip_bad:
-                bad.append((record.source, problem))
-            else:
-                raise DataError(f"{record.source}: {problem}")
+                    return problem if problem.startswith(m) else f"{m}: {problem}"
+            return None
+
+        good, bad = keep_good(records, problem_of, skip_bad)
         if bad:
             log.warning("skipped %d of %d records (first: %s: %s)", len(bad), len(records), *bad[0])
         return good, bad
