@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.distributed as dist
 from litdata import StreamingDataLoader, StreamingDataset
+from litdata.streaming.sampler import ChunkedIndex
 from litdata.utilities.env import _DistributedEnv
 
 from mmfuse.data.shards import BatchSamples, ShardError, ShardSamples
@@ -60,7 +61,9 @@ class ShardStream(StreamingDataset):
     def __getitem__(self, index: Any) -> tuple[int, dict[str, Any]]:
         """(the record's position in the split, its shard item): the loader's collate_fn makes the batch's samples
         together (`stream_loader`)."""
-        return int(getattr(index, "index", index)), super().__getitem__(index)
+        if type(index) is ChunkedIndex and self.cache is not None:  # from `__next__`: LitData's own read, directly
+            return index.index, self.cache[index]
+        return int(index), super().__getitem__(index)
 
 
 class ShardLoader(StreamingDataLoader):

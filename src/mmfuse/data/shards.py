@@ -43,6 +43,7 @@ FORMAT = 2  # 2: float vectors in the typed `num` column; 1: the whole record as
 FILE_KEY = "file:"
 NUM_KEY = "num"
 VECTOR = "f"  # {"f": n} in a record's JSON inputs: the reference is the next n floats of the item's `num` column
+MAX_CODES = 1 << 16  # text labels whose code a ShardSamples keeps, per task (bounded memory)
 
 
 class ShardError(DataError):
@@ -89,9 +90,11 @@ def decode_records(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for raw, item in zip(raws, items, strict=True):
         inputs, nums, at = raw["inputs"], None, 0
         for m, ref in inputs.items():
-            if type(ref) is list:
-                inputs[m] = _hashable(ref)
-            elif type(ref) is dict:
+            kind = type(ref)
+            if kind is list:
+                cells = tuple(ref)
+                inputs[m] = cells if list not in map(type, cells) else _hashable(ref)
+            elif kind is dict:
                 if nums is None:
                     nums = item[NUM_KEY].tolist()
                 n = ref[VECTOR]
@@ -252,52 +255,51 @@ class ShardSamples:
 
     def __init__(self, encoders: Mapping[str, Encoder], tasks: Mapping[str, Task], split: str, train: bool) -> None:
         self.encoders, self.tasks, self.split, self.train = dict(encoders), dict(tasks), split, train
+        self.codes: dict[str, dict[str, Any]] = {name: {} for name in self.tasks}  # {task: {text label: encoded}}
 
     def __call__(self, index: int, item: Mapping[str, Any]) -> dict[str, Any]:
         return self.batch([(index, item)])[0]
 
     def batch(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict[str, Any]]:
-        """[(position in the split, item)] -> samples: one JSON parse for the batch, each distinct label value
-        encoded once (the records were validated when packed; the shards' checksums were checked)."""
+        """[(position in the split, item)] -> samples: one JSON parse for the batch, each text label encoded once (the
+        records were validated when packed, and the shards' checksums checked, before the run)."""
         raws = decode_records([item for _, item in items])
-        memo: dict[tuple[str, type, Any], Any] = {}
+        encoders = [(m, FILE_KEY + m, enc) for m, enc in self.encoders.items()]
         samples = []
         for (index, item), raw in zip(items, raws, strict=True):
             inputs: dict[str, Any] = {}
             refs: dict[str, Hashable] = {}
-            for m, enc in self.encoders.items():
-                ref = refs[m] = raw["inputs"].get(m)
+            given = raw["inputs"]
+            for m, key, enc in encoders:
+                ref = refs[m] = given.get(m)
                 if ref is None:
                     inputs[m] = None
                     continue
-                data = item.get(FILE_KEY + m)
+                data = item.get(key)
                 where = local_copy(bytes(data), str(ref), files_folder()) if data is not None and len(data) else ref
                 inputs[m] = enc.preprocess(enc.load(where), train=self.train)
-            labels = self._labels(raw, memo)
-            samples.append({"index": int(index), "inputs": inputs, "refs": refs, "labels": labels})
+            samples.append({"index": index, "inputs": inputs, "refs": refs, "labels": self._labels(raw)})
         return samples
 
-    def _labels(self, raw: Mapping[str, Any], memo: dict[tuple[str, type, Any], Any]) -> dict[str, Any]:
+    def _labels(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """{task: encoded label or None}; DataError "SOURCE: task 'x': ..." for a label a task rejects (as
-        `encode_labels`). `memo` holds the encoded hashable values of the batch."""
-        out = {}
+        `encode_labels`). A text label's code is kept (`codes`: at most `MAX_CODES` a task)."""
+        out, labels = {}, raw["labels"]
         for name, task in self.tasks.items():
-            value = raw["labels"].get(name)
-            key = (name, type(value), value)
-            try:
-                out[name] = memo[key]
+            value = labels.get(name)
+            if value is None:
+                out[name] = None
                 continue
-            except KeyError:
-                pass
-            except TypeError:  # a list (multilabel): encoded every time
-                key = None  # type: ignore[assignment]
+            codes = self.codes[name] if type(value) is str else None
+            if codes is not None and value in codes:
+                out[name] = codes[value]
+                continue
             try:
-                encoded = None if value is None else task.encode(value)
+                out[name] = task.encode(value)
             except (LabelError, TypeError, ValueError, OverflowError) as err:
                 raise DataError(f"{raw['source']}: task {name!r}: {err}") from None
-            if key is not None:
-                memo[key] = encoded
-            out[name] = encoded
+            if codes is not None and len(codes) < MAX_CODES:
+                codes[value] = out[name]
         return out
 
 
