@@ -33,6 +33,7 @@ from mmfuse.data.shards import (
     MANIFEST,
     ShardError,
     ShardSplit,
+    has_vectors,
     read_manifest,
     record_item,
     verify_shards,
@@ -54,12 +55,13 @@ def file_modalities(encoders: Mapping[str, Encoder]) -> list[str]:
 
 
 def _items(records: list[Record], embed: list[str]) -> Iterator[dict[str, Any]]:
+    vectors = has_vectors(records)
     for r in records:
         files = {}
         for m in embed:
             ref = r.inputs.get(m)
             files[m] = Path(ref).read_bytes() if isinstance(ref, str) else b""
-        yield record_item(r, files)
+        yield record_item(r, files, vectors)
 
 
 def _learned(resolved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:

@@ -89,6 +89,8 @@ def test_an_item_holds_the_record_and_its_file() -> None:
     back, files = item_record(item, "train")
     assert back == record and files == {"image": b"\x89PNG"}
     assert all(type(x) is float for x in back.inputs["emb"])
+    plain = record_item(record, {}, vectors=False)  # a split without vectors: no `num` column, all JSON
+    assert NUM_KEY not in plain and item_record(plain, "train") == (record, {})
 
 
 def _records(n: int) -> list[Record]:

@@ -11,13 +11,13 @@ DIR/<split>/chunk-*.bin      LitData chunks: one item per record
 An item (format 2) is `{"record": JSON of the record, "num": float64 (n,) array, "file:<modality>": the input
 file's bytes (b"" when not embedded)}`: a reference that is a tuple of floats (an embedding) is stored in the typed
 `num` column (its place in the JSON holds `{"f": length}`; references are hashable, so never a JSON object), the rest
-stays JSON. Format 1 kept every number in the JSON, decoded per item; a set packed in it is refused with one line. The
-chunk format is LitData's (`BinaryWriter`, `StreamingDataset`); this module adds the manifest and its check (size and
-sha256 of every file, before anything is read), and turns items into the samples `Collator` batches, a batch of items
-at a time (`ShardSamples.batch`: one JSON parse a batch, each label value encoded once a batch). Training streams a
-split (`ShardStream`: LitData partitions its chunks over ranks and loader workers and shuffles them by seed and epoch);
-evaluation reads it in order by position (`ShardRows`), so the DDP evaluation sharding (`train.sharding`) counts every
-record once.
+stays JSON; a split without any such reference has no `num` column. Format 1 kept every number in the JSON, decoded
+per item; a set packed in it is refused with one line. The chunk format is LitData's (`BinaryWriter`,
+`StreamingDataset`); this module adds the manifest and its check (size and sha256 of every file, before anything is
+read), and turns items into the samples `Collator` batches, a batch of items at a time (`ShardSamples.batch`: one JSON
+parse a batch, each text label encoded once). Training streams a split (`ShardStream`: LitData partitions its chunks
+over ranks and loader workers and shuffles them by seed and epoch); evaluation reads it in order by position
+(`ShardRows`), so the DDP evaluation sharding (`train.sharding`) counts every record once.
 """
 
 from __future__ import annotations
@@ -63,11 +63,21 @@ def _is_vector(ref: Any) -> bool:
     return type(ref) is tuple and len(ref) > 0 and all(type(x) is float for x in ref)
 
 
-def record_item(record: Record, files: Mapping[str, bytes]) -> dict[str, Any]:
-    """One record as a shard item; `files` holds {modality: bytes} for the embedded modalities (b"" when missing)."""
+def has_vectors(records: Sequence[Record]) -> bool:
+    """Whether any record holds a float vector reference: the split's items then carry the `num` column."""
+    return any(_is_vector(ref) for r in records for ref in r.inputs.values())
+
+
+def record_item(record: Record, files: Mapping[str, bytes], vectors: bool = True) -> dict[str, Any]:
+    """One record as a shard item; `files` holds {modality: bytes} for the embedded modalities (b"" when missing).
+
+    Args:
+        vectors: the item carries the `num` column (every item of a split must, or none: LitData fixes an item's
+            fields at the first one); without it a float vector stays in the JSON.
+    """
     inputs, nums = {}, []
     for m, ref in record.inputs.items():
-        if _is_vector(ref):  # float64 holds a Python float exactly
+        if vectors and _is_vector(ref):  # float64 holds a Python float exactly
             inputs[m] = {VECTOR: len(ref)}
             nums.extend(ref)
         else:
@@ -76,11 +86,10 @@ def record_item(record: Record, files: Mapping[str, bytes]) -> dict[str, Any]:
         {"inputs": inputs, "labels": record.labels, "source": record.source, "group": record.group},
         separators=(",", ":"),
     )
-    return {
-        "record": text,
-        NUM_KEY: np.asarray(nums, dtype=np.float64),
-        **{FILE_KEY + m: files[m] for m in sorted(files)},
-    }
+    item: dict[str, Any] = {"record": text}
+    if vectors:
+        item[NUM_KEY] = np.asarray(nums, dtype=np.float64)
+    return {**item, **{FILE_KEY + m: files[m] for m in sorted(files)}}
 
 
 def decode_records(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
