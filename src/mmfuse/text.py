@@ -5,6 +5,9 @@ Standard library only: the records layer and the command line import it without 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 def is_blank(value: object) -> bool:
     """None, or a string that is empty or only whitespace: a value a record leaves out (missing, never an input)."""
@@ -34,3 +37,10 @@ def flattened(err: BaseException | str, limit: int | None = None) -> str:
     characters. For a message whose details come on later lines (torch's `load_state_dict` size mismatches)."""
     text = " ".join(str(err).split())
     return text if limit is None else text[:limit]
+
+
+def format_top(label: Any, probabilities: Mapping[str, float], top: int) -> str:
+    """`label   (c1 0.900, c2 0.050)`: the prediction and the `top` most probable classes (the tasks' and the ONNX
+    engine's terminal line)."""
+    best = sorted(probabilities.items(), key=lambda kv: -kv[1])[:top]
+    return f"{label}   ({', '.join(f'{c} {p:.3f}' for c, p in best)})"

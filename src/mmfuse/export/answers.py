@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from mmfuse.text import format_top
+
 KINDS = ("multiclass", "binary", "multilabel", "regression")  # the task kinds answered here
 
 
@@ -28,12 +30,6 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     """Elementwise 1 / (1 + exp(-z)), without overflow for large |z|."""
     e = np.exp(-np.abs(z))
     return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype)
-
-
-def format_top(label: Any, probabilities: Mapping[str, float], top: int) -> str:
-    """`label   (c1 0.900, c2 0.050)`: the prediction and the `top` most probable classes (as `mmfuse.tasks`)."""
-    best = sorted(probabilities.items(), key=lambda kv: -kv[1])[:top]
-    return f"{label}   ({', '.join(f'{c} {p:.3f}' for c, p in best)})"
 
 
 class Answers:

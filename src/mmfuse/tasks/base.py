@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmfuse.registry import Registry
+from mmfuse.text import format_top  # noqa: F401  (the task kinds import it from here)
 
 if TYPE_CHECKING:  # torchmetrics is imported by `metrics()` alone: predicting never needs it
     import torchmetrics
@@ -235,12 +236,6 @@ def class_name(raw: Any) -> str:
 
 def describe_classes(classes: list[str], limit: int = 20) -> str:
     return ", ".join(classes[:limit]) + (f" ... ({len(classes)} classes)" if len(classes) > limit else "")
-
-
-def format_top(label: Any, probabilities: dict[str, float], top: int) -> str:
-    """`label   (c1 0.900, c2 0.050)`: the prediction and the `top` most probable classes."""
-    best = sorted(probabilities.items(), key=lambda kv: -kv[1])[:top]
-    return f"{label}   ({', '.join(f'{c} {p:.3f}' for c, p in best)})"
 
 
 def _short(value: Any) -> str:
