@@ -86,6 +86,7 @@ RESUME_MAY_CHANGE = frozenset(
         "train.early_stopping",  # on or off (null); its counter comes back from the checkpoint
         "train.early_stopping.patience",
         "train.early_stopping.min_delta",
+        "data.num_workers",  # the records' order does not depend on it (shards: LitData's elastic resume)
     }
 )
 
