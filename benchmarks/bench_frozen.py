@@ -17,7 +17,8 @@ rotates):
   that mmfuse vs the bare loop splits into Lightning + Trainer + loader (floor vs bare) and mmfuse's module
   (mmfuse vs floor).
 - mmfuse: the path `train()` takes: `Run.prepare()` (FeatureCache: each distinct image and text encoded once,
-  stored as safetensors), `make_loader` (CachedCollator gathers the cached rows), `Run.module()` (MMFuseModule)
+  stored as safetensors), `make_loader` (`CachedBatches`: whole batches gathered from the cached rows by index, no
+  DataLoader), `Run.module()` (MMFuseModule)
   and mmfuse's own Trainer (`build_trainer`: checkpoint, CSV + TensorBoard loggers); one 1-epoch `fit` per round,
   the figure is its training epoch (epoch start to epoch end hooks); the whole `fit` (set-up, checkpoint,
   teardown) is reported beside it.
@@ -288,38 +289,35 @@ def mmfuse_epoch(run: object, loader: object, s: Settings, r: int) -> tuple[floa
 
 
 # ---------------------------------------------------------------- what the Lightning floor is made of
-def floor_parts(limit: int, rounds: int, workdir: Path) -> dict[str, Any]:
+def floor_parts(limit: int, rounds: int, workdir: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     """Per-step CPU time of the bare loop, the Lightning floor and its variants, and mmfuse (min and median over
     rotating rounds of one epoch each): which part of the floor is Lightning's loop, the Trainer's callbacks and
-    loggers, and the DataLoader. Also the cost of one `self.log` key in Lightning's result collection."""
+    loggers, and the loader (mmfuse's `CachedBatches` against the DataLoader it replaced). Also the cost of one
+    `self.log` key in Lightning's result collection."""
     import lightning as L
     import torch
     from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+    from torch.utils.data import DataLoader
 
     from mmfuse.config import parse_config
-    from mmfuse.data.sampling import epoch_generator
-    from mmfuse.train.data import make_loader
+    from mmfuse.train.data import IndexBatchSampler, make_loader
     from mmfuse.train.run import Run
 
     from bench_cached import BareStepModule, bare_epoch
 
     device = setup("cpu")
-    cfg = parse_config(model_config(True, data={"limit": limit}, train={"max_epochs": 1, "cache_dir": str(workdir)}))
+    train = {"max_epochs": 1, "cache_dir": str(cache_dir or workdir)}
+    cfg = parse_config(model_config(True, data={"limit": limit}, train=train))
     run_ = Run(cfg)
     run_.splits = {"train": run_.splits["train"]}
     features = run_.prepare()
-    loader = make_loader(run_.model, run_.splits["train"], "train", features, run_.loader_options)
+    batches = make_loader(run_.model, run_.splits["train"], "train", features, run_.loader_options)
     apply_trainer_flags(run_.cfg, workdir)
-    rows, n, steps = loader.dataset, len(run_.splits["train"]), len(loader)
+    rows, n, steps = batches.dataset, len(run_.splits["train"]), len(batches)
     feats = {m: t.gather(features.rows["train"][m]).pooled.contiguous() for m, t in features.tables.items()}
-
-    class Direct:  # the loader's batches (CachedRows, the sampler's order) without a DataLoader
-        def __len__(self) -> int:
-            return steps
-
-        def __iter__(self):
-            order = torch.randperm(n, generator=epoch_generator(run_.loader_options.seed, 0))
-            return (rows[idx] for idx in order.split(BATCH))
+    # what `make_loader` returned for the training split before `CachedBatches`: the same batches through a DataLoader
+    sampler = IndexBatchSampler(n, BATCH, shuffle=True, seed=run_.loader_options.seed)
+    loader = DataLoader(rows, sampler=sampler, batch_size=None, collate_fn=rows.collate, num_workers=0)
 
     _, EpochClock = lightning_callbacks()
 
@@ -344,12 +342,12 @@ def floor_parts(limit: int, rounds: int, workdir: Path) -> dict[str, Any]:
 
     sides = {
         "bare loop": lambda r: bare_epoch(run_, feats, rows.labels, rows.masks, r, steps)[1],
-        "floor (mmfuse's Trainer and loader)": lambda r: fit(floor(), loader, f"a{r}"),
-        "floor + 3 no-op callbacks": lambda r: fit(floor(), loader, f"b{r}", extra=3),
-        "floor, plain L.Trainer (no callbacks, no loggers)": lambda r: fit(floor(), loader, f"c{r}", plain=True),
-        "floor, batches without a DataLoader": lambda r: fit(floor(), Direct(), f"d{r}"),
-        "floor, plain L.Trainer and no DataLoader": lambda r: fit(floor(), Direct(), f"e{r}", plain=True),
-        "mmfuse (MMFuseModule)": lambda r: fit(run_.module(), loader, f"f{r}"),
+        "floor (mmfuse's Trainer, CachedBatches)": lambda r: fit(floor(), batches, f"a{r}"),
+        "floor, the DataLoader CachedBatches replaced": lambda r: fit(floor(), loader, f"b{r}"),
+        "floor + 3 no-op callbacks": lambda r: fit(floor(), batches, f"c{r}", extra=3),
+        "floor, plain L.Trainer (no callbacks, no loggers)": lambda r: fit(floor(), batches, f"d{r}", plain=True),
+        "mmfuse (MMFuseModule, its Trainer, CachedBatches)": lambda r: fit(run_.module(), batches, f"e{r}"),
+        "mmfuse, the DataLoader CachedBatches replaced": lambda r: fit(run_.module(), loader, f"f{r}"),
     }
     cpu: dict[str, list[float]] = {k: [] for k in sides}
     names = list(sides)
@@ -363,12 +361,13 @@ def floor_parts(limit: int, rounds: int, workdir: Path) -> dict[str, Any]:
     for _ in range(2000):
         results.log("training_step", "k", value, on_step=True, on_epoch=False, batch_size=BATCH)
     log_us = (time.process_time() - t0) / 2000 * 1e6
-    bare = min(cpu["bare loop"])
-    print(f"| side ({n} records, batch {BATCH}) | CPU us/step, min | median | bare loop / side (of the mins) |")
-    print("|---|---:|---:|---:|")
+    bare = cpu["bare loop"]
+    print(f"| side ({n} records, batch {BATCH}) | CPU us/step, min | median | bare / side, of the mins | per round |")
+    print("|---|---:|---:|---:|---:|")
     for k, v in cpu.items():
         low, mid = min(v) / steps * 1e6, statistics.median(v) / steps * 1e6
-        print(f"| {k} | {low:,.0f} | {mid:,.0f} | {bare / min(v):.3f} |")
+        per_round = statistics.median(b / x for b, x in zip(bare, v))
+        print(f"| {k} | {low:,.0f} | {mid:,.0f} | {min(bare) / min(v):.3f} | {per_round:.3f} |")
     print(f"\none self.log key (Lightning's _ResultCollection.log): {log_us:.0f} us of CPU")
     return {"records": n, "batch_size": BATCH, "steps": steps, "epoch_cpu_s": cpu, "self_log_key_us": log_us}
 
@@ -382,9 +381,10 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=4096, help="easy-VQA training records")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--out", help="JSON of every epoch's CPU seconds")
+    p.add_argument("--cache-dir", type=Path, help="the feature cache (default: a temporary folder, encoded again)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="mmfuse-floor-") as tmp:
-        out = floor_parts(args.limit, args.rounds, Path(tmp))
+        out = floor_parts(args.limit, args.rounds, Path(tmp), args.cache_dir)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2))
 

@@ -192,42 +192,84 @@ def _flat_pooled(table: FeatureTable) -> torch.Tensor:
 
 class IndexBatchSampler(BatchSampler):
     """torch's `BatchSampler` over `EpochRandomSampler` (shuffle) or the records in order, its batches as (B,) long
-    tensors: the same batches as `EpochRandomSampler` + a `batch_size` DataLoader (so a resumed run repeats them)."""
+    tensors: the same batches as `EpochRandomSampler` + a `batch_size` DataLoader (so a resumed run repeats them).
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0) -> None:
-        sampler = EpochRandomSampler(range(n), seed) if shuffle else SequentialSampler(range(n))
+    With `distributed` (shuffled only), the sampler is `EpochDistributedSampler`: rank r of W takes positions r, r + W,
+    ... of the epoch's permutation, padded as that sampler pads, so each rank gets the batches that sampler + a
+    `batch_size` DataLoader would give it (disjoint shards, together every record); the world is read when iterating.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, distributed: bool = False) -> None:
+        if distributed and not shuffle:
+            raise ValueError("IndexBatchSampler: distributed batches are training batches: shuffle=True")
+        if shuffle:
+            sampler = (EpochDistributedSampler if distributed else EpochRandomSampler)(range(n), seed)
+        else:
+            sampler = SequentialSampler(range(n))
         super().__init__(sampler, batch_size, drop_last=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning each epoch (it does not look inside a DataLoader's `sampler`)."""
-        if isinstance(self.sampler, EpochRandomSampler):
+        if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[torch.Tensor]:  # type: ignore[override]
         # One permutation an epoch, cut into views: no Python list and no tensor built from one per batch. The same
-        # batches as EpochRandomSampler + BatchSampler (its documented permutation); a generator, so it draws after
+        # batches as the samplers' own orders (the documented permutation); a generator, so it draws after
         # Lightning's set_epoch.
-        s, n = self.sampler, len(self.sampler.data_source)
-        if isinstance(s, EpochRandomSampler):
-            yield from torch.randperm(n, generator=epoch_generator(s.seed, s.epoch)).split(self.batch_size)
-        else:
-            yield from torch.arange(n).split(self.batch_size)
+        s = self.sampler
+        if isinstance(s, SequentialSampler):
+            yield from torch.arange(len(s)).split(self.batch_size)
+            return
+        n = len(s.dataset) if isinstance(s, EpochDistributedSampler) else len(s.data_source)
+        order = torch.randperm(n, generator=epoch_generator(s.seed, s.epoch))
+        if isinstance(s, EpochDistributedSampler):  # padded by repeating the permutation from its start, then dealt
+            total = s.total_size
+            order = order.repeat(-(-total // n))[:total][s.rank : total : s.num_replicas]
+        yield from order.split(self.batch_size)
+
+
+class CachedBatches:
+    """The training batches of a `CachedRows` split straight from memory: `dataset[idx]` for each (B,) index tensor
+    of `sampler`, with no DataLoader between (its fetcher and iterator cost ~4% of a batch-32 cached step,
+    benchmarks/README.md). Lightning takes it as a plain iterable with a length and calls `sampler.set_epoch` each
+    epoch, as it does on a DataLoader's, so the batches and their order are the same: (seed, epoch) and the rank.
+
+    No pinned memory (a DataLoader's `pin_memory` left the features, the bulk of a batch, unpinned anyway), no
+    `state_dict`: a resume inside an epoch reads the epoch from its start, as with any records loader.
+    """
+
+    def __init__(self, dataset: CachedRows, sampler: IndexBatchSampler) -> None:
+        self.dataset, self.sampler = dataset, sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return map(self.dataset.__getitem__, self.sampler)  # lazy: the order is drawn at the first batch
 
 
 def cached_loader(
-    model: MultiTaskModel, records: list[Record], split: str, features: Features, options: LoaderOptions
-) -> DataLoader:
-    """The loader of a split whose inputs all come from the feature cache (single process)."""
+    model: MultiTaskModel,
+    records: list[Record],
+    split: str,
+    features: Features,
+    options: LoaderOptions,
+    distributed: bool = False,
+) -> DataLoader | CachedBatches:
+    """The loader of a split whose inputs all come from the feature cache: the training split as `CachedBatches`
+    (this rank's share under DDP), an evaluation split as a DataLoader of the same whole batches (single process)."""
     encoded = [encode_labels(r, model.tasks) for r in records]
     labels, masks = {}, {}
     for name, task in model.tasks.items():
         labels[name], masks[name] = task.collate([e[name] for e in encoded])
     dataset = CachedRows(labels, masks, features.tables, features.rows.get(split, {}))
-    train = split == "train"
-    batch_size = options.batch_size if train else options.eval_batch_size
+    if split == "train":
+        batches = IndexBatchSampler(len(records), options.batch_size, True, options.seed, distributed)
+        return CachedBatches(dataset, batches)
     return DataLoader(
         dataset,
-        sampler=IndexBatchSampler(len(records), batch_size, shuffle=train, seed=options.seed),
+        sampler=IndexBatchSampler(len(records), options.eval_batch_size, shuffle=False),
         batch_size=None,  # the sampler yields whole batches
         collate_fn=dataset.collate,
         num_workers=0,  # batches are gathered from memory: workers would only add overhead
@@ -297,11 +339,12 @@ def make_loader(
     options: LoaderOptions,
     distributed: bool = False,
     dedupe: bool = True,
-) -> DataLoader:
-    """A DataLoader of one split: uncached inputs loaded by their encoders, cached ones gathered by row.
+) -> DataLoader | CachedBatches:
+    """The batches of one split: uncached inputs loaded by their encoders, cached ones gathered by row.
 
-    When every input is cached (frozen encoders) and the run is single-process, the split is served by
-    `cached_loader`: whole batches by index, no per-record work. Otherwise each distinct input of a batch is
+    When every input is cached (frozen encoders) and no loader worker is asked for, the split is served by
+    `cached_loader`: whole batches by index, no per-record work (under DDP the training split only; the evaluation
+    splits keep the per-record loader that `shard_eval_loader` shards). Otherwise each distinct input of a batch is
     loaded and encoded once (`dedupe`, see `shared_modalities`), and with `options.group_batches` the training
     batches keep records that share an input together (`GroupedBatchSampler`).
     """
@@ -313,8 +356,8 @@ def make_loader(
     grouped = train and options.group_batches
     if not uncached and grouped:
         raise ConfigError(GROUP_BATCHES_ALL_CACHED)
-    if not uncached and not distributed and records and options.num_workers in (None, 0):
-        return cached_loader(model, records, split, features, options)
+    if not uncached and records and options.num_workers in (None, 0) and (train or not distributed):
+        return cached_loader(model, records, split, features, options, distributed)
     encoders = {m: model.encoders[m] for m in uncached}
     shareable = shared_modalities(model, uncached, train)
     shared = shareable if dedupe else []

@@ -1,0 +1,169 @@
+"""The training batches of an all-cached split without a DataLoader (`CachedBatches`): the same batches, in the same
+order of (seed, epoch), on one process and on each DDP rank, as the DataLoader they replace; Lightning sets their epoch;
+a model trained on them ends with the same weights as one trained on the DataLoader."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mmfuse.config import parse_config
+from mmfuse.data import sampling
+from mmfuse.data.sampling import EpochDistributedSampler, EpochRandomSampler, epoch_generator
+from mmfuse.train.data import CachedBatches, IndexBatchSampler, make_loader
+from mmfuse.train.run import Run
+from tiny import run_config, write_dataset
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Any]:
+    run = Run(parse_config(run_config(write_dataset(tmp_path_factory.mktemp("cached-batches"), n=60))))
+    return run, run.prepare()
+
+
+def _train_loader(run: Run, feats: Any, seed: int | None = None, distributed: bool = False) -> CachedBatches:
+    options = dataclasses.replace(run.loader_options, seed=run.loader_options.seed if seed is None else seed)
+    loader = make_loader(run.model, run.splits["train"], "train", feats, options, distributed)
+    assert isinstance(loader, CachedBatches)
+    return loader
+
+
+def _epoch(loader: CachedBatches, epoch: int) -> list[torch.Tensor]:
+    loader.sampler.set_epoch(epoch)
+    return [b["index"] for b in loader]
+
+
+def test_each_epoch_sees_every_record_once_in_an_order_of_seed_and_epoch(prepared) -> None:
+    run, feats = prepared
+    n, size = len(run.splits["train"]), run.loader_options.batch_size
+    loader = _train_loader(run, feats)
+    orders = {e: torch.cat(_epoch(loader, e)) for e in (0, 1, 2)}
+    for e, order in orders.items():
+        assert sorted(order.tolist()) == list(range(n))  # every record once
+        expected = torch.randperm(n, generator=epoch_generator(run.loader_options.seed, e))
+        assert torch.equal(order, expected)  # the documented permutation of (seed, epoch)
+        assert torch.equal(torch.cat(_epoch(loader, e)), order)  # a second pass of the epoch repeats it
+    assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
+    assert not torch.equal(torch.cat(_epoch(_train_loader(run, feats, seed=5), 1)), orders[1])
+    assert len(loader) == len(_epoch(loader, 0)) == -(-n // size)
+
+
+def test_the_batches_are_those_of_the_dataloader_they_replace(prepared) -> None:
+    run, feats = prepared
+    loader = _train_loader(run, feats)
+    rows = loader.dataset
+    before = DataLoader(  # what cached_loader returned for the training split until now
+        rows,
+        sampler=IndexBatchSampler(len(rows), run.loader_options.batch_size, True, run.loader_options.seed),
+        batch_size=None,
+        collate_fn=rows.collate,
+    )
+    for epoch in (0, 3):
+        before.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
+        pairs = list(zip(loader, before, strict=True))
+        for a, b in pairs:
+            assert torch.equal(a["index"], b["index"])
+            for t in run.model.tasks:
+                assert torch.equal(a["labels"][t], b["labels"][t]) and torch.equal(a["masks"][t], b["masks"][t])
+            for m in feats.tables:
+                assert torch.equal(a["features"][m].pooled, b["features"][m].pooled)
+
+
+def _as_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world: int) -> None:
+    monkeypatch.setattr(sampling.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(sampling.dist, "get_world_size", lambda *a: world)
+    monkeypatch.setattr(sampling.dist, "get_rank", lambda *a: rank)
+
+
+@pytest.mark.parametrize(("n", "world", "size"), [(60, 2, 8), (23, 3, 4), (5, 4, 2), (2, 3, 1)])
+def test_each_rank_gets_the_batches_of_the_distributed_sampler(
+    monkeypatch: pytest.MonkeyPatch, n: int, world: int, size: int
+) -> None:
+    seen = []
+    for rank in range(world):
+        _as_rank(monkeypatch, rank, world)
+        batches = IndexBatchSampler(n, size, shuffle=True, seed=3, distributed=True)
+        per_record = EpochDistributedSampler(range(n), seed=3)  # the per-record loader's sampler under DDP
+        batches.set_epoch(2)
+        per_record.set_epoch(2)
+        got = [b.tolist() for b in batches]
+        assert got == [b.tolist() for b in DataLoader(range(n), batch_size=size, sampler=per_record)]
+        assert len(batches) == len(got) == -(-len(per_record) // size)  # the same number of steps on every rank
+        seen.append(torch.tensor([i for b in got for i in b]))
+    # rank r holds positions r, r + W, ... of the epoch's permutation, padded to a multiple of W from its start
+    order = torch.randperm(n, generator=epoch_generator(3, 2))
+    total = -(-n // world) * world
+    padded = order.repeat(-(-total // n))[:total]
+    assert all(torch.equal(seen[r], padded[r::world]) for r in range(world))
+    assert sorted(torch.cat(seen).tolist()) == sorted(padded.tolist())  # each record once, the padding added
+    if n % world == 0:
+        assert len(set(torch.cat(seen).tolist())) == n  # disjoint and complete
+
+
+def test_distributed_batches_are_shuffled_training_batches() -> None:
+    with pytest.raises(ValueError, match="shuffle=True"):
+        IndexBatchSampler(10, 2, shuffle=False, distributed=True)
+
+
+class _Record(L.LightningModule):
+    """Records the index of every training batch, per epoch (no optimiser)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.seen: dict[int, list[torch.Tensor]] = {}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.seen.setdefault(self.current_epoch, []).append(batch["index"])
+
+    def configure_optimizers(self) -> None:
+        return None
+
+
+def _trainer(tmp_path: Any, epochs: int) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, deterministic=True,
+    )  # fmt: skip
+
+
+def test_lightning_sets_the_epoch_of_the_batches(prepared, tmp_path) -> None:
+    run, feats = prepared
+    module = _Record()
+    _trainer(tmp_path, 3).fit(module, _train_loader(run, feats))
+    n = len(run.splits["train"])
+    for epoch in (0, 1, 2):
+        expected = EpochRandomSampler(range(n), run.loader_options.seed)
+        expected.set_epoch(epoch)
+        assert torch.cat(module.seen[epoch]).tolist() == list(expected)
+
+
+def test_training_on_them_gives_the_weights_of_the_dataloader(prepared, tmp_path) -> None:
+    """The run's module (weighting, clipping, schedule) trained 2 epochs on each source from one initialisation."""
+    run, feats = prepared
+    start = copy.deepcopy(run.model.state_dict())
+    loader = _train_loader(run, feats)
+    rows = loader.dataset
+    old = DataLoader(
+        rows,
+        sampler=IndexBatchSampler(len(rows), run.loader_options.batch_size, True, run.loader_options.seed),
+        batch_size=None,
+        collate_fn=rows.collate,
+    )
+    weights = []
+    for i, source in enumerate((loader, old)):
+        run.model.load_state_dict(start)
+        L.seed_everything(0, verbose=False)
+        _trainer(tmp_path / str(i), 2).fit(run.module(), source)
+        weights.append({k: v.clone() for k, v in run.model.state_dict().items()})
+    run.model.load_state_dict(start)
+    changed = [k for k in weights[0] if not torch.equal(weights[0][k], start[k])]
+    assert changed  # it trained
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
