@@ -167,3 +167,50 @@ def test_training_on_them_gives_the_weights_of_the_dataloader(prepared, tmp_path
     changed = [k for k in weights[0] if not torch.equal(weights[0][k], start[k])]
     assert changed  # it trained
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+class _StepLosses(L.Callback):
+    """Each step's (T,) task losses and masks, and the epoch means the weighting is handed."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, list[tuple[list[float], list[bool]]]] = {}
+        self.means: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        labelled = [bool(m.any()) for m in batch["masks"].values()]
+        self.steps.setdefault(module.current_epoch, []).append((module._step_losses.tolist(), labelled))
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        hook = module.weighting.on_epoch_end
+
+        def spy(epoch: int, means: dict[str, float]) -> None:
+            self.means[epoch] = dict(means)
+            hook(epoch, means)
+
+        module.weighting.on_epoch_end = spy
+
+
+@pytest.mark.parametrize("weighting", ["dwa", "equal"])
+def test_the_epoch_mean_losses_reach_a_weighting_that_reads_them(tmp_path, weighting: str) -> None:
+    """DWA gets each task's mean step loss over the steps where it has labels; a weighting whose `on_epoch_end` is
+    `Weighting`'s no-op costs no step an epoch sum."""
+    raw = run_config(write_dataset(tmp_path / "data", n=40), max_epochs=3)
+    raw["train"]["weighting"] = {"name": weighting}
+    run = Run(parse_config(raw))
+    loader = make_loader(run.model, run.splits["train"], "train", run.prepare(), run.loader_options)
+    spy, module = _StepLosses(), run.module()
+    trainer = _trainer(tmp_path / "run", 3)
+    trainer.callbacks.append(spy)
+    trainer.fit(module, loader)
+    if weighting == "equal":
+        assert not module._sums_epoch_losses and module._epoch_losses is None and spy.means == {0: {}, 1: {}, 2: {}}
+        return
+    tasks = list(run.model.tasks)
+    for epoch, steps in spy.steps.items():
+        expected = {}
+        for i, task in enumerate(tasks):
+            values = [losses[i] for losses, labelled in steps if labelled[i]]
+            if values:
+                expected[task] = sum(values) / len(values)
+        assert spy.means[epoch] == pytest.approx(expected, rel=1e-12)
+    assert set(spy.means) == {0, 1, 2}

@@ -33,6 +33,7 @@ from mmfuse.config import ConfigError
 from mmfuse.data.collate import merge_absent
 from mmfuse.encoders.base import Encoder
 from mmfuse.model import ModelOutput, MultiTaskModel
+from mmfuse.mtl.base import Weighting
 from mmfuse.train.errors import NonFiniteError
 from mmfuse.train.schedule import lr_scheduler, upgrade_state
 
@@ -97,6 +98,7 @@ class MMFuseModule(L.LightningModule):
         # Per task, the sum of the step losses and the count of steps with labels: (2, T) float64 on an accelerator
         # (no host sync per step), two lists of Python floats on the CPU (where reading a value costs nothing).
         self._epoch_losses: torch.Tensor | list[list[float]] | None = None
+        self._sums_epoch_losses = _reads_epoch_losses(weighting)  # else no step adds to them: nothing reads them
         self._balance_logs: dict[str, list[float]] = defaultdict(list)
         for metric in self.modules():  # they only ever see rows already gathered from every rank (_eval_epoch_end)
             if isinstance(metric, torchmetrics.Metric):
@@ -161,7 +163,8 @@ class MMFuseModule(L.LightningModule):
                 opt.step()
         sched.step()
         self._step_values = stacked  # (T,) in the losses' dtype, for the step's log row
-        self._add_epoch_losses(batch["masks"])
+        if self._sums_epoch_losses:
+            self._add_epoch_losses(batch["masks"])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Every `log_every_n_steps` steps (and on a stop): the step's losses and weights, in one row per logger.
@@ -495,6 +498,12 @@ def check_layer_decay(model: MultiTaskModel, layer_decay: float) -> None:
         "has unfreeze: 1, or has no blocks); set unfreeze: N (N >= 2) or freeze: false on an image or text "
         "encoder, or remove train.layer_decay"
     )
+
+
+def _reads_epoch_losses(weighting: nn.Module) -> bool:
+    """Whether `weighting.on_epoch_end` is its own (DWA's reads the epoch's mean losses); `Weighting`'s does nothing."""
+    hook = getattr(type(weighting), "on_epoch_end", None)
+    return callable(hook) and hook is not Weighting.on_epoch_end
 
 
 def _grad_norm64(module: nn.Module) -> float:
