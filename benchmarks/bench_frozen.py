@@ -356,11 +356,12 @@ def floor_parts(limit: int, rounds: int, workdir: Path, cache_dir: Path | None =
             cpu[k].append(sides[k](r))
     results = _ResultCollection(training=True)
     value = torch.tensor(1.0)
-    results.log("training_step", "k", value, on_step=True, on_epoch=False, batch_size=BATCH)
-    t0 = time.process_time()
-    for _ in range(2000):
-        results.log("training_step", "k", value, on_step=True, on_epoch=False, batch_size=BATCH)
-    log_us = (time.process_time() - t0) / 2000 * 1e6
+    log_us = least_us(lambda: results.log("training_step", "k", value, on_step=True, batch_size=BATCH), 2000)
+    parts = {  # the same parts alone, min over passes (steadier than whole epochs on a shared machine)
+        "one batch of CachedBatches through Lightning's fetcher": least_us(lambda: fetch_all(batches), 5) / steps,
+        "one batch of the DataLoader it replaced, likewise": least_us(lambda: fetch_all(loader), 5) / steps,
+        **hook_costs(),
+    }
     bare = cpu["bare loop"]
     print(f"| side ({n} records, batch {BATCH}) | CPU us/step, min | median | bare / side, of the mins | per round |")
     print("|---|---:|---:|---:|---:|")
@@ -369,7 +370,48 @@ def floor_parts(limit: int, rounds: int, workdir: Path, cache_dir: Path | None =
         per_round = statistics.median(b / x for b, x in zip(bare, v))
         print(f"| {k} | {low:,.0f} | {mid:,.0f} | {min(bare) / min(v):.3f} | {per_round:.3f} |")
     print(f"\none self.log key (Lightning's _ResultCollection.log): {log_us:.0f} us of CPU")
-    return {"records": n, "batch_size": BATCH, "steps": steps, "epoch_cpu_s": cpu, "self_log_key_us": log_us}
+    for k, us in parts.items():
+        print(f"{k}: {us:.1f} us of CPU")
+    out = {"records": n, "batch_size": BATCH, "steps": steps, "epoch_cpu_s": cpu, "self_log_key_us": log_us}
+    return {**out, "parts_cpu_us": parts}
+
+
+def least_us(fn: Any, repeat: int, passes: int = 7) -> float:
+    """The least CPU microseconds of one `fn()` over `passes` passes of `repeat` calls."""
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.process_time()
+        for _ in range(repeat):
+            fn()
+        best = min(best, (time.process_time() - t0) / repeat)
+    return best * 1e6
+
+
+def fetch_all(data: Any) -> None:
+    """One epoch of `data` through what Lightning's training loop wraps it in (CombinedLoader + prefetching fetcher)."""
+    from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+    fetcher = _PrefetchDataFetcher()
+    fetcher.setup(CombinedLoader(data, "max_size_cycle"))
+    for _ in fetcher:
+        pass
+
+
+def hook_costs() -> dict[str, float]:
+    """CPU of one Lightning callback hook call (as the training loop makes 5 a step) with 0 and 3 no-op callbacks."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.trainer import call
+
+    def cost(k: int) -> float:
+        trainer = L.Trainer(callbacks=[L.Callback() for _ in range(k)], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer.strategy.connect(L.LightningModule())
+        loss = torch.tensor(1.0)
+        return least_us(lambda: call._call_callback_hooks(trainer, "on_before_backward", loss), 5000)
+
+    return {f"one callback hook call of the training loop, {k} callbacks": cost(k) for k in (0, 3)}
 
 
 def main() -> None:
