@@ -126,3 +126,21 @@ def test_pack_refuses_bad_records_and_a_used_folder(
     _refused(capsys, main(["pack", str(cfg), "--out", str(tmp_path / "s")]), "records.jsonl:4", "image")
     assert not (tmp_path / "s").exists()  # nothing written
     _refused(capsys, main(["pack", str(cfg), "--out", str(packed["shards"])]), "not an empty folder")
+
+
+def test_labels_encoded_with_other_classes_are_refused(tmp_path: Path) -> None:
+    """The shards hold class indices: a run whose class list differs (here given in both configs, so nothing was
+    learned when packing) would read them as other classes; it is refused in one line instead."""
+    from mmfuse.data.shards import ShardError, label_encoding
+    from mmfuse.pack import check_labels
+    from mmfuse.tasks import build_task
+
+    packed = {"y": build_task("y", "multiclass", classes=["a", "b"]), "v": build_task("v", "regression")}
+    manifest = {"labels": label_encoding(packed)}
+    check_labels(str(tmp_path), manifest, packed)  # the same encoding: taken
+    swapped = {**packed, "y": build_task("y", "multiclass", classes=["b", "a"])}
+    with pytest.raises(ShardError) as err:
+        check_labels(str(tmp_path), manifest, swapped)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"{tmp_path / 'mmfuse_manifest.json'}: packed for another config")
+    assert "tasks.y encodes labels with {'kind': 'multiclass', 'classes': ['b', 'a']} here" in line

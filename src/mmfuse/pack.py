@@ -34,6 +34,7 @@ from mmfuse.data.shards import (
     ShardError,
     ShardSplit,
     has_vectors,
+    label_encoding,
     read_manifest,
     record_item,
     verify_shards,
@@ -41,6 +42,7 @@ from mmfuse.data.shards import (
     write_split,
 )
 from mmfuse.encoders.base import Encoder
+from mmfuse.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,14 @@ def file_modalities(encoders: Mapping[str, Encoder]) -> list[str]:
     return [m for m, e in encoders.items() if e.groups_records or e.file_suffixes]
 
 
-def _items(records: list[Record], embed: list[str]) -> Iterator[dict[str, Any]]:
+def _items(records: list[Record], embed: list[str], tasks: Mapping[str, Task]) -> Iterator[dict[str, Any]]:
     vectors = has_vectors(records)
     for r in records:
         files = {}
         for m in embed:
             ref = r.inputs.get(m)
             files[m] = Path(ref).read_bytes() if isinstance(ref, str) else b""
-        yield record_item(r, files, vectors)
+        yield record_item(r, files, tasks, vectors)
 
 
 def _learned(resolved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,7 +118,7 @@ def pack(
     splits = {}
     for split, good in checked.items():
         if good:
-            splits[split] = write_split(out, split, _items(good, embed), chunk_bytes)
+            splits[split] = write_split(out, split, _items(good, embed, tasks), chunk_bytes)
             log.info("%s: %d records -> %s/%s", split, len(good), out, split)
     manifest = {
         **describe(resolved, data.encoders),
@@ -126,6 +128,7 @@ def pack(
             },
             "tasks": {n: _learned(t, given["tasks"][n]) for n, t in resolved["tasks"].items()},
         },
+        "labels": label_encoding(tasks),  # the labels are stored encoded with these
         "data": {k: given["data"][k] for k in SPLIT_OPTIONS}
         | {"source": given["data"]["source"], "seed": given["seed"]},
         "embedded": embed,
@@ -202,6 +205,19 @@ def check_manifest(folder: str, manifest: Mapping[str, Any], raw: Mapping[str, A
             raise _refuse(folder, f"data.{k} is {ours!r} here, {theirs!r} there (the splits are fixed when packing)")
 
 
+def check_labels(folder: str, manifest: Mapping[str, Any], tasks: Mapping[str, Task]) -> None:
+    """The run's tasks encode labels as those the shards hold were encoded when packing (kind and classes); else
+    ShardError (one line): the stored class indices would mean other classes."""
+    theirs = manifest.get("labels", {})
+    for name, ours in label_encoding(tasks).items():
+        if theirs.get(name) != ours:
+            raise _refuse(
+                folder,
+                f"tasks.{name} encodes labels with {ours} here, the shards' labels were encoded with "
+                f"{theirs.get(name)}",
+            )
+
+
 def _apply_learned(folder: str, section: dict[str, Any], learned: Mapping[str, Any], where: str) -> bool:
     """Write the manifest's learned options into a config section; a different value already set is refused."""
     changed = False
@@ -241,6 +257,7 @@ def shard_run_data(cfg: RunConfig, encoders: Mapping[str, Encoder] | None = None
     for name, learned in manifest["learned"]["tasks"].items():
         _apply_learned(folder, raw["tasks"][name], learned, f"tasks.{name}")
     resolved = parse_config(raw)
+    check_labels(folder, manifest, build_tasks(resolved.tasks))
     if rebuild and encoders is None:
         built.update(build_encoders(resolved.model))
     elif rebuild:

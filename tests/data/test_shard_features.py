@@ -280,7 +280,7 @@ def test_a_store_that_cannot_be_written_is_one_line(tiny, tmp_path) -> None:
 def test_a_record_without_the_input_is_named(tmp_path: Path) -> None:
     """`pack` refuses such records (an input is required); a shard set written otherwise is named, not guessed."""
     records = [Record({"text": t}, {}, f"r.jsonl:{i + 1}") for i, t in enumerate(["a", None, "b"])]
-    split = write_split(tmp_path, "train", (record_item(r, {}) for r in records))
+    split = write_split(tmp_path, "train", (record_item(r, {}, {}) for r in records))
     write_manifest(tmp_path, {"splits": {"train": split}})
     torch.manual_seed(0)
     encoder = HFTextEncoder(config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,

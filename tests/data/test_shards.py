@@ -23,6 +23,7 @@ from mmfuse.data.shards import (
     ShardRows,
     ShardSamples,
     ShardSplit,
+    decode_records,
     item_record,
     read_manifest,
     record_item,
@@ -47,7 +48,7 @@ def shard_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     records = [
         Record({"table": (float(i), "a" if i % 2 else None)}, {"y": i % 3}, f"r.jsonl:{i + 1}") for i in range(N)
     ]
-    split = write_split(root, "train", (record_item(r, {}) for r in records), chunk_bytes="600B")
+    split = write_split(root, "train", (record_item(r, {}, {}) for r in records), chunk_bytes="600B")
     write_manifest(root, {"splits": {"train": split}})
     assert len([f for f in split["files"] if "chunk" in f]) > 4  # several chunks to partition
     return root
@@ -73,24 +74,43 @@ def test_two_ranks_times_two_workers_read_every_record_once_per_epoch(shard_set:
     assert _epoch_orders(shard_set, 0, 2, epochs=1, seed=4)[0] != per_rank[0][0]
 
 
-def test_an_item_holds_the_record_and_its_file() -> None:
-    """A float vector travels in the typed `num` column, exactly; other references stay JSON (as tuples again)."""
+def test_an_item_holds_the_record_its_encoded_labels_and_its_file() -> None:
+    """A float vector travels in the typed `num` column, exactly; other references stay JSON (as tuples again); the
+    labels of the given tasks are stored encoded (a class index, a multi-hot list, a float; None where missing)."""
     vector = (0.1, -2.5e-300, 1 / 3, 7.0)
     record = Record(
         {"image": "/data/a.png", "table": (1.0, None, "k", 3), "emb": vector, "nested": ((1.5, "a"), 2.0)},
-        {"y": "cat", "size": 0.25, "tags": ["a", "b"]},
+        {"y": "cat", "size": "0.25", "tags": ["a", "b"], "other": "x"},
         "r.jsonl:3",
         "train",
         "g1",
     )
-    item = record_item(record, {"image": b"\x89PNG"})
+    tasks = {
+        "y": build_task("y", "multiclass", classes=["ant", "cat"]),
+        "size": build_task("size", "regression"),
+        "tags": build_task("tags", "multilabel", classes=["a", "b", "c"]),
+        "flag": build_task("flag", "binary"),
+    }
+    encoded = {"y": 1, "size": 0.25, "tags": [1.0, 1.0, 0.0], "flag": None}
+    item = record_item(record, {"image": b"\x89PNG"}, tasks)
     assert item[NUM_KEY].dtype == np.float64 and item[NUM_KEY].tolist() == list(vector)
-    assert "0.1" not in item["record"]  # not in the JSON as well
+    assert "0.1" not in item["record"] and "cat" not in item["record"]  # not in the JSON as well
     back, files = item_record(item, "train")
-    assert back == record and files == {"image": b"\x89PNG"}
-    assert all(type(x) is float for x in back.inputs["emb"])
-    plain = record_item(record, {}, vectors=False)  # a split without vectors: no `num` column, all JSON
-    assert NUM_KEY not in plain and item_record(plain, "train") == (record, {})
+    assert back == Record(record.inputs, encoded, "r.jsonl:3", "train", "g1") and files == {"image": b"\x89PNG"}
+    assert all(type(x) is float for x in back.inputs["emb"]) and type(back.labels["y"]) is int
+    plain = record_item(record, {}, tasks, vectors=False)  # a split without vectors: no `num` column, all JSON
+    assert NUM_KEY not in plain and item_record(plain, "train") == (back, {})
+
+
+def test_the_vectors_of_a_batch_go_back_to_their_records() -> None:
+    """One `tolist` for a batch's `num` columns: each record gets its own vectors, a record without one takes none."""
+    records = [
+        Record({"a": (1.0, 2.0), "b": (3.0,)}, {}, "r:1"),
+        Record({"a": None, "b": (4.0,)}, {}, "r:2"),
+        Record({"a": (5.0, 6.0), "b": None}, {}, "r:3"),
+    ]
+    raws = decode_records([record_item(r, {}, {}) for r in records])
+    assert [raw[0] for raw in raws] == [r.inputs for r in records]
 
 
 def _records(n: int) -> list[Record]:
@@ -129,8 +149,8 @@ def test_samples_from_shards_equal_the_in_memory_path(tmp_path: Path) -> None:
     """A batch made from shard items (`ShardSamples.batch`) and by position (`ShardRows`) gives the samples of
     `MultiModalDataset` over the same records: references, preprocessed inputs and encoded labels."""
     records = _records(30)
-    split = write_split(tmp_path, "train", (record_item(r, {}) for r in records))
     encoders, tasks = _encoders_tasks()
+    split = write_split(tmp_path, "train", (record_item(r, {}, tasks) for r in records))
     theirs = MultiModalDataset(records, tasks, encoders, train=True).__getitems__(list(range(30)))
     ds = StreamingDataset(str(tmp_path / "train"), shuffle=False)
     samples = ShardSamples(encoders, tasks, "train", train=True)
@@ -147,13 +167,20 @@ def test_samples_from_shards_equal_the_in_memory_path(tmp_path: Path) -> None:
     assert rows[7]["labels"] == theirs[7]["labels"]
 
 
-def test_a_label_its_task_rejects_names_the_record(tmp_path: Path) -> None:
+def test_a_label_its_task_rejects_names_the_record() -> None:
     records = _records(4)
     records[2].labels["kind"] = "d"  # not a class of the task
-    write_split(tmp_path, "train", (record_item(r, {}) for r in records))
-    encoders, tasks = _encoders_tasks()
-    ds = StreamingDataset(str(tmp_path / "train"), shuffle=False)
+    _, tasks = _encoders_tasks()
     with pytest.raises(DataError, match=r"^r\.jsonl:3: task 'kind': "):
+        [record_item(r, {}, tasks) for r in records]
+
+
+def test_items_encoded_for_other_tasks_are_refused_with_one_line(tmp_path: Path) -> None:
+    encoders, tasks = _encoders_tasks()
+    write_split(tmp_path, "train", (record_item(r, {}, tasks) for r in _records(4)))
+    ds = StreamingDataset(str(tmp_path / "train"), shuffle=False)
+    tasks["extra"] = build_task("extra", "regression")
+    with pytest.raises(ShardError, match=r"^train: the shard items hold the labels of tasks kind, size, tags, flag, "):
         ShardSamples(encoders, tasks, "train", train=False).batch([(i, ds[i]) for i in range(4)])
 
 
@@ -190,13 +217,14 @@ def test_every_file_is_checked_against_the_manifest(shard_set: Path, tmp_path: P
             verify_shards(copy, manifest)
 
 
-def test_a_shard_set_of_an_older_format_is_refused_with_one_line(shard_set: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("old", [1, 2])
+def test_a_shard_set_of_an_older_format_is_refused_with_one_line(shard_set: Path, tmp_path: Path, old: int) -> None:
     manifest = json.loads((shard_set / "mmfuse_manifest.json").read_text())
-    (tmp_path / "mmfuse_manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    (tmp_path / "mmfuse_manifest.json").write_text(json.dumps({**manifest, "format": old}))
     with pytest.raises(ShardError) as err:
         read_manifest(tmp_path)
     line = str(err.value)
-    assert "\n" not in line and "packed in shard format 1, this mmfuse reads format 2; pack the data again" in line
+    assert "\n" not in line and f"packed in shard format {old}, this mmfuse reads format 3; pack the data again" in line
 
 
 def test_a_folder_that_is_not_a_shard_set_is_named(tmp_path: Path) -> None:

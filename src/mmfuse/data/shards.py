@@ -8,16 +8,21 @@ DIR/<split>/index.json       LitData's index of the split's chunks
 DIR/<split>/chunk-*.bin      LitData chunks: one item per record
 ```
 
-An item (format 2) is `{"record": JSON of the record, "num": float64 (n,) array, "file:<modality>": the input
-file's bytes (b"" when not embedded)}`: a reference that is a tuple of floats (an embedding) is stored in the typed
-`num` column (its place in the JSON holds `{"f": length}`; references are hashable, so never a JSON object), the rest
-stays JSON; a split without any such reference has no `num` column. Format 1 kept every number in the JSON, decoded
-per item; a set packed in it is refused with one line. The chunk format is LitData's (`BinaryWriter`,
-`StreamingDataset`); this module adds the manifest and its check (size and sha256 of every file, before anything is
-read), and turns items into the samples `Collator` batches, a batch of items at a time (`ShardSamples.batch`: one JSON
-parse a batch, each text label encoded once). Training streams a split (`ShardStream`: LitData partitions its chunks
-over ranks and loader workers and shuffles them by seed and epoch); evaluation reads it in order by position
-(`ShardRows`), so the DDP evaluation sharding (`train.sharding`) counts every record once.
+An item (format 3) is `{"record": JSON of [inputs, labels, source, group], "num": float64 (n,) array,
+"file:<modality>": the input file's bytes (b"" when not embedded)}`: a reference that is a tuple of floats (an
+embedding) is stored in the typed `num` column (its place in the JSON inputs holds `{"f": length}`; references are
+hashable, so never a JSON object), the rest stays JSON; a split without any such reference has no `num` column. The
+labels are stored encoded (`{task: task.encode(label) or null}`: a class index, a 0/1, a multi-hot list, a float), so
+a run reads them as the in-memory path holds them, encoding nothing; the manifest keeps each task's kind and classes
+they were encoded with (`label_encoding`), and a run whose tasks encode otherwise is refused. Formats 1 and 2 kept
+the raw labels (format 1 also every number in the JSON); a set packed in either is refused with one line.
+
+The chunk format is LitData's (`BinaryWriter`, `StreamingDataset`); this module adds the manifest and its check (size
+and sha256 of every file, before anything is read), and turns items into the samples `Collator` batches, a batch of
+items at a time (`ShardSamples.batch`: one JSON parse and one `tolist` of the vectors a batch). Training streams a
+split (`ShardStream`: LitData partitions its chunks over ranks and loader workers and shuffles them by seed and
+epoch); evaluation reads it in order by position (`ShardRows`), so the DDP evaluation sharding (`train.sharding`)
+counts every record once.
 """
 
 from __future__ import annotations
@@ -34,16 +39,17 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from mmfuse.data.dataset import encode_labels
 from mmfuse.data.records import DataError, Record
 from mmfuse.encoders.base import Encoder
-from mmfuse.tasks import LabelError, Task
+from mmfuse.tasks import Task
 
 MANIFEST = "mmfuse_manifest.json"
-FORMAT = 2  # 2: float vectors in the typed `num` column; 1: the whole record as JSON, decoded per item
+FORMAT = 3  # 3: labels stored encoded; 2: float vectors in the typed `num` column; 1: the whole record as JSON
 FILE_KEY = "file:"
 NUM_KEY = "num"
 VECTOR = "f"  # {"f": n} in a record's JSON inputs: the reference is the next n floats of the item's `num` column
-MAX_CODES = 1 << 16  # text labels whose code a ShardSamples keeps, per task (bounded memory)
+NESTED = "t"  # {"t": [...]} in a record's JSON inputs: a reference of nested tuples (a plain list: a flat tuple)
 
 
 class ShardError(DataError):
@@ -52,11 +58,8 @@ class ShardError(DataError):
 
 # ---------------------------------------------------------------------- records <-> items
 def _hashable(value: Any) -> Any:
-    """JSON lists back into tuples (references must be hashable)."""
-    if type(value) is not list:
-        return value
-    cells = tuple(value)
-    return cells if list not in map(type, cells) else tuple(_hashable(v) for v in cells)
+    """JSON lists back into tuples, at every depth (references must be hashable)."""
+    return tuple(_hashable(v) for v in value) if type(value) is list else value
 
 
 def _is_vector(ref: Any) -> bool:
@@ -68,44 +71,58 @@ def has_vectors(records: Sequence[Record]) -> bool:
     return any(_is_vector(ref) for r in records for ref in r.inputs.values())
 
 
-def record_item(record: Record, files: Mapping[str, bytes], vectors: bool = True) -> dict[str, Any]:
+def label_encoding(tasks: Mapping[str, Task]) -> dict[str, dict[str, Any]]:
+    """{task: {"kind", "classes"}}: what a task's `encode` depends on, kept in the manifest with the encoded labels."""
+    return {name: {"kind": t.kind, "classes": t.classes} for name, t in tasks.items()}
+
+
+def record_item(
+    record: Record, files: Mapping[str, bytes], tasks: Mapping[str, Task], vectors: bool = True
+) -> dict[str, Any]:
     """One record as a shard item; `files` holds {modality: bytes} for the embedded modalities (b"" when missing).
 
     Args:
+        tasks: {task: Task} whose labels the item stores, encoded (labels of other names are left out).
         vectors: the item carries the `num` column (every item of a split must, or none: LitData fixes an item's
             fields at the first one); without it a float vector stays in the JSON.
+
+    Raises:
+        DataError: "SOURCE: task 'x': ..." for a label a task rejects.
     """
     inputs, nums = {}, []
     for m, ref in record.inputs.items():
         if vectors and _is_vector(ref):  # float64 holds a Python float exactly
             inputs[m] = {VECTOR: len(ref)}
             nums.extend(ref)
+        elif type(ref) is tuple and any(type(x) is tuple for x in ref):
+            inputs[m] = {NESTED: ref}
         else:
             inputs[m] = ref
-    text = json.dumps(
-        {"inputs": inputs, "labels": record.labels, "source": record.source, "group": record.group},
-        separators=(",", ":"),
-    )
+    labels = encode_labels(record, tasks)
+    text = json.dumps([inputs, labels, record.source, record.group], separators=(",", ":"))
     item: dict[str, Any] = {"record": text}
     if vectors:
         item[NUM_KEY] = np.asarray(nums, dtype=np.float64)
     return {**item, **{FILE_KEY + m: files[m] for m in sorted(files)}}
 
 
-def decode_records(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Shard items -> their records as {"inputs": {modality: reference}, "labels", "source", "group"}: one JSON parse
-    for all of them, the vectors taken from each item's `num` column."""
+def decode_records(items: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """Shard items -> their records as [inputs {modality: reference}, labels {task: encoded}, source, group]: one
+    JSON parse and one `tolist` of the `num` columns for all of them (an item's vectors follow the previous item's)."""
     raws = json.loads("[" + ",".join([item["record"] for item in items]) + "]")
-    for raw, item in zip(raws, items, strict=True):
-        inputs, nums, at = raw["inputs"], None, 0
+    nums, at = None, 0
+    for raw in raws:
+        inputs = raw[0]
         for m, ref in inputs.items():
             kind = type(ref)
             if kind is list:
-                cells = tuple(ref)
-                inputs[m] = cells if list not in map(type, cells) else _hashable(ref)
+                inputs[m] = tuple(ref)
             elif kind is dict:
+                if NESTED in ref:
+                    inputs[m] = _hashable(ref[NESTED])
+                    continue
                 if nums is None:
-                    nums = item[NUM_KEY].tolist()
+                    nums = np.concatenate([item[NUM_KEY] for item in items]).tolist()
                 n = ref[VECTOR]
                 inputs[m], at = tuple(nums[at : at + n]), at + n
     return raws
@@ -117,9 +134,10 @@ def item_files(item: Mapping[str, Any]) -> dict[str, bytes]:
 
 
 def item_record(item: Mapping[str, Any], split: str) -> tuple[Record, dict[str, bytes]]:
-    """A shard item -> (the Record, {modality: embedded file bytes} for non-empty ones)."""
-    raw = decode_records([item])[0]
-    return Record(raw["inputs"], raw["labels"], raw["source"], split, raw.get("group")), item_files(item)
+    """A shard item -> (the Record, {modality: embedded file bytes} for non-empty ones). The Record's labels are the
+    encoded ones the item stores ({task: encoded or None}), not the raw labels that were packed."""
+    inputs, labels, source, group = decode_records([item])[0]
+    return Record(inputs, labels, source, split, group), item_files(item)
 
 
 def local_copy(data: bytes, name: str, folder: Path) -> str:
@@ -257,28 +275,32 @@ class ShardSamples:
 
     Args:
         encoders: {modality: encoder} of the inputs to load and preprocess.
-        tasks: {task: Task}, which encode the labels.
+        tasks: {task: Task} of the run, whose labels the items hold encoded (`shard_run_data` checked their kinds
+            and classes against the manifest; a batch whose items lack one of them is refused).
         split: the split's name (for the records' `split`).
         train: preprocessing in training mode (augmentation).
     """
 
     def __init__(self, encoders: Mapping[str, Encoder], tasks: Mapping[str, Task], split: str, train: bool) -> None:
         self.encoders, self.tasks, self.split, self.train = dict(encoders), dict(tasks), split, train
-        self.codes: dict[str, dict[str, Any]] = {name: {} for name in self.tasks}  # {task: {text label: encoded}}
 
     def __call__(self, index: int, item: Mapping[str, Any]) -> dict[str, Any]:
         return self.batch([(index, item)])[0]
 
     def batch(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict[str, Any]]:
-        """[(position in the split, item)] -> samples: one JSON parse for the batch, each text label encoded once (the
-        records were validated when packed, and the shards' checksums checked, before the run)."""
+        """[(position in the split, item)] -> samples: one JSON parse for the batch, the labels as stored (encoded
+        when packed; the records were validated then, and the shards' checksums checked before the run)."""
         raws = decode_records([item for _, item in items])
+        if raws and not self.tasks.keys() <= raws[0][1].keys():
+            raise ShardError(
+                f"{self.split}: the shard items hold the labels of tasks {', '.join(raws[0][1]) or 'none'}, this run "
+                f"has {', '.join(self.tasks)}; pack the data again with its config"
+            )
         encoders = [(m, FILE_KEY + m, enc) for m, enc in self.encoders.items()]
         samples = []
-        for (index, item), raw in zip(items, raws, strict=True):
+        for (index, item), (given, labels, _, _) in zip(items, raws, strict=True):
             inputs: dict[str, Any] = {}
             refs: dict[str, Hashable] = {}
-            given = raw["inputs"]
             for m, key, enc in encoders:
                 ref = refs[m] = given.get(m)
                 if ref is None:
@@ -287,29 +309,8 @@ class ShardSamples:
                 data = item.get(key)
                 where = local_copy(bytes(data), str(ref), files_folder()) if data is not None and len(data) else ref
                 inputs[m] = enc.preprocess(enc.load(where), train=self.train)
-            samples.append({"index": index, "inputs": inputs, "refs": refs, "labels": self._labels(raw)})
+            samples.append({"index": index, "inputs": inputs, "refs": refs, "labels": labels})
         return samples
-
-    def _labels(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """{task: encoded label or None}; DataError "SOURCE: task 'x': ..." for a label a task rejects (as
-        `encode_labels`). A text label's code is kept (`codes`: at most `MAX_CODES` a task)."""
-        out, labels = {}, raw["labels"]
-        for name, task in self.tasks.items():
-            value = labels.get(name)
-            if value is None:
-                out[name] = None
-                continue
-            codes = self.codes[name] if type(value) is str else None
-            if codes is not None and value in codes:
-                out[name] = codes[value]
-                continue
-            try:
-                out[name] = task.encode(value)
-            except (LabelError, TypeError, ValueError, OverflowError) as err:
-                raise DataError(f"{raw['source']}: task {name!r}: {err}") from None
-            if codes is not None and len(codes) < MAX_CODES:
-                codes[value] = out[name]
-        return out
 
 
 class BatchSamples:
