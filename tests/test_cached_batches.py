@@ -145,13 +145,19 @@ def test_lightning_sets_the_epoch_of_the_batches(prepared, tmp_path) -> None:
         assert torch.cat(module.seen[epoch]).tolist() == list(expected)
 
 
-def test_training_on_them_gives_the_weights_of_the_dataloader(prepared, tmp_path) -> None:
-    """The run's module (weighting, clipping, schedule) trained 2 epochs on each source from one initialisation."""
-    run, feats = prepared
-    start = copy.deepcopy(run.model.state_dict())
-    loader = _train_loader(run, feats)
-    rows = loader.dataset
-    old = DataLoader(
+@pytest.mark.parametrize("random_steps", [False, True])
+def test_training_on_them_gives_the_weights_of_the_dataloader(tmp_path, random_steps: bool) -> None:
+    """The run's module (weighting, clipping, schedule) trained 2 epochs on each source from one initialisation; with
+    `random_steps`, PCGrad (a random task order each step) and OGM-GE (Gaussian noise on the gradients): the random
+    numbers of the steps stay those of the DataLoader path too."""
+    raw = run_config(write_dataset(tmp_path / "data", n=40))
+    if random_steps:
+        raw["model"]["fusion"] = {"name": "sum", "output_dim": 16}
+        raw["train"].update(weighting={"name": "pcgrad"}, balance={"name": "ogm_ge"})
+    run = Run(parse_config(raw))
+    loader = _train_loader(run, run.prepare())
+    rows, start, balancer = loader.dataset, copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.balancer)
+    old = DataLoader(  # what cached_loader returned for the training split until now
         rows,
         sampler=IndexBatchSampler(len(rows), run.loader_options.batch_size, True, run.loader_options.seed),
         batch_size=None,
@@ -160,10 +166,10 @@ def test_training_on_them_gives_the_weights_of_the_dataloader(prepared, tmp_path
     weights = []
     for i, source in enumerate((loader, old)):
         run.model.load_state_dict(start)
+        run.balancer = copy.deepcopy(balancer)  # it keeps a state across steps
         L.seed_everything(0, verbose=False)
         _trainer(tmp_path / str(i), 2).fit(run.module(), source)
         weights.append({k: v.clone() for k, v in run.model.state_dict().items()})
-    run.model.load_state_dict(start)
     changed = [k for k in weights[0] if not torch.equal(weights[0][k], start[k])]
     assert changed  # it trained
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -246,6 +246,9 @@ class CachedBatches:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # A DataLoader's iterator draws its workers' base seed from the global generator: drawn here too, so the
+        # random numbers of the steps (dropout, OGM-GE's noise, PCGrad's order) stay those of the DataLoader path.
+        torch.empty((), dtype=torch.int64).random_()
         return map(self.dataset.__getitem__, self.sampler)  # lazy: the order is drawn at the first batch
 
 
