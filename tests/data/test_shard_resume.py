@@ -85,8 +85,11 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp
 
 
-def _start(tmp: Path, args: list[str], rec: Path, block_at: int | None = None) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "REC": str(rec), "PYTHONPATH": SRC}
+def _start(
+    tmp: Path, args: list[str], rec: Path, block_at: int | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`mmfuse ARGS` recorded to `rec` (DRIVER), in `tmp`, its own process group; `env` (default: this process's)."""
+    env = {**(os.environ if env is None else env), "PYTHONWARNINGS": "ignore", "REC": str(rec), "PYTHONPATH": SRC}
     if block_at is not None:
         env["BLOCK_AT"] = str(block_at)
     return subprocess.Popen(

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,6 @@ import pytest
 import torch
 from test_shard_resume import (  # noqa: F401  (the module-scoped `shards` fixture)
     EPOCHS,
-    SRC,
     TRAIN,
     _finish,
     _kept,
@@ -74,19 +71,8 @@ def test_resume_with_another_worker_count_reads_each_record_of_the_epoch_once(
 def _start_node(tmp: Path, args: list[str], rec: Path, node: int, port: int, block_at: int | None = None) -> Any:
     """One node of a 2-node run on the loopback address (Lightning's NODE_RANK/MASTER_ADDR/MASTER_PORT), recorded."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env |= {"PYTHONWARNINGS": "ignore", "REC": str(rec), "PYTHONPATH": SRC, "NODE_RANK": str(node)}
-    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    if block_at is not None:
-        env["BLOCK_AT"] = str(block_at)
-    return subprocess.Popen(
-        [sys.executable, str(tmp / "driver.py"), *args],
-        cwd=tmp,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    env |= {"NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return _start(tmp, args, rec, block_at, env)
 
 
 def _free_port() -> int:
