@@ -329,10 +329,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         for s, recs in run.splits.items()
         if recs
     }
-    if stateful_loaders(loaders["train"]):  # first: a loader state it refuses is the checkpoint's (one line)
+    resumable = bool(stateful_loaders(loaders["train"]))  # a training loader that keeps its position
+    if resumable:  # first: a loader state it refuses is the checkpoint's (one line)
         trainer.callbacks.insert(0, LoaderResume())
     if resumed is not None:
-        _warn_mid_epoch(resumed, bool(stateful_loaders(loaders["train"])))
+        _warn_mid_epoch(resumed, resumable)
     del resumed
     loaders = {s: loader if s == "train" else shard_eval_loader(loader, world) for s, loader in loaders.items()}
     module = run.module()
