@@ -29,6 +29,8 @@ from pathlib import Path
 import yaml
 from synth_data import config, write_records
 
+from mmfuse.data.shards import DEFAULT_CHUNK_BYTES
+
 # Runs `mmfuse train` in this process with `training_step` timed (and stopped after MAX_STEPS when given).
 CHILD = """
 import json, os, resource, sys, time
@@ -88,7 +90,7 @@ def summary(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
-def measure(n: int, root: Path, max_steps: int, rounds: int) -> dict:
+def measure(n: int, root: Path, max_steps: int, rounds: int, chunk_bytes: str | None = None) -> dict:
     folder = root / f"n{n}"
     records = folder / "records.jsonl"
     if not records.exists():
@@ -99,7 +101,8 @@ def measure(n: int, root: Path, max_steps: int, rounds: int) -> dict:
     pack_s = None
     if not (shards / "mmfuse_manifest.json").exists():
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "mmfuse.cli", "pack", str(cfg), "--out", str(shards)], check=True)
+        chunk = ["--chunk-bytes", chunk_bytes] if chunk_bytes else []
+        subprocess.run([sys.executable, "-m", "mmfuse.cli", "pack", str(cfg), "--out", str(shards), *chunk], check=True)
         pack_s = time.perf_counter() - t0
     row = {"records": n, "jsonl_mb": round(records.stat().st_size / 2**20, 1), "pack_s": pack_s}
     runs: dict[str, list[dict]] = {p: [] for p in PATHS}
@@ -122,13 +125,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="runs of each path, alternating")
     p.add_argument("--out", type=Path, required=True, help="scratch folder (records, shards, runs)")
     p.add_argument("--json", type=Path, help="also write the table here")
+    p.add_argument(
+        "--chunk-bytes", help="`mmfuse pack --chunk-bytes` (default: pack's, 16MB); shards already in --out are reused"
+    )
     args = p.parse_args()
-    rows = [measure(n, args.out, args.max_steps, args.rounds) for n in args.sizes]
+    rows = [measure(n, args.out, args.max_steps, args.rounds, args.chunk_bytes) for n in args.sizes]
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {platform.python_version()}",
         "command": " ".join(["benchmarks/bench_stream.py", *sys.argv[1:]]),
         "max_steps": args.max_steps,
+        "chunk_bytes": args.chunk_bytes or DEFAULT_CHUNK_BYTES,
         "rows": rows,
     }
     print(json.dumps(result, indent=2))

@@ -128,6 +128,15 @@ def test_pack_refuses_bad_records_and_a_used_folder(
     _refused(capsys, main(["pack", str(cfg), "--out", str(packed["shards"])]), "not an empty folder")
 
 
+@pytest.mark.parametrize("size", ["abc", "0MB", "16XB"])
+def test_a_bad_chunk_size_is_refused_before_anything_is_written(
+    packed: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], size: str
+) -> None:
+    out = tmp_path / "s"
+    _refused(capsys, main(["pack", str(packed["cfg"]), "--out", str(out), "--chunk-bytes", size]), repr(size))
+    assert not out.exists()
+
+
 def test_labels_encoded_with_other_classes_are_refused(tmp_path: Path) -> None:
     """The shards hold class indices: a run whose class list differs (here given in both configs, so nothing was
     learned when packing) would read them as other classes; it is refused in one line instead."""

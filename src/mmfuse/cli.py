@@ -919,7 +919,12 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     pk.add_argument(
         "--embed-files", action="store_true", help="store the input files' bytes (images, .npy) in the shards"
     )
-    pk.add_argument("--chunk-bytes", default="64MB", help="the largest chunk file (LitData), e.g. 64MB (default)")
+    pk.add_argument(
+        "--chunk-bytes",
+        default="16MB",
+        help="the largest chunk file (LitData; default 16MB). A reader maps up to 4 chunks at a time, which count in "
+        "its memory",
+    )
     pk.add_argument("--skip-bad", action="store_true", help="leave bad records out (listed in the manifest)")
     pk.add_argument(
         "--features",

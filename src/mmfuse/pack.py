@@ -30,9 +30,11 @@ from mmfuse.config import ConfigError, RunConfig, parse_config
 from mmfuse.data.dataset import validate_records
 from mmfuse.data.records import Record
 from mmfuse.data.shards import (
+    DEFAULT_CHUNK_BYTES,
     MANIFEST,
     ShardError,
     ShardSplit,
+    chunk_bytes_of,
     has_vectors,
     label_encoding,
     read_manifest,
@@ -82,7 +84,11 @@ def describe(raw: Mapping[str, Any], encoders: Mapping[str, Encoder]) -> dict[st
 
 
 def pack(
-    cfg: RunConfig, out: str | Path, embed_files: bool = False, chunk_bytes: str = "64MB", features: bool = False
+    cfg: RunConfig,
+    out: str | Path,
+    embed_files: bool = False,
+    chunk_bytes: str | int = DEFAULT_CHUNK_BYTES,
+    features: bool = False,
 ) -> dict[str, Any]:
     """Write the config's records, split and validated, as shards in `out`; returns the manifest.
 
@@ -94,6 +100,7 @@ def pack(
         ConfigError / DataError: one line (a bad config, a bad record, `out` not empty).
     """
     out = Path(out)
+    chunk_bytes = chunk_bytes_of(chunk_bytes)  # a bad size fails here, before any record is read
     given = cfg.model_dump(mode="json")
     if given["data"]["source"] == "shards":
         raise ConfigError("data.source: already shards; pack a config that reads records (records or easy_vqa)")
