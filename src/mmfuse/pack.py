@@ -33,12 +33,12 @@ from mmfuse.data.shards import (
     DEFAULT_CHUNK_BYTES,
     MANIFEST,
     ShardError,
-    ShardSplit,
     chunk_bytes_of,
     has_vectors,
     label_encoding,
     read_manifest,
     record_item,
+    split_of,
     verify_shards,
     write_manifest,
     write_split,
@@ -269,5 +269,5 @@ def shard_run_data(cfg: RunConfig, encoders: Mapping[str, Encoder] | None = None
         built.update(build_encoders(resolved.model))
     elif rebuild:
         raise _refuse(folder, f"model.encoders.{rebuild[0]} was fitted on other data")
-    splits: dict[str, Any] = {s: ShardSplit(str(folder), s, int(v["records"])) for s, v in manifest["splits"].items()}
+    splits: dict[str, Any] = {s: split_of(folder, s, v) for s, v in manifest["splits"].items()}
     return RunData(resolved, built, splits, list(manifest.get("warnings", [])))

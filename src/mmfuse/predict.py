@@ -186,7 +186,7 @@ class Predictor(RunInputs):
             ShardError: one line: not a shard set, no such split, packed for other inputs than this run reads, or a
                 missing, truncated or altered shard of the split (size and sha256 against the manifest).
         """
-        from mmfuse.data.shards import MANIFEST, ShardError, ShardSplit, read_manifest, verify_shards
+        from mmfuse.data.shards import MANIFEST, ShardError, read_manifest, split_of, verify_shards
         from mmfuse.pack import describe
 
         manifest = read_manifest(folder)
@@ -201,7 +201,7 @@ class Predictor(RunInputs):
                     f"{theirs.get(m, 'absent')} there; pack the data again with it"
                 )
         verify_shards(folder, {"splits": {split: manifest["splits"][split]}})
-        return ShardSplit(str(folder), split, int(manifest["splits"][split]["records"]))
+        return split_of(folder, split, manifest["splits"][split])
 
     def shard_records(self, split: ShardSplit, chunk: int = 1024) -> Iterator[list[Record]]:
         """The split's records in their order, `chunk` at a time (LitData streams the chunk files: bounded memory).

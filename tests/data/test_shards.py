@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from litdata import StreamingDataset
 from litdata.utilities.env import _DistributedEnv
 
@@ -25,8 +27,11 @@ from mmfuse.data.shards import (
     ShardSplit,
     decode_records,
     item_record,
+    json_ints_fit,
+    parse_json,
     read_manifest,
     record_item,
+    split_of,
     verify_shards,
     write_manifest,
     write_split,
@@ -236,3 +241,34 @@ def test_a_folder_that_is_not_a_shard_set_is_named(tmp_path: Path) -> None:
     with pytest.raises(ShardError, match="not an mmfuse shard manifest"):
         read_manifest(tmp_path)
     assert len(ShardSplit(str(tmp_path), "train", 5)) == 5
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_values)
+@example([-(2**63) - 1, 2**63, 2**64, 10**30, float("inf"), float("nan"), 1e-320, "1234567890123456789012"])
+def test_the_fast_json_parser_reads_what_the_standard_one_reads(value: Any) -> None:
+    """Where `pack` lets orjson read a split (`json_ints_fit`), it gives what `json.loads` gives: NaN, Infinity and
+    the integers around 64 bits too."""
+    text = json.dumps(value)
+    assert json.dumps(parse_json(text, fast=json_ints_fit(text))) == json.dumps(json.loads(text))
+
+
+def test_a_split_with_an_integer_beyond_64_bits_is_read_exactly(tmp_path: Path) -> None:
+    big = -(2**63) - 1  # orjson would read it as -9.223372036854776e+18
+    plain = [Record({"table": (float(i), "a")}, {"y": i}, f"r.jsonl:{i + 1}") for i in range(3)]
+    records = {"plain": plain, "big": [*plain, Record({"table": (1.0, big)}, {"y": 0}, "r.jsonl:4")]}
+    for name, recs in records.items():
+        entry = write_split(tmp_path / name, "train", [record_item(r, {}, {}) for r in recs])
+        split = split_of(tmp_path / name, "train", entry)
+        assert split.fast_json is (name == "plain")
+        items = list(StreamingDataset(split.path))
+        got = [raw[0]["table"] for raw in decode_records(items, split.fast_json)]
+        assert got == [r.inputs["table"] for r in recs]
+        assert [type(c) for c in got[-1]] == [type(c) for c in recs[-1].inputs["table"]]

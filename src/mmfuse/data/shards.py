@@ -56,6 +56,13 @@ NESTED = "t"  # {"t": [...]} in a record's JSON inputs: a reference of nested tu
 # count in the reader's RSS. 16 MB chunks bound that to ~64 MB a reader: with 64 MB chunks the peak RSS of a streamed
 # epoch grew 1.22x from 10^5 to 10^6 records (docs/scale.md).
 DEFAULT_CHUNK_BYTES = "16MB"
+try:
+    from orjson import loads as _orjson_loads
+except ImportError:  # the `stream` extra brings it; without it the standard parser reads the same records
+    _orjson_loads = None
+# A run of 19 or more digits in a record's JSON may be an integer beyond 64 bits; a split without one is read by orjson.
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+INTS_64 = "ints_within_64_bits"
 _UNITS = {"b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
@@ -113,10 +120,29 @@ def record_item(
     return {**item, **{FILE_KEY + m: files[m] for m in sorted(files)}}
 
 
-def decode_records(items: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+def json_ints_fit(text: str) -> bool:
+    """Whether every integer in this JSON text fits in 64 bits (no run of 19 or more digits): orjson reads it then as
+    `json.loads` does."""
+    return _LONG_DIGITS.search(text) is None
+
+
+def parse_json(text: str, fast: bool = False) -> Any:
+    """`json.loads`; with `fast`, by orjson when it is installed (0.5 against 1.7 us a streamed record). `fast` is for
+    text whose integers all fit in 64 bits (orjson reads a larger one as a float): `pack` notes that of each split.
+    The standard parser still reads what orjson refuses (NaN and Infinity, which `json.dumps` writes)."""
+    if fast and _orjson_loads is not None:
+        try:
+            return _orjson_loads(text)
+        except ValueError:
+            pass
+    return json.loads(text)
+
+
+def decode_records(items: Sequence[Mapping[str, Any]], fast_json: bool = False) -> list[list[Any]]:
     """Shard items -> their records as [inputs {modality: reference}, labels {task: encoded}, source, group]: one
-    JSON parse and one `tolist` of the `num` columns for all of them (an item's vectors follow the previous item's)."""
-    raws = json.loads("[" + ",".join([item["record"] for item in items]) + "]")
+    JSON parse (`parse_json`) and one `tolist` of the `num` columns for all of them (an item's vectors follow the
+    previous item's)."""
+    raws = parse_json("[" + ",".join([item["record"] for item in items]) + "]", fast_json)
     nums, at = None, 0
     for raw in raws:
         inputs = raw[0]
@@ -199,7 +225,8 @@ def write_split(
     """Write one split's items with LitData's `BinaryWriter` into `folder/split`.
 
     Returns:
-        {"records": N, "files": {relative path: {"bytes": size, "sha256": hex}}} for the manifest.
+        {"records": N, "files": {relative path: {"bytes": size, "sha256": hex}}, INTS_64: whether every integer in
+        the records' JSON fits in 64 bits (`parse_json` may then take orjson)} for the manifest.
     """
     require_litdata()
     from litdata.streaming.writer import BinaryWriter
@@ -207,8 +234,9 @@ def write_split(
     out = folder / split
     out.mkdir(parents=True, exist_ok=False)
     writer = BinaryWriter(str(out), chunk_bytes=chunk_bytes_of(chunk_bytes))
-    n = 0
+    n, long_digits = 0, False
     for item in items:
+        long_digits = long_digits or not json_ints_fit(item["record"])
         writer.add_item(n, item)
         n += 1
     writer.done()
@@ -216,7 +244,7 @@ def write_split(
     files = {}
     for p in sorted(out.iterdir()):
         files[f"{split}/{p.name}"] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-    return {"records": n, "files": files}
+    return {"records": n, "files": files, INTS_64: not long_digits}
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -280,6 +308,7 @@ class ShardSplit:
     folder: str
     split: str
     n: int
+    fast_json: bool = False  # the manifest's INTS_64 of the split: `parse_json(..., fast=True)` reads its records
 
     @property
     def path(self) -> str:
@@ -287,6 +316,11 @@ class ShardSplit:
 
     def __len__(self) -> int:
         return self.n
+
+
+def split_of(folder: str | os.PathLike[str], split: str, entry: Mapping[str, Any]) -> ShardSplit:
+    """The ShardSplit of a manifest's `splits[split]` entry (its record count and whether orjson may read it)."""
+    return ShardSplit(str(folder), split, int(entry["records"]), entry.get(INTS_64) is True)
 
 
 class ShardSamples:
@@ -298,10 +332,19 @@ class ShardSamples:
             and classes against the manifest; a batch whose items lack one of them is refused).
         split: the split's name (for the records' `split`).
         train: preprocessing in training mode (augmentation).
+        fast_json: the split's records may be parsed by orjson (`ShardSplit.fast_json`).
     """
 
-    def __init__(self, encoders: Mapping[str, Encoder], tasks: Mapping[str, Task], split: str, train: bool) -> None:
+    def __init__(
+        self,
+        encoders: Mapping[str, Encoder],
+        tasks: Mapping[str, Task],
+        split: str,
+        train: bool,
+        fast_json: bool = False,
+    ) -> None:
         self.encoders, self.tasks, self.split, self.train = dict(encoders), dict(tasks), split, train
+        self.fast_json = fast_json
 
     def __call__(self, index: int, item: Mapping[str, Any]) -> dict[str, Any]:
         return self.batch([(index, item)])[0]
@@ -309,7 +352,7 @@ class ShardSamples:
     def batch(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict[str, Any]]:
         """[(position in the split, item)] -> samples: one JSON parse for the batch, the labels as stored (encoded
         when packed; the records were validated then, and the shards' checksums checked before the run)."""
-        raws = decode_records([item for _, item in items])
+        raws = decode_records([item for _, item in items], self.fast_json)
         if raws and not self.tasks.keys() <= raws[0][1].keys():
             raise ShardError(
                 f"{self.split}: the shard items hold the labels of tasks {', '.join(raws[0][1]) or 'none'}, this run "

@@ -399,7 +399,7 @@ def shard_loader(
     tables = features.tables if features is not None else {}
     uncached = [m for m in model.encoders if m not in tables]
     encoders = {m: model.encoders[m] for m in uncached}
-    samples = ShardSamples(encoders, model.tasks, name, train)
+    samples = ShardSamples(encoders, model.tasks, name, train, split.fast_json)
     base = Collator(encoders, model.tasks, dedupe=shared_modalities(model, uncached, train))
     collate = CachedCollator(base, tables, features.rows.get(name, {})) if features is not None and tables else base
     workers = default_workers(options, uncached)
