@@ -34,9 +34,18 @@ def _train_loader(run: Run, feats: Any, seed: int | None = None, distributed: bo
     return loader
 
 
+def _batches(loader: CachedBatches) -> list[dict[str, Any]]:
+    """The batches of one pass, out of their lists (`steps_per_call` > 1: lists of that many, the last shorter)."""
+    items = list(loader)
+    if loader.steps_per_call == 1:
+        return items
+    assert all(type(x) is list for x in items) and all(len(x) == loader.steps_per_call for x in items[:-1])
+    return [b for group in items for b in group]
+
+
 def _epoch(loader: CachedBatches, epoch: int) -> list[torch.Tensor]:
     loader.sampler.set_epoch(epoch)
-    return [b["index"] for b in loader]
+    return [b["index"] for b in _batches(loader)]
 
 
 def test_each_epoch_sees_every_record_once_in_an_order_of_seed_and_epoch(prepared) -> None:
@@ -51,7 +60,8 @@ def test_each_epoch_sees_every_record_once_in_an_order_of_seed_and_epoch(prepare
         assert torch.equal(torch.cat(_epoch(loader, e)), order)  # a second pass of the epoch repeats it
     assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
     assert not torch.equal(torch.cat(_epoch(_train_loader(run, feats, seed=5), 1)), orders[1])
-    assert len(loader) == len(_epoch(loader, 0)) == -(-n // size)
+    assert loader.steps == len(_epoch(loader, 0)) == -(-n // size)
+    assert loader.steps_per_call == 4 and len(loader) == -(-loader.steps // 4)  # auto: 4 steps a Lightning step
 
 
 def test_the_batches_are_those_of_the_dataloader_they_replace(prepared) -> None:
@@ -67,7 +77,7 @@ def test_the_batches_are_those_of_the_dataloader_they_replace(prepared) -> None:
     for epoch in (0, 3):
         before.sampler.set_epoch(epoch)
         loader.sampler.set_epoch(epoch)
-        pairs = list(zip(loader, before, strict=True))
+        pairs = list(zip(_batches(loader), before, strict=True))
         for a, b in pairs:
             assert torch.equal(a["index"], b["index"])
             for t in run.model.tasks:
@@ -120,8 +130,9 @@ class _Record(L.LightningModule):
         self.automatic_optimization = False
         self.seen: dict[int, list[torch.Tensor]] = {}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.seen.setdefault(self.current_epoch, []).append(batch["index"])
+    def training_step(self, batch: dict[str, Any] | list[dict[str, Any]], batch_idx: int) -> None:
+        for one in batch if isinstance(batch, list) else [batch]:
+            self.seen.setdefault(self.current_epoch, []).append(one["index"])
 
     def configure_optimizers(self) -> None:
         return None
@@ -176,17 +187,22 @@ def test_training_on_them_gives_the_weights_of_the_dataloader(tmp_path, random_s
 
 
 class _StepLosses(L.Callback):
-    """Each step's (T,) task losses and masks, and the epoch means the weighting is handed."""
+    """Each step's (T,) task losses and masks (every step of a list of batches), and the epoch means the weighting is
+    handed."""
 
     def __init__(self) -> None:
         self.steps: dict[int, list[tuple[list[float], list[bool]]]] = {}
         self.means: dict[int, dict[str, float]] = {}
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        labelled = [bool(m.any()) for m in batch["masks"].values()]
-        self.steps.setdefault(module.current_epoch, []).append((module._step_losses.tolist(), labelled))
-
     def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        step = module._train_step
+
+        def spy_step(batch: dict[str, Any], batch_idx: int) -> None:
+            step(batch, batch_idx)
+            labelled = [bool(m.any()) for m in batch["masks"].values()]
+            self.steps.setdefault(module.current_epoch, []).append((module._step_losses.tolist(), labelled))
+
+        module._train_step = spy_step
         hook = module.weighting.on_epoch_end
 
         def spy(epoch: int, means: dict[str, float]) -> None:
@@ -220,3 +236,4 @@ def test_the_epoch_mean_losses_reach_a_weighting_that_reads_them(tmp_path, weigh
                 expected[task] = sum(values) / len(values)
         assert spy.means[epoch] == pytest.approx(expected, rel=1e-12)
     assert set(spy.means) == {0, 1, 2}
+    assert all(len(steps) == loader.steps for steps in spy.steps.values()) and len(loader) < loader.steps

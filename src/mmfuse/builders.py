@@ -22,6 +22,7 @@ from mmfuse.config import (
     ModelConfig,
     RunConfig,
     TaskConfig,
+    TrainConfig,
     component_options,
     parse_config,
 )
@@ -276,6 +277,8 @@ class LoaderOptions:
     cache: bool = True
     cache_dir: str | None = None
     seed: int = 0
+    # optimiser steps per Lightning training step of an all-cached training split (`CachedBatches`); None: auto
+    steps_per_call: int | None = None
 
 
 def loader_options(cfg: RunConfig) -> LoaderOptions:
@@ -290,7 +293,15 @@ def loader_options(cfg: RunConfig) -> LoaderOptions:
         cache=cfg.train.cache,
         cache_dir=cfg.train.cache_dir,
         seed=cfg.seed,
+        steps_per_call=steps_per_call_of(cfg.train),
     )
+
+
+def steps_per_call_of(t: TrainConfig) -> int | None:
+    """`train.steps_per_call` as `LoaderOptions` holds it: a count, or None for auto (1 with step checkpoints)."""
+    if t.steps_per_call == "auto":
+        return 1 if t.checkpoint_every_n_steps else None
+    return int(t.steps_per_call)
 
 
 @dataclass

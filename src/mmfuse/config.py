@@ -166,6 +166,10 @@ class TrainConfig(_Strict):
     log_every_n_steps: int = Field(20, gt=0)
     progress_bar: bool = True
     checkpoint_every_n_steps: int | None = Field(None, gt=0)  # also write last.ckpt every N steps (None: epochs only)
+    # Optimiser steps taken per Lightning training step when the training split comes all from the feature cache:
+    # each one a whole step of its own batch (the same batches, order and results as 1), Lightning's per-batch loop
+    # paid once for them. auto: 4 there (1 with checkpoint_every_n_steps), 1 elsewhere.
+    steps_per_call: Literal["auto"] | int = "auto"
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -180,6 +184,17 @@ class TrainConfig(_Strict):
             from pydantic_core import PydanticCustomError
 
             raise PydanticCustomError("time_limit", "must be > 0 seconds")
+        return value
+
+    @field_validator("steps_per_call", mode="before")
+    @classmethod
+    def _steps_per_call(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        if value != "auto" and (type(value) is not int or value < 1):
+            raise ValueError("expected 'auto' or a count >= 1")
+        if value != "auto" and value > 1 and info.data.get("checkpoint_every_n_steps"):
+            raise ValueError(
+                "more than 1 step per Lightning step cannot be counted by checkpoint_every_n_steps: use 1 or auto"
+            )
         return value
 
     @field_validator("devices")

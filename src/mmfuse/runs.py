@@ -81,6 +81,7 @@ RESUME_MAY_CHANGE = frozenset(
         "train.progress_bar",
         "train.log_every_n_steps",
         "train.checkpoint_every_n_steps",
+        "train.steps_per_call",  # the same steps and results at any count (tests/train/test_steps_per_call.py)
         "train.cache_dir",
         "train.time_limit",  # counts each session's fit time
         "train.early_stopping",  # on or off (null); its counter comes back from the checkpoint

@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from mmfuse.config import ConfigError
 from mmfuse.data.dataset import encode_labels
 from mmfuse.data.records import DataError, Record
 from mmfuse.encoders.base import Encoder
@@ -208,14 +207,14 @@ def file_sha256(path: Path) -> str:
 
 
 def chunk_bytes_of(size: str | int) -> int:
-    """A chunk size ("16MB", "600B", 2**24) in bytes; ConfigError (one line) for anything but a positive size."""
+    """A chunk size ("16MB", "600B", 2**24) in bytes; DataError (one line) for anything but a positive size."""
     if isinstance(size, int) and not isinstance(size, bool):
         n = size
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmg]b?|[kmg]ib|b)\s*", str(size).lower())
         n = int(float(m.group(1)) * _UNITS[m.group(2).removesuffix("b") or "b"]) if m else 0
     if n < 1:
-        raise ConfigError(f"chunk size {size!r}: not a positive size (a number and B, kB, MB or GB, e.g. 16MB)")
+        raise DataError(f"chunk size {size!r}: not a positive size (a number and B, kB, MB or GB, e.g. 16MB)")
     return n
 
 

@@ -6,6 +6,7 @@ Everything here takes the model, the records and plain options (`LoaderOptions`)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -229,6 +230,9 @@ class IndexBatchSampler(BatchSampler):
         yield from order.split(self.batch_size)
 
 
+AUTO_STEPS_PER_CALL = 4  # `train.steps_per_call: auto` on an all-cached training split
+
+
 class CachedBatches:
     """The training batches of a `CachedRows` split straight from memory: `dataset[idx]` for each (B,) index tensor
     of `sampler`, with no DataLoader between (its fetcher and iterator cost ~4% of a batch-32 cached step,
@@ -237,19 +241,32 @@ class CachedBatches:
 
     No pinned memory (a DataLoader's `pin_memory` left the features, the bulk of a batch, unpinned anyway), no
     `state_dict`: a resume inside an epoch reads the epoch from its start, as with any records loader.
+
+    With `steps_per_call` k > 1 it yields lists of k consecutive batches (the last list of an epoch may be shorter),
+    and `MMFuseModule.training_step` takes one whole optimiser step for each: the same batches in the same order,
+    with Lightning's per-batch loop (fetcher, hooks, progress) paid once per k steps, as Keras's
+    `steps_per_execution` does. `len()` counts the lists (Lightning's batches), `steps` the batches.
     """
 
-    def __init__(self, dataset: CachedRows, sampler: IndexBatchSampler) -> None:
-        self.dataset, self.sampler = dataset, sampler
+    def __init__(self, dataset: CachedRows, sampler: IndexBatchSampler, steps_per_call: int = 1) -> None:
+        self.dataset, self.sampler, self.steps_per_call = dataset, sampler, steps_per_call
 
-    def __len__(self) -> int:
+    @property
+    def steps(self) -> int:
+        """Optimiser steps an epoch: this rank's batches."""
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.steps_per_call)
+
+    def __iter__(self) -> Iterator[dict[str, Any] | list[dict[str, Any]]]:
         # A DataLoader's iterator draws its workers' base seed from the global generator: drawn here too, so the
         # random numbers of the steps (dropout, OGM-GE's noise, PCGrad's order) stay those of the DataLoader path.
         torch.empty((), dtype=torch.int64).random_()
-        return map(self.dataset.__getitem__, self.sampler)  # lazy: the order is drawn at the first batch
+        batches = map(self.dataset.__getitem__, self.sampler)  # lazy: the order is drawn at the first batch
+        if self.steps_per_call == 1:
+            return batches
+        return iter(lambda: list(itertools.islice(batches, self.steps_per_call)), [])
 
 
 def cached_loader(
@@ -269,7 +286,8 @@ def cached_loader(
     dataset = CachedRows(labels, masks, features.tables, features.rows.get(split, {}))
     if split == "train":
         batches = IndexBatchSampler(len(records), options.batch_size, True, options.seed, distributed)
-        return CachedBatches(dataset, batches)
+        steps = AUTO_STEPS_PER_CALL if options.steps_per_call is None else options.steps_per_call
+        return CachedBatches(dataset, batches, steps)
     return DataLoader(
         dataset,
         sampler=IndexBatchSampler(len(records), options.eval_batch_size, shuffle=False),
@@ -361,6 +379,8 @@ def make_loader(
         raise ConfigError(GROUP_BATCHES_ALL_CACHED)
     if not uncached and records and options.num_workers in (None, 0) and (train or not distributed):
         return cached_loader(model, records, split, features, options, distributed)
+    if train:
+        check_steps_per_call(options)
     encoders = {m: model.encoders[m] for m in uncached}
     shareable = shared_modalities(model, uncached, train)
     shared = shareable if dedupe else []
@@ -389,6 +409,16 @@ def make_loader(
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **common)
 
 
+def check_steps_per_call(options: LoaderOptions) -> None:
+    """ConfigError (one line) when more than one step per Lightning step is asked of a training split that is not
+    served from the feature cache (`CachedBatches`), rather than ignoring it."""
+    if options.steps_per_call is not None and options.steps_per_call > 1:
+        raise ConfigError(
+            f"train.steps_per_call: {options.steps_per_call} needs the training inputs all from the feature cache "
+            "(frozen encoders, train.cache: true, no loader workers, records rather than shards); use 1 or auto"
+        )
+
+
 def shard_loader(
     model: MultiTaskModel, split: ShardSplit, name: str, options: LoaderOptions, features: Features | None = None
 ) -> DataLoader:
@@ -396,6 +426,8 @@ def shard_loader(
     ranks and loader workers); evaluation reads it in order by position (sharded over DDP ranks by the caller).
     The cached modalities' features are gathered by each record's row (`features`); their inputs are not read."""
     train = name == "train"
+    if train:
+        check_steps_per_call(options)
     tables = features.tables if features is not None else {}
     uncached = [m for m in model.encoders if m not in tables]
     encoders = {m: model.encoders[m] for m in uncached}

@@ -112,7 +112,8 @@ class MMFuseModule(L.LightningModule):
         # The weighting stacks the losses in its own task order; the module keeps the model's.
         order = [list(weighting.tasks).index(t) for t in model.tasks] if hasattr(weighting, "tasks") else None
         self._task_order = None if order is None or order == sorted(order) else torch.tensor(order)
-        self._batch_idx = 0
+        self._batch_idx = 0  # this step's index in the epoch (the non-finite message)
+        self._steps_per_call = 1
         self._shared: list[nn.Parameter] | None = None
 
     # ------------------------------------------------------------------ forward
@@ -138,7 +139,23 @@ class MMFuseModule(L.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def training_step(self, batch: dict[str, Any] | list[dict[str, Any]], batch_idx: int) -> None:
+        """One optimiser step; for a list of batches (`CachedBatches` with `steps_per_call` k), one for each in turn,
+        each step's log row written as it is taken (the last one's by `on_train_batch_end`, as for a single batch)."""
+        if not isinstance(batch, list):
+            self._train_step(batch, batch_idx)
+            return
+        if batch_idx == 0:
+            self._steps_per_call = len(batch)  # every list of an epoch but the last holds k batches
+        for j, one in enumerate(batch):
+            if j:  # the previous step's row, at the point `on_train_batch_end` writes a single batch's
+                self._log_step_row(len(batch[j - 1]["index"]), progress_bar=False)
+            self._train_step(one, batch_idx * self._steps_per_call + j)
+        # Lightning counts this call as one batch stepped (+1 after it): the step of the rows it logs (validation
+        # metrics) and of a resume. Counted as the optimiser steps taken, they are those of one batch a call.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped += len(batch) - 1
+
+    def _train_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt, sched = self.optimizers(), self.lr_schedulers()
         self._batch_idx, balancer = batch_idx, self.balancer
         absent = None
@@ -175,13 +192,19 @@ class MMFuseModule(L.LightningModule):
         ~0.25 ms in Lightning's result collection (2.6), which was 1 to 9 keys per logged step. Only the progress
         bar's `train/loss` goes through `self.log`, and only when there is a progress bar.
         """
+        last = batch[-1] if isinstance(batch, list) else batch
+        self._log_step_row(len(last["index"]))
+
+    def _log_step_row(self, batch_size: int, progress_bar: bool = True) -> None:
+        """The last step's row, when this step is one Lightning writes; the progress bar's value only from
+        `on_train_batch_end` (one `self.log` per Lightning step)."""
         if self._step_values is None or not self._logs_this_step():
             return
         weights = dict(zip(self.model.tasks, self._step_weights.cpu().tolist()))
         values = dict(zip(self.model.tasks, self._step_values))  # {task: 0-dim loss}, in the model's order
         total = sum(weights.get(t, 1.0) * loss for t, loss in values.items())
-        if self.trainer.progress_bar_callback is not None:
-            self.log("train/loss", total, prog_bar=True, logger=False, batch_size=len(batch["index"]))
+        if progress_bar and self.trainer.progress_bar_callback is not None:
+            self.log("train/loss", total, prog_bar=True, logger=False, batch_size=batch_size)
         if not self.loggers:
             return
         # As `self.log` would: the weights (Python floats) become tensors of the default dtype (at least float32),
@@ -384,6 +407,9 @@ class MMFuseModule(L.LightningModule):
         hp = self.hp
         opt = self._optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        steps = getattr(self.trainer.train_dataloader, "steps", None)  # CachedBatches: its batches, not its lists
+        if steps is not None and steps != len(self.trainer.train_dataloader):
+            total = max(1, steps * self.trainer.max_epochs)
         sched = lr_scheduler(opt, hp["scheduler"], hp["warmup_steps"], total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
