@@ -168,7 +168,7 @@ def main() -> None:
     feats = {m: t.gather(features.rows["train"][m]).pooled.contiguous() for m, t in features.tables.items()}
     labels, masks = train_rows.labels, train_rows.masks
     n = len(run.splits["train"])
-    total_steps = cfg.train.max_epochs * len(loaders["train"])
+    total_steps = cfg.train.max_epochs * loaders["train"].steps  # optimiser steps (its len counts lists of them)
     bare, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):

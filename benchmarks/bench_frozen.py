@@ -33,6 +33,7 @@ Context only: the notebook loop that re-runs its frozen encoders on every step u
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -91,15 +92,19 @@ def run(s: Settings) -> Result:
     extract_s = time.perf_counter() - t0
     records = run_.splits["train"]
     n = len(records)
+    # mmfuse's training loader as `train` builds it (`train.steps_per_call: auto`: lists of 4 batches a Lightning
+    # step) and the same batches one a Lightning step (the Lightning floor's, and mmfuse's second side)
     loader = make_loader(run_.model, records, "train", features, run_.loader_options)
-    if len(next(iter(loader))["index"]) != BATCH:  # what the target is stated at
-        raise RuntimeError(f"frozen: expected batches of {BATCH}, the loader's first has {len(next(iter(loader)))}")
+    one_step = dataclasses.replace(run_.loader_options, steps_per_call=1)
+    loader1 = make_loader(run_.model, records, "train", features, one_step)
+    if len(next(iter(loader1))["index"]) != BATCH:  # what the target is stated at
+        raise RuntimeError(f"frozen: expected batches of {BATCH}, the loader's first has {len(next(iter(loader1)))}")
     apply_trainer_flags(run_.cfg, s.workdir)
 
     # the bare loop's tensors: each record's cached features gathered once, labels collated once
     feats = {m: t.gather(features.rows["train"][m]).pooled.contiguous() for m, t in features.tables.items()}
     labels, masks = loader.dataset.labels, loader.dataset.masks
-    total_steps = len(loader)
+    total_steps = len(loader1)
     # the notebook's: its own frozen encoders run once over every record
     nb = notebook_model(run_.model).to(s.device)
     t0 = time.perf_counter()
@@ -108,7 +113,7 @@ def run(s: Settings) -> Result:
     nb_labels = labels[TASK]  # the same class indices (every easy-VQA record has its answer)
 
     rounds = s.rounds(3, 1)
-    sides = ["bare", "lightning floor", "notebook once", "mmfuse"]
+    sides = ["bare", "lightning floor", "notebook once", "mmfuse", "mmfuse, 1 step a call"]
     times: dict[str, list[float]] = {k: [] for k in sides}
     cpu: dict[str, list[float]] = {k: [] for k in sides}
     fit_s: list[float] = []
@@ -118,12 +123,14 @@ def run(s: Settings) -> Result:
                 wall, cpu_s = bare_epoch(run_, feats, labels, masks, r, total_steps)
             elif side == "lightning floor":
                 floor = BareStepModule(copy.deepcopy(run_.model), run_.cfg, total_steps)
-                wall, cpu_s, _ = lightning_epoch(floor, run_.cfg, loader, s, f"floor{r}")
+                wall, cpu_s, _ = lightning_epoch(floor, run_.cfg, loader1, s, f"floor{r}")
             elif side == "notebook once":
                 wall, cpu_s = notebook_epoch(nb, nb_feats, nb_labels, run_.cfg, r, s.device)
-            else:
+            elif side == "mmfuse":
                 wall, cpu_s, whole_s = mmfuse_epoch(run_, loader, s, r)
                 fit_s.append(whole_s)
+            else:
+                wall, cpu_s, _ = mmfuse_epoch(run_, loader1, s, r)
             times[side].append(wall)
             cpu[side].append(cpu_s)
             print(f"  round {r + 1}/{rounds} {side}: {n / wall:.0f} samples/s (cpu {n / cpu_s:.0f})", flush=True)
@@ -151,6 +158,8 @@ def run(s: Settings) -> Result:
     floor_bare = ratios("lightning floor", "bare")
     cpu_ratio = {"bare": ratios("mmfuse", "bare", cpu), "floor": ratios("mmfuse", "lightning floor", cpu)}
     cpu_floor_bare = ratios("lightning floor", "bare", cpu)
+    one = "mmfuse, 1 step a call"
+    one_bare, one_bare_cpu = ratios(one, "bare"), ratios(one, "bare", cpu)
     mm = sps["mmfuse"]
 
     def spread(k: str) -> str:
@@ -162,13 +171,20 @@ def run(s: Settings) -> Result:
     res = Result("frozen")
     res.rows = [
         Row(
-            "mmfuse: FeatureCache + CachedCollator + MMFuseModule + Trainer, training epoch",
+            "mmfuse: FeatureCache + CachedBatches + MMFuseModule + Trainer (steps_per_call auto: 4), training epoch",
             mm,
             "samples/s",
             f"{vs(ratio['bare'])} bare loop, {vs(ratio['lightning floor'])} Lightning floor, "
             f"{vs(ratio['notebook once'])} notebook extract-once; by CPU time {vs(cpu_ratio['bare'])} bare loop, "
             f"{vs(cpu_ratio['floor'])} Lightning floor",
             f"{n} records/epoch, batch {BATCH}, {spread('mmfuse')}; whole 1-epoch fit {statistics.median(fit_s):.2f} s",
+        ),
+        Row(
+            "mmfuse with train.steps_per_call: 1 (one optimiser step a Lightning step), training epoch",
+            sps[one],
+            "samples/s",
+            f"{vs(one_bare)} bare loop; by CPU time {vs(one_bare_cpu)}",
+            spread(one),
         ),
         Row(
             "bare loop over mmfuse's cached tensors (same modules, fused AdamW, clip, schedule)",
@@ -233,6 +249,7 @@ def run(s: Settings) -> Result:
         "notebook_extraction_s": nb_extract_s,
         "mmfuse_over_side_per_round": ratio,
         "mmfuse_over_side_per_round_cpu_time": cpu_ratio,
+        "mmfuse_1_step_a_call_over_bare_per_round": {"wall": one_bare, "cpu": one_bare_cpu},
         "floor_over_bare_per_round": {"wall": floor_bare, "cpu": cpu_floor_bare},
         "notebook_rerun_step_s": {k: m.times for k, m in rerun.items()},
     }
@@ -311,7 +328,8 @@ def floor_parts(limit: int, rounds: int, workdir: Path, cache_dir: Path | None =
     run_ = Run(cfg)
     run_.splits = {"train": run_.splits["train"]}
     features = run_.prepare()
-    batches = make_loader(run_.model, run_.splits["train"], "train", features, run_.loader_options)
+    one_step = dataclasses.replace(run_.loader_options, steps_per_call=1)  # the floor's: one step a Lightning step
+    batches = make_loader(run_.model, run_.splits["train"], "train", features, one_step)
     apply_trainer_flags(run_.cfg, workdir)
     rows, n, steps = batches.dataset, len(run_.splits["train"]), len(batches)
     feats = {m: t.gather(features.rows["train"][m]).pooled.contiguous() for m, t in features.tables.items()}
