@@ -18,6 +18,10 @@ from tiny import run_config, write_dataset
 VARIANTS = {
     "equal, every step logged": ({}, 1),
     "dwa, every 3rd step logged": ({"weighting": {"name": "dwa"}}, 3),
+    "uncertainty, bf16-mixed, clipping at 0.5, every 2nd step": (
+        {"weighting": {"name": "uncertainty"}, "precision": "bf16-mixed", "grad_clip": 0.5},
+        2,
+    ),
     "pcgrad + ogm-ge, every 2nd step, a progress bar": (
         {"weighting": {"name": "pcgrad"}, "balance": {"name": "ogm_ge"}, "progress_bar": True},
         2,
