@@ -198,7 +198,9 @@ def test_a_killed_pass_resumes_without_encoding_what_was_done(tiny, tmp_path, sm
         encoder.forward = killed_on_the_4th
         sf.ShardFeatures({str(shards)!r}, read_manifest({str(shards)!r}), "image", encoder, tokens=False).build()
     """)
-    env = {**os.environ, "PYTHONPATH": SRC}
+    # the killed process cannot remove its temporary folder: TMPDIR keeps it inside the test's own
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "PYTHONPATH": SRC, "TMPDIR": str(tmp_path / "tmp")}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     store = _store(shards, _image_encoder())
