@@ -113,7 +113,6 @@ class MMFuseModule(L.LightningModule):
         order = [list(weighting.tasks).index(t) for t in model.tasks] if hasattr(weighting, "tasks") else None
         self._task_order = None if order is None or order == sorted(order) else torch.tensor(order)
         self._batch_idx = 0  # this step's index in the epoch (the non-finite message)
-        self._steps_per_call = 1
         self._shared: list[nn.Parameter] | None = None
 
     # ------------------------------------------------------------------ forward
@@ -145,12 +144,11 @@ class MMFuseModule(L.LightningModule):
         if not isinstance(batch, list):
             self._train_step(batch, batch_idx)
             return
-        if batch_idx == 0:
-            self._steps_per_call = len(batch)  # every list of an epoch but the last holds k batches
+        k = self.trainer.train_dataloader.steps_per_call  # every list of an epoch but the last holds k batches
         for j, one in enumerate(batch):
             if j:  # the previous step's row, at the point `on_train_batch_end` writes a single batch's
                 self._log_step_row(len(batch[j - 1]["index"]), progress_bar=False)
-            self._train_step(one, batch_idx * self._steps_per_call + j)
+            self._train_step(one, batch_idx * k + j)
         # Lightning counts this call as one batch stepped (+1 after it): the step of the rows it logs (validation
         # metrics) and of a resume. Counted as the optimiser steps taken, they are those of one batch a call.
         self.trainer.fit_loop.epoch_loop._batches_that_stepped += len(batch) - 1
